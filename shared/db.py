@@ -1,0 +1,59 @@
+"""PostgreSQL plumbing: a pool bound to the service's schema, and the migration runner."""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def create_pool(dsn: str, *, schema: str, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+    """A pool whose connections resolve unqualified names in the service's own schema."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings={"search_path": schema, "application_name": f"loyalty-{schema}"},
+    )
+
+
+def _migration_files(service_dir: Path) -> list[tuple[str, Path]]:
+    shared = [(f"shared/{p.name}", p) for p in sorted(SHARED_MIGRATIONS.glob("*.sql"))]
+    own = [(p.name, p) for p in sorted(service_dir.glob("*.sql"))]
+    return shared + own
+
+
+async def migrate(dsn: str, *, schema: str, migrations_dir: Path) -> list[str]:
+    """Apply the shared and the service's numbered .sql files not applied yet, in order,
+    each in its own transaction. Safe to run from several processes at once: an advisory
+    lock serialises them. Returns the names applied by this call."""
+    lock_id = int.from_bytes(hashlib.sha256(f"migrate:{schema}".encode()).digest()[:8], "big", signed=True)
+    conn = await asyncpg.connect(dsn)
+    applied_now: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", lock_id)
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations '
+            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch(f'SELECT name FROM "{schema}".schema_migrations')}
+        for name, path in _migration_files(migrations_dir):
+            if name in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+                await conn.execute(path.read_text())
+                await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)', name)
+            applied_now.append(name)
+            log.info("applied migration", extra={"schema": schema, "migration": name})
+    finally:
+        try:
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock_id)
+        finally:
+            await conn.close()
+    return applied_now

@@ -1,0 +1,134 @@
+"""The event envelope and the event models of every stream. JSON on the wire; money is a
+decimal string plus an ISO 4217 code; points are integers."""
+
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+# Decimals travel as strings ("12.50"), never as JSON numbers.
+Money = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
+
+SCHEMA_VERSION = 1
+EVENT_NAMESPACE = uuid.UUID("6f1c1a52-5a38-4c39-9a3c-2f1f4f0a7c11")
+
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def derived_event_id(*parts: str) -> uuid.UUID:
+    """A deterministic event id: the same cause always yields the same id, so a re-emitted
+    event is recognised downstream as the one already processed."""
+    return uuid.uuid5(EVENT_NAMESPACE, "\x1f".join(parts))
+
+
+class Envelope(BaseModel, Generic[PayloadT]):
+    """Every event on every topic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: uuid.UUID
+    type: str
+    schema_version: int = SCHEMA_VERSION
+    occurred_at: datetime
+    recorded_at: datetime
+    producer: str
+    correlation_id: str
+    causation_id: str | None = None
+    customer_id: str | None
+    payload: PayloadT
+
+
+# ---- purchases -------------------------------------------------------------------------
+
+
+class PurchaseLine(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    line_id: str
+    sku: str
+    category: str
+    quantity: int
+    unit_price: Money
+    discount: Money = Decimal("0")
+
+
+class PurchasePayload(BaseModel):
+    """A validated sale or return as recorded by the purchases service."""
+
+    model_config = ConfigDict(frozen=True)
+
+    purchase_id: str
+    type: Literal["sale", "return"]
+    original_purchase_id: str | None = None
+    source: Literal["pos", "eshop"]
+    store_id: str
+    occurred_at: datetime
+    currency: str
+    lines: list[PurchaseLine]
+    total: Money
+    door: str = Field(description="Where it came in: kafka, http, shopify, woocommerce")
+
+
+class PurchaseClaimedPayload(PurchasePayload):
+    """An anonymous sale claimed by a customer: carries the whole purchase so that
+    consumers can act on it as if it had been recorded with the customer."""
+
+    claimed_at: datetime
+
+
+class PurchaseRecorded(Envelope[PurchasePayload]):
+    type: Literal["PurchaseRecorded"] = "PurchaseRecorded"
+
+
+class ReturnRecorded(Envelope[PurchasePayload]):
+    type: Literal["ReturnRecorded"] = "ReturnRecorded"
+
+
+class PurchaseClaimed(Envelope[PurchaseClaimedPayload]):
+    type: Literal["PurchaseClaimed"] = "PurchaseClaimed"
+
+
+class DeadLetter(BaseModel):
+    """What a `.dlq` topic carries: the original input, why it was refused and where from."""
+
+    dead_letter_id: uuid.UUID
+    door: str
+    reason: str
+    errors: list[dict[str, Any]] = []
+    original: str = Field(description="The original payload, verbatim (decoded as UTF-8 with replacement)")
+    original_key: str | None = None
+    original_topic: str | None = None
+    original_partition: int | None = None
+    original_offset: int | None = None
+    producer: str
+    recorded_at: datetime
+
+
+def envelope(
+    cls: type[Envelope[Any]],
+    *,
+    event_id: uuid.UUID,
+    occurred_at: datetime,
+    producer: str,
+    correlation_id: str,
+    customer_id: str | None,
+    payload: BaseModel,
+    causation_id: str | None = None,
+    recorded_at: datetime | None = None,
+) -> Envelope[Any]:
+    return cls(
+        event_id=event_id,
+        occurred_at=occurred_at,
+        recorded_at=recorded_at or utcnow(),
+        producer=producer,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        customer_id=customer_id,
+        payload=payload,
+    )

@@ -1,0 +1,152 @@
+"""The transactional outbox and its relay.
+
+A use case calls `enqueue` in the same transaction as its state change. The relay claims
+rows with FOR UPDATE SKIP LOCKED (so several relays never publish the same row at once and
+never skip one the way "id > last id" does when transactions commit out of order), sends
+them, waits for the broker's acknowledgement, then deletes them in the same transaction.
+A crash after the send and before the delete re-sends those rows: consumers de-duplicate by
+event_id, so that costs nothing but a duplicate delivery.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
+
+OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox rows published to Kafka", ["topic"])
+OUTBOX_BATCH = Histogram(
+    "outbox_relay_batch_size", "Rows published per relay round", buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000)
+)
+OUTBOX_PENDING = Gauge("outbox_pending_rows", "Outbox rows not yet published (sampled by the relay)")
+OUTBOX_ERRORS = Counter("outbox_relay_errors_total", "Relay rounds that failed and will be retried")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    topic: str
+    key: str | None
+    value: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def event(cls, topic: str, event: BaseModel, *, key: str | None) -> "OutboxMessage":
+        data = event.model_dump(mode="json")
+        headers = {"type": str(data.get("type", "")), "correlation_id": str(data.get("correlation_id", ""))}
+        return cls(topic=topic, key=key, value=event.model_dump_json().encode(), headers=headers)
+
+
+_ENQUEUE = """
+INSERT INTO outbox (topic, key, value, headers)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[])
+"""
+
+
+async def enqueue(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -> None:
+    """Add messages to the outbox, inside the caller's transaction (never commits)."""
+    if not messages:
+        return
+    await conn.execute(
+        _ENQUEUE,
+        [m.topic for m in messages],
+        [m.key for m in messages],
+        [m.value for m in messages],
+        [json.dumps(m.headers) for m in messages],
+    )
+
+
+_CLAIM = """
+SELECT id, topic, key, value, headers FROM outbox
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+
+class OutboxRelay:
+    """Publishes outbox rows. `wake()` after a commit makes it publish without waiting for
+    the poll interval; the interval covers rows written by other processes."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        *,
+        batch_size: int = 2000,
+        poll_interval_ms: int = 200,
+    ) -> None:
+        self._pool = pool
+        self._producer = producer
+        self._batch_size = batch_size
+        self._poll_interval_s = poll_interval_ms / 1000
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Publish what is pending (best effort, bounded), then stop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    async def publish_once(self) -> int:
+        """One round: claim, send, await acknowledgements, delete. Returns rows published."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, self._batch_size)
+            if not rows:
+                return 0
+            futures = []
+            for row in rows:
+                headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
+                key = row["key"].encode() if row["key"] is not None else None
+                futures.append(await self._producer.send(row["topic"], row["value"], key=key, headers=headers))
+            await asyncio.gather(*futures)
+            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+        for row in rows:
+            OUTBOX_PUBLISHED.labels(row["topic"]).inc()
+        OUTBOX_BATCH.observe(len(rows))
+        return len(rows)
+
+    async def pending(self) -> int:
+        return await self._pool.fetchval("SELECT count(*) FROM outbox")
+
+    async def _run(self) -> None:
+        backoff_s = 0.1
+        while True:
+            try:
+                published = await self.publish_once()
+                backoff_s = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                OUTBOX_ERRORS.inc()
+                log.exception("outbox relay round failed; retrying")
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            if published >= self._batch_size:
+                continue  # more is waiting
+            if self._stopping:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,49 @@
+"""Settings every service shares; each service subclasses with its own env prefix."""
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Common settings. A service sets `model_config = SettingsConfigDict(env_prefix="X_")`."""
+
+    model_config = SettingsConfigDict(env_prefix="LOYALTY_", extra="ignore")
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # SASL/TLS for a real cluster; PLAINTEXT for the embedded broker.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: str | None = None
+    # Prefix for every topic name: lets tests and several environments share one cluster.
+    topic_prefix: str = ""
+    topic_partitions: int = Field(default=4, ge=1)
+    consumer_group_prefix: str = "loyalty"
+    consumer_session_timeout_ms: int = 10_000
+    consumer_heartbeat_interval_ms: int = 3_000
+    consumer_batch_max_records: int = Field(default=1000, ge=1)
+    consumer_batch_timeout_ms: int = 20
+    # Bounded retries before a message that fails processing goes to the dead-letter topic.
+    max_delivery_attempts: int = Field(default=5, ge=1)
+
+    database_url: str = "postgresql://loyalty@127.0.0.1:5432/loyalty"
+    database_pool_min: int = 1
+    database_pool_max: int = 8
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+
+    outbox_batch_size: int = 2000
+    outbox_poll_interval_ms: int = 200
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group_id(self, service: str, purpose: str = "main") -> str:
+        return f"{self.consumer_group_prefix}.{service}.{purpose}"

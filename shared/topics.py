@@ -1,0 +1,58 @@
+"""Topic names (one topic per stream, keyed by customer_id) and explicit topic creation."""
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.kafka import client_options
+from shared.settings import ServiceSettings
+
+PURCHASES_RAW = "purchases.raw"
+PURCHASES_RECORDED = "purchases.recorded"
+PURCHASES_DLQ = "purchases.dlq"
+POINTS_EVENTS = "points.events"
+POINTS_DLQ = "points.dlq"
+REWARDS_EVENTS = "rewards.events"
+REWARDS_DLQ = "rewards.dlq"
+ENGAGEMENT_EVENTS = "engagement.events"
+CHURN_ALERTS = "churn.alerts"
+
+ALL_TOPICS = (
+    PURCHASES_RAW,
+    PURCHASES_RECORDED,
+    PURCHASES_DLQ,
+    POINTS_EVENTS,
+    POINTS_DLQ,
+    REWARDS_EVENTS,
+    REWARDS_DLQ,
+    ENGAGEMENT_EVENTS,
+    CHURN_ALERTS,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_topics(settings: ServiceSettings, names: tuple[str, ...] = ALL_TOPICS) -> list[str]:
+    """Create the topics that do not exist yet, with the configured partition count.
+
+    Never rely on broker auto-creation: the embedded broker would pick 4 partitions and a
+    real cluster may be configured to refuse. Returns the names created by this call.
+    """
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [settings.topic(n) for n in names]
+        missing = [n for n in wanted if n not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(n, num_partitions=settings.topic_partitions, replication_factor=1) for n in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another service created them first
+            log.info("created topics", extra={"topics": missing})
+        return missing
+    finally:
+        await admin.close()
