@@ -1,0 +1,52 @@
+# One command to see it work (make run), one to pass the tests (make test).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK := $(PY) -m deploy.local.stack
+
+.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench clean
+
+help:
+	@echo "make run    start everything, play demo traffic with a live summary; Ctrl-C stops it all"
+	@echo "make up     start broker, PostgreSQL and every service in the background (idempotent)"
+	@echo "make down   stop everything make up started"
+	@echo "make test   the whole test suite against its own broker and PostgreSQL"
+	@echo "make bench  benchmarks (print figures)"
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+up: venv
+	$(STACK) up
+
+down:
+	@if [ -x $(PY) ]; then $(STACK) down; else echo "nothing to stop"; fi
+
+status: venv
+	$(STACK) status
+
+run: venv
+	$(STACK) run
+
+test: venv
+	$(PY) -m deploy.local.ensure_postgres
+	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+test-integration: venv
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: venv
+	$(PY) -m pytest -q tests/e2e
+
+bench: venv
+	$(PY) -m bench.purchases_ingest
+
+clean: down
+	rm -rf .run $(VENV)

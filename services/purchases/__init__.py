@@ -1,0 +1,1 @@
+"""The purchases service: the front door for POS terminals and e-shops."""

@@ -1,0 +1,228 @@
+"""The HTTP doors: POS back-ends (API key per store) and e-shop webhooks (HMAC-signed)."""
+
+import json
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from services.purchases import domain, metrics, repository, webhooks
+from services.purchases.domain import PurchaseIn, Rejection
+from services.purchases.domain import ClaimRefused
+from services.purchases.service import Inbound, Outcome, PurchaseRecorder, claim_purchase
+from services.purchases.settings import PurchasesSettings
+from shared.events import utcnow
+from shared.runtime import ServiceRuntime
+
+STATUS_CODES = {"recorded": 201, "duplicate": 200, "conflict": 409, "rejected": 422}
+
+
+class OutcomeOut(BaseModel):
+    status: str = Field(description="recorded | duplicate | conflict | rejected")
+    purchase_id: str | None = None
+    event_id: str | None = None
+    reason: str | None = None
+    errors: list[dict[str, Any]] = []
+
+
+class BatchIn(BaseModel):
+    purchases: list[dict[str, Any]] = Field(min_length=1, description="Purchases in the inbound contract")
+
+
+class BatchOut(BaseModel):
+    results: list[OutcomeOut]
+    summary: dict[str, int]
+
+
+class ClaimIn(BaseModel):
+    customer_id: domain.Ident
+    source: str = "pos"
+
+
+class ClaimOut(BaseModel):
+    status: str
+    purchase_id: str
+    customer_id: str
+    event_id: str
+
+
+def problem(status: int, reason: str, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    return JSONResponse({"status": "rejected", "reason": reason, "message": message, "errors": errors or []},
+                        status_code=status)
+
+
+def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings: PurchasesSettings) -> APIRouter:
+    router = APIRouter()
+
+    async def record(items: list[Inbound]) -> list[Outcome]:
+        async with runtime.pool.acquire() as conn:
+            outcomes = await recorder.record(conn, items)
+        runtime.relay.wake()
+        return outcomes
+
+    async def store_from_key(x_api_key: Annotated[str | None, Header(description="The store's API key")] = None) -> str:
+        if not x_api_key:
+            metrics.REJECTED.labels("http", "missing_api_key").inc()
+            raise HTTPException(401, detail={"reason": "missing_api_key", "message": "send the store's X-API-Key header"})
+        store_id = await repository.store_for_api_key(runtime.pool, key=x_api_key)
+        if store_id is None:
+            metrics.REJECTED.labels("http", "invalid_api_key").inc()
+            raise HTTPException(401, detail={"reason": "invalid_api_key", "message": "unknown or revoked API key"})
+        return store_id
+
+    def http_inbound(purchase: PurchaseIn | Rejection, original: Any, store_id: str, cid: str | None) -> Inbound:
+        if isinstance(purchase, PurchaseIn) and purchase.store_id != store_id:
+            purchase = Rejection("store_mismatch", [{"loc": ["store_id"], "type": "store_mismatch",
+                                                     "msg": f"this API key is for store {store_id}"}])
+        return Inbound(door="http", original=json.dumps(original, default=str).encode(), parsed=purchase,
+                       correlation_id=cid, dead_letter_on_reject=False)
+
+    @router.post("/v1/purchases", tags=["purchases"], summary="Record one purchase (sale or return)",
+                 response_model=OutcomeOut, status_code=201,
+                 responses={200: {"model": OutcomeOut, "description": "Already recorded (identical resend)"},
+                            401: {"description": "Missing or invalid API key"},
+                            409: {"model": OutcomeOut, "description": "Same purchase id, different content"},
+                            422: {"model": OutcomeOut, "description": "Invalid purchase, field-level errors"}})
+    async def post_purchase(purchase: PurchaseIn, store_id: Annotated[str, Depends(store_from_key)],
+                            x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
+        item = http_inbound(purchase, purchase.model_dump(mode="json"), store_id, x_correlation_id)
+        if isinstance(item.parsed, Rejection):
+            metrics.REJECTED.labels("http", item.parsed.reason).inc()
+            return problem(403, item.parsed.reason, item.parsed.message, item.parsed.errors)
+        [outcome] = await record([item])
+        return JSONResponse(outcome.as_json(), status_code=STATUS_CODES[outcome.status])
+
+    @router.post("/v1/purchases/batch", tags=["purchases"], response_model=BatchOut,
+                 summary="Record up to max_batch_items purchases; one result per item, in order")
+    async def post_batch(batch: BatchIn, store_id: Annotated[str, Depends(store_from_key)],
+                         x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
+        if len(batch.purchases) > settings.max_batch_items:
+            metrics.REJECTED.labels("http", "batch_too_large").inc()
+            return problem(413, "batch_too_large", f"at most {settings.max_batch_items} purchases per batch")
+        items = [http_inbound(domain.parse_purchase(raw), raw, store_id, x_correlation_id) for raw in batch.purchases]
+        outcomes = await record(items)
+        summary: dict[str, int] = {}
+        for o in outcomes:
+            summary[o.status] = summary.get(o.status, 0) + 1
+        return JSONResponse({"results": [o.as_json() for o in outcomes], "summary": summary})
+
+    @router.post("/v1/purchases/{purchase_id}/claim", tags=["purchases"], response_model=ClaimOut,
+                 summary="A customer claims an anonymous sale of this store (within the claim window)",
+                 responses={201: {"model": ClaimOut}, 404: {}, 409: {}, 422: {}})
+    async def post_claim(purchase_id: str, claim: ClaimIn, store_id: Annotated[str, Depends(store_from_key)],
+                         x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
+        try:
+            async with runtime.pool.acquire() as conn:
+                result = await claim_purchase(conn, settings=settings, store_id=store_id, source=claim.source,
+                                              purchase_id=purchase_id, customer_id=claim.customer_id,
+                                              correlation_id=x_correlation_id, clock=recorder.clock)
+        except ClaimRefused as refused:
+            metrics.CLAIMS.labels(refused.reason).inc()
+            return problem(refused.status, refused.reason, str(refused))
+        runtime.relay.wake()
+        metrics.CLAIMS.labels("claimed" if result.created else "repeat").inc()
+        return JSONResponse({"status": "claimed" if result.created else "already_claimed", "purchase_id": purchase_id,
+                             "customer_id": result.customer_id, "event_id": str(result.event_id)},
+                            status_code=201 if result.created else 200)
+
+    # ---- webhooks ------------------------------------------------------------------------
+
+    async def record_webhook(door: str, body: bytes, mapped: dict[str, Any] | None, cid: str | None) -> JSONResponse:
+        if mapped is None:
+            return JSONResponse({"status": "ignored", "message": "nothing to record for this event"})
+        item = Inbound(door=door, original=body, parsed=domain.parse_purchase(mapped), correlation_id=cid)
+        [outcome] = await record([item])
+        return JSONResponse(outcome.as_json(), status_code=STATUS_CODES[outcome.status])
+
+    async def refuse_webhook(door: str, body: bytes, rejection: Rejection) -> JSONResponse:
+        """A signed but unusable webhook: dead-lettered (the e-shop will not send it
+        differently) and answered 422."""
+        await record([Inbound(door=door, original=body, parsed=rejection)])
+        return problem(422, rejection.reason, rejection.message, rejection.errors)
+
+    def check_signature(door: str, ok: bool, payload_time, max_age_s: int) -> JSONResponse | None:
+        if not ok:
+            metrics.REJECTED.labels(door, "bad_signature").inc()
+            return problem(401, "bad_signature", "missing or invalid HMAC signature")
+        if payload_time is not None and utcnow() - payload_time > timedelta(seconds=max_age_s):
+            metrics.REJECTED.labels(door, "stale_webhook").inc()
+            return problem(401, "stale_webhook", f"the signed payload is older than {max_age_s}s (replay?)")
+        return None
+
+    @router.post("/v1/webhooks/shopify", tags=["webhooks"],
+                 summary="Shopify webhooks: orders/paid and refunds/create (X-Shopify-Hmac-Sha256)")
+    async def shopify(request: Request,
+                      x_shopify_hmac_sha256: Annotated[str | None, Header()] = None,
+                      x_shopify_topic: Annotated[str | None, Header()] = None,
+                      x_shopify_webhook_id: Annotated[str | None, Header()] = None) -> JSONResponse:
+        if not settings.shopify_webhook_secret:
+            return problem(503, "not_configured", "Shopify webhooks are not configured")
+        body = await request.body()
+        valid = webhooks.verify_shopify_hmac(settings.shopify_webhook_secret, body, x_shopify_hmac_sha256)
+        if not valid:
+            return check_signature("shopify", False, None, settings.webhook_max_age_s)
+        try:
+            payload = json.loads(body)
+            refused = check_signature("shopify", True, webhooks.webhook_timestamp(payload, "shopify"),
+                                      settings.webhook_max_age_s)
+            if refused is not None:
+                return refused
+            if x_shopify_topic == "orders/paid":
+                mapped = webhooks.map_shopify_order_paid(payload, store_id=settings.shopify_store_id)
+            elif x_shopify_topic == "refunds/create":
+                mapped = webhooks.map_shopify_refund(payload, store_id=settings.shopify_store_id)
+            else:
+                return JSONResponse({"status": "ignored", "message": f"topic {x_shopify_topic} is not used"})
+        except (ValueError, webhooks.WebhookPayloadError) as exc:
+            return await refuse_webhook("shopify", body, Rejection("unmappable_webhook", [
+                {"loc": [], "msg": str(exc), "type": "unmappable_webhook"}]))
+        return await record_webhook("shopify", body, mapped, x_shopify_webhook_id)
+
+    @router.post("/v1/webhooks/woocommerce", tags=["webhooks"],
+                 summary="WooCommerce order webhooks (X-WC-Webhook-Signature)")
+    async def woocommerce(request: Request,
+                          x_wc_webhook_signature: Annotated[str | None, Header()] = None,
+                          x_wc_webhook_delivery_id: Annotated[str | None, Header()] = None) -> JSONResponse:
+        if not settings.woocommerce_webhook_secret:
+            return problem(503, "not_configured", "WooCommerce webhooks are not configured")
+        body = await request.body()
+        valid = webhooks.verify_woocommerce_signature(settings.woocommerce_webhook_secret, body, x_wc_webhook_signature)
+        if not valid:
+            return check_signature("woocommerce", False, None, settings.webhook_max_age_s)
+        if body.startswith(b"webhook_id="):  # WooCommerce pings a new webhook with a form body
+            return JSONResponse({"status": "ping"})
+        try:
+            payload = json.loads(body)
+            refused = check_signature("woocommerce", True, webhooks.webhook_timestamp(payload, "woocommerce"),
+                                      settings.webhook_max_age_s)
+            if refused is not None:
+                return refused
+            mapped = webhooks.map_woocommerce_order(payload, store_id=settings.woocommerce_store_id)
+        except (ValueError, webhooks.WebhookPayloadError) as exc:
+            return await refuse_webhook("woocommerce", body, Rejection("unmappable_webhook", [
+                {"loc": [], "msg": str(exc), "type": "unmappable_webhook"}]))
+        return await record_webhook("woocommerce", body, mapped, x_wc_webhook_delivery_id)
+
+    return router
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 in our shape, counted in the metrics."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+    reason = "malformed_json" if any(e["type"] == "json_invalid" for e in errors) else "schema"
+    metrics.REJECTED.labels("http", reason).inc()
+    return problem(422, reason, "the request does not match the contract", errors)
+
+
+def body_size_limit(max_body_bytes: int):
+    async def middleware(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            metrics.REJECTED.labels("http", "body_too_large").inc()
+            return problem(413, "body_too_large", f"request bodies are limited to {max_body_bytes} bytes")
+        return await call_next(request)
+
+    return middleware

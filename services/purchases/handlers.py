@@ -1,0 +1,96 @@
+"""The Kafka door: `purchases.raw` consumed in micro-batches. Publishers are declared here
+for the AsyncAPI document; the outbox relay does the actual publishing."""
+
+import asyncio
+import logging
+from typing import Any, Union
+
+import asyncpg
+from faststream import AckPolicy, Context
+from faststream.kafka import KafkaBroker
+from faststream.kafka.message import KafkaMessage
+
+from services.purchases import domain
+from services.purchases.service import Inbound, PurchaseRecorder, record_one_by_one
+from services.purchases.settings import PurchasesSettings
+from shared.events import DeadLetter
+from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
+from shared.kafka import consumer_options
+from shared.logging import correlation_id
+from shared.metrics import observe_consumer_lag
+from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
+
+log = logging.getLogger(__name__)
+
+# Infrastructure failures: the batch is not the problem, so it is retried (offsets are not
+# committed) after a pause, never dead-lettered.
+RETRYABLE = (OSError, asyncpg.exceptions.ConnectionFailureError, asyncpg.exceptions.CannotConnectNowError,
+             asyncpg.exceptions.InterfaceError, asyncpg.exceptions.TooManyConnectionsError, asyncio.TimeoutError)
+
+
+def _header(record, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return value.decode(errors="replace")
+    return None
+
+
+def inbound_from_record(record) -> Inbound:
+    return Inbound(
+        door="kafka",
+        original=record.value or b"",
+        parsed=domain.parse_purchase(record.value or b""),
+        correlation_id=_header(record, "correlation_id"),
+        kafka={"topic": record.topic, "partition": record.partition, "offset": record.offset,
+               "key": record.key.decode(errors="replace") if record.key else None},
+    )
+
+
+async def _keep_raw(message: KafkaMessage) -> None:
+    """Skip FastStream's JSON decoding: the handler reads the raw records itself, so that
+    malformed input reaches validation (and the dead-letter topic) instead of failing early."""
+    return None
+
+
+def register_handlers(broker: KafkaBroker, *, settings: PurchasesSettings, recorder: PurchaseRecorder,
+                      pool_getter, on_committed) -> None:
+    broker.publisher(settings.topic(PURCHASES_RECORDED), title="purchases.recorded",
+                     description="Validated, de-duplicated sales, returns and claims; key customer_id",
+                     schema=Union[PurchaseRecorded, ReturnRecorded, PurchaseClaimed])
+    broker.publisher(settings.topic(PURCHASES_DLQ), title="purchases.dlq",
+                     description="Refused inputs with the original payload, the reason and the door",
+                     schema=DeadLetter)
+    retry_state = {"backoff_s": 0.1}
+
+    @broker.subscriber(
+        settings.topic(PURCHASES_RAW),
+        batch=True,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=_keep_raw,
+        title="purchases.raw",
+        description="Purchases as POS terminals and e-shops produce them (the inbound contract, JSON)",
+        **consumer_options(settings, service="purchases", purpose="ingest"),
+    )
+    async def ingest_raw(body: Any, message: KafkaMessage = Context("message")) -> None:
+        records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+        items = [inbound_from_record(r) for r in records]
+        correlation_id.set(items[0].correlation_id if items else None)
+        pool: asyncpg.Pool = pool_getter()
+        try:
+            try:
+                async with pool.acquire() as conn:
+                    await recorder.record(conn, items)
+            except RETRYABLE:
+                raise
+            except asyncpg.PostgresError:
+                log.exception("batch failed on a data error; recording one by one", extra={"items": len(items)})
+                await record_one_by_one(recorder, pool, items)
+        except RETRYABLE:
+            log.warning("infrastructure error; batch will be redelivered", exc_info=True,
+                        extra={"backoff_s": retry_state["backoff_s"]})
+            await asyncio.sleep(retry_state["backoff_s"])
+            retry_state["backoff_s"] = min(retry_state["backoff_s"] * 2, 5.0)
+            raise
+        retry_state["backoff_s"] = 0.1
+        on_committed()
+        observe_consumer_lag(message.consumer, records)

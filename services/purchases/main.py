@@ -1,0 +1,41 @@
+"""Composition root of the purchases service: the only place that wires real adapters."""
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from services.purchases.api import body_size_limit, create_router, validation_error_handler
+from services.purchases.handlers import register_handlers
+from services.purchases.service import Clock, PurchaseRecorder
+from services.purchases.settings import PurchasesSettings
+from shared.events import utcnow
+from shared.http import create_service_app
+from shared.runtime import ServiceRuntime
+from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
+
+DESCRIPTION = (
+    "Front door for POS terminals and e-shops: validates, de-duplicates and records purchases and "
+    "returns from Kafka (purchases.raw), HTTP (per-store API key) and Shopify/WooCommerce webhooks, "
+    "and publishes them on purchases.recorded; refusals go to purchases.dlq."
+)
+
+
+def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcnow) -> FastAPI:
+    settings = settings or PurchasesSettings()
+    runtime = ServiceRuntime(
+        settings,
+        service="purchases",
+        schema="purchases",
+        migrations_dir=Path(__file__).parent / "migrations",
+        description=DESCRIPTION,
+        topics=(PURCHASES_RAW, PURCHASES_RECORDED, PURCHASES_DLQ),
+    )
+    recorder = PurchaseRecorder(settings=settings, clock=clock)
+    register_handlers(runtime.broker, settings=settings, recorder=recorder,
+                      pool_getter=lambda: runtime.pool, on_committed=lambda: runtime.relay.wake())
+    app = create_service_app(runtime, title="Loyalty purchases", description=DESCRIPTION)
+    app.include_router(create_router(runtime, recorder, settings))
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.middleware("http")(body_size_limit(settings.max_body_bytes))
+    return app

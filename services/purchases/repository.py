@@ -1,0 +1,130 @@
+"""SQL of the purchases service. Functions take a connection and never commit: the use
+case owns the transaction."""
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.purchases.domain import PurchaseIn, RecordedSale
+
+_FIND_HASHES = """
+SELECT p.source, p.purchase_id, p.content_hash
+FROM purchases p
+JOIN unnest($1::text[], $2::text[]) AS k(source, purchase_id) USING (source, purchase_id)
+"""
+
+_INSERT_MANY = """
+INSERT INTO purchases (source, purchase_id, type, original_purchase_id, store_id, customer_id, occurred_at,
+                       currency, total, lines, content_hash, door, event_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
+                     $8::text[], $9::numeric[], $10::jsonb[], $11::bytea[], $12::text[], $13::uuid[])
+ON CONFLICT (source, purchase_id) DO NOTHING
+RETURNING source, purchase_id
+"""
+
+_LOCK_SALE = """
+SELECT source, purchase_id, type, customer_id, currency, occurred_at, lines, returned, store_id, total, door,
+       claimed_at
+FROM purchases WHERE source = $1 AND purchase_id = $2
+FOR UPDATE
+"""
+
+_SET_RETURNED = "UPDATE purchases SET returned = $3::jsonb WHERE source = $1 AND purchase_id = $2"
+
+_SET_CLAIMED = """
+UPDATE purchases SET customer_id = $3, claimed_at = $4 WHERE source = $1 AND purchase_id = $2
+"""
+
+_STORE_FOR_KEY = "SELECT store_id FROM store_api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
+
+_ADD_KEY = """
+INSERT INTO store_api_keys (key_hash, store_id, label) VALUES ($1, $2, $3)
+ON CONFLICT (key_hash) DO UPDATE SET store_id = EXCLUDED.store_id, revoked_at = NULL
+"""
+
+
+def lines_json(p: PurchaseIn) -> str:
+    return json.dumps([line.model_dump(mode="json") for line in p.lines])
+
+
+async def find_hashes(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(_FIND_HASHES, [k[0] for k in keys], [k[1] for k in keys])
+    return {(r["source"], r["purchase_id"]): bytes(r["content_hash"]) for r in rows}
+
+
+async def insert_purchases(
+    conn: asyncpg.Connection,
+    *,
+    purchases: Sequence[tuple[PurchaseIn, str | None, bytes, str, uuid.UUID]],
+) -> set[tuple[str, str]]:
+    """Insert (purchase, customer_id, content_hash, door, event_id) rows; return the keys
+    actually inserted (a concurrent writer may have taken some first)."""
+    if not purchases:
+        return set()
+    rows = await conn.fetch(
+        _INSERT_MANY,
+        [p.source for p, *_ in purchases],
+        [p.purchase_id for p, *_ in purchases],
+        [p.type for p, *_ in purchases],
+        [p.original_purchase_id for p, *_ in purchases],
+        [p.store_id for p, *_ in purchases],
+        [customer for _, customer, *_ in purchases],
+        [p.occurred_at for p, *_ in purchases],
+        [p.currency for p, *_ in purchases],
+        [p.total for p, *_ in purchases],
+        [lines_json(p) for p, *_ in purchases],
+        [h for _, _, h, _, _ in purchases],
+        [door for *_, door, _ in purchases],
+        [eid for *_, eid in purchases],
+    )
+    return {(r["source"], r["purchase_id"]) for r in rows}
+
+
+async def lock_sale(conn: asyncpg.Connection, *, source: str, purchase_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(_LOCK_SALE, source, purchase_id)
+
+
+def recorded_sale(row: asyncpg.Record) -> RecordedSale:
+    lines = json.loads(row["lines"])
+    return RecordedSale(
+        source=row["source"],
+        purchase_id=row["purchase_id"],
+        type=row["type"],
+        customer_id=row["customer_id"],
+        currency=row["currency"].strip(),
+        occurred_at=row["occurred_at"],
+        quantities={line["line_id"]: int(line["quantity"]) for line in lines},
+        returned={k: int(v) for k, v in json.loads(row["returned"]).items()},
+    )
+
+
+async def set_returned(conn: asyncpg.Connection, *, source: str, purchase_id: str, returned: dict[str, int]) -> None:
+    await conn.execute(_SET_RETURNED, source, purchase_id, json.dumps(returned))
+
+
+async def set_claimed(conn: asyncpg.Connection, *, source: str, purchase_id: str, customer_id: str,
+                      claimed_at: datetime) -> None:
+    await conn.execute(_SET_CLAIMED, source, purchase_id, customer_id, claimed_at)
+
+
+def hash_api_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+async def store_for_api_key(conn: asyncpg.Connection | asyncpg.Pool, *, key: str) -> str | None:
+    return await conn.fetchval(_STORE_FOR_KEY, hash_api_key(key))
+
+
+async def add_api_key(conn: asyncpg.Connection | asyncpg.Pool, *, key: str, store_id: str, label: str | None = None) -> None:
+    await conn.execute(_ADD_KEY, hash_api_key(key), store_id, label)
+
+
+def row_to_dict(row: asyncpg.Record) -> dict[str, Any]:
+    return dict(row)

@@ -1,0 +1,283 @@
+"""Use cases of the purchases service: record purchases from any door, claim an anonymous
+purchase. Each opens one transaction, applies the rules, writes state and outbox together."""
+
+import json
+import time
+import uuid
+from collections import Counter as Tally
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from services.purchases import domain, metrics, repository
+from services.purchases.domain import PurchaseIn, Rejection
+from services.purchases.settings import PurchasesSettings
+from shared.events import DeadLetter, derived_event_id, envelope, utcnow
+from shared.events.purchases import PurchaseClaimed, PurchaseClaimedPayload, PurchasePayload, PurchaseRecorded, ReturnRecorded
+from shared.outbox import OutboxMessage, enqueue
+from shared.topics import PURCHASES_DLQ, PURCHASES_RECORDED
+
+PRODUCER = "purchases"
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class Inbound:
+    """One input from any door: its original bytes, and either the parsed purchase or why
+    it could not be parsed. Kafka coordinates are kept for the dead letter."""
+
+    door: str
+    original: bytes
+    parsed: PurchaseIn | Rejection
+    correlation_id: str | None = None
+    kafka: dict[str, Any] = field(default_factory=dict)
+    dead_letter_on_reject: bool = True
+
+
+@dataclass
+class Outcome:
+    status: Literal["recorded", "duplicate", "rejected", "conflict"]
+    purchase_id: str | None = None
+    event_id: uuid.UUID | None = None
+    reason: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status, "purchase_id": self.purchase_id}
+        if self.event_id:
+            body["event_id"] = str(self.event_id)
+        if self.reason:
+            body["reason"] = self.reason
+            body["errors"] = self.errors
+        return body
+
+
+@dataclass
+class _Accepted:
+    index: int
+    item: Inbound
+    purchase: PurchaseIn
+    content_hash: bytes
+
+
+def purchase_event_id(source: str, purchase_id: str) -> uuid.UUID:
+    return derived_event_id("purchases.recorded", source, purchase_id)
+
+
+def dead_letter(topic: str, item: Inbound, rejection: Rejection) -> OutboxMessage:
+    dl = DeadLetter(
+        dead_letter_id=uuid.uuid4(),
+        door=item.door,
+        reason=rejection.reason,
+        errors=rejection.errors,
+        original=item.original.decode("utf-8", errors="replace"),
+        original_key=item.kafka.get("key"),
+        original_topic=item.kafka.get("topic"),
+        original_partition=item.kafka.get("partition"),
+        original_offset=item.kafka.get("offset"),
+        producer=PRODUCER,
+        recorded_at=utcnow(),
+    )
+    return OutboxMessage(topic=topic, key=item.kafka.get("key"), value=dl.model_dump_json().encode(),
+                         headers={"reason": rejection.reason, "door": item.door})
+
+
+class PurchaseRecorder:
+    """Records batches of inbound purchases. One instance per process."""
+
+    def __init__(self, *, settings: PurchasesSettings, clock: Clock = utcnow) -> None:
+        self._settings = settings
+        self.clock = clock
+        self._recorded_topic = settings.topic(PURCHASES_RECORDED)
+        self.dlq_topic = settings.topic(PURCHASES_DLQ)
+
+    async def record(self, conn: asyncpg.Connection, items: Sequence[Inbound]) -> list[Outcome]:
+        """Validate, de-duplicate and record `items` in one transaction on `conn`. Returns
+        one outcome per item, in order. Raises on database errors (nothing is written)."""
+        started = time.perf_counter()
+        s = self._settings
+        now = self.clock()
+        outcomes: list[Outcome | None] = [None] * len(items)
+        accepted: list[_Accepted] = []
+        first_seen: dict[tuple[str, str], _Accepted] = {}
+
+        for i, item in enumerate(items):
+            parsed = item.parsed
+            if isinstance(parsed, Rejection):
+                outcomes[i] = Outcome("rejected", reason=parsed.reason, errors=parsed.errors)
+                continue
+            rejection = domain.check_purchase(parsed, now=now, max_clock_skew_s=s.max_clock_skew_s,
+                                              max_age_days=s.max_purchase_age_days)
+            if rejection is not None:
+                outcomes[i] = Outcome("rejected", parsed.purchase_id, reason=rejection.reason, errors=rejection.errors)
+                continue
+            candidate = _Accepted(i, item, parsed, parsed.content_hash())
+            earlier = first_seen.get(parsed.key)
+            if earlier is not None:  # the same purchase twice in one batch
+                outcomes[i] = self._repeat(candidate, earlier.content_hash)
+                continue
+            first_seen[parsed.key] = candidate
+            accepted.append(candidate)
+
+        messages: list[OutboxMessage] = []
+        async with conn.transaction():
+            known = await repository.find_hashes(conn, keys=[a.purchase.key for a in accepted])
+            sales, returns = [], []
+            for a in accepted:
+                if a.purchase.key in known:
+                    outcomes[a.index] = self._repeat(a, known[a.purchase.key])
+                elif a.purchase.type == "sale":
+                    sales.append(a)
+                else:
+                    returns.append(a)
+
+            inserted = await repository.insert_purchases(conn, purchases=[
+                (a.purchase, a.purchase.customer_id, a.content_hash, a.item.door,
+                 purchase_event_id(*a.purchase.key)) for a in sales
+            ])
+            raced = [a for a in sales if a.purchase.key not in inserted]
+            if raced:  # another transaction recorded them between our look-up and insert
+                known = await repository.find_hashes(conn, keys=[a.purchase.key for a in raced])
+                for a in raced:
+                    outcomes[a.index] = self._repeat(a, known[a.purchase.key])
+            for a in sales:
+                if a.purchase.key in inserted:
+                    outcomes[a.index] = self._recorded(a, a.purchase.customer_id, now, messages)
+
+            # Returns one by one, in arrival order: each locks its sale, so concurrent
+            # partial returns of one sale can never together return more than was bought.
+            for a in returns:
+                outcomes[a.index] = await self._record_return(conn, a, now, messages)
+
+            for i, item in enumerate(items):
+                outcome = outcomes[i]
+                assert outcome is not None
+                if outcome.status in ("rejected", "conflict") and item.dead_letter_on_reject:
+                    messages.append(dead_letter(self.dlq_topic, item, Rejection(outcome.reason or "rejected", outcome.errors)))
+            await enqueue(conn, messages)
+
+        self._observe(items, outcomes, time.perf_counter() - started)
+        return [o for o in outcomes if o is not None]
+
+    def _repeat(self, a: _Accepted, recorded_hash: bytes) -> Outcome:
+        if recorded_hash == a.content_hash:
+            return Outcome("duplicate", a.purchase.purchase_id, purchase_event_id(*a.purchase.key))
+        return Outcome("conflict", a.purchase.purchase_id, reason="conflict", errors=[{
+            "loc": ["purchase_id"], "type": "conflict",
+            "msg": f"{a.purchase.source} purchase {a.purchase.purchase_id} was already recorded with different "
+                   "content; a correction must be sent as a return"}])
+
+    def _recorded(self, a: _Accepted, customer_id: str | None, now: datetime, messages: list[OutboxMessage]) -> Outcome:
+        p = a.purchase
+        event_id = purchase_event_id(*p.key)
+        payload = PurchasePayload(**p.model_dump(exclude={"customer_id"}), door=a.item.door)
+        cls = PurchaseRecorded if p.type == "sale" else ReturnRecorded
+        event = envelope(cls, event_id=event_id, occurred_at=p.occurred_at, producer=PRODUCER,
+                         correlation_id=a.item.correlation_id or str(event_id), customer_id=customer_id,
+                         payload=payload, recorded_at=now)
+        messages.append(OutboxMessage.event(self._recorded_topic, event, key=customer_id or f"anonymous:{p.store_id}"))
+        return Outcome("recorded", p.purchase_id, event_id)
+
+    async def _record_return(self, conn: asyncpg.Connection, a: _Accepted, now: datetime,
+                             messages: list[OutboxMessage]) -> Outcome:
+        r = a.purchase
+        row = await repository.lock_sale(conn, source=r.source, purchase_id=r.original_purchase_id or "")
+        sale = repository.recorded_sale(row) if row is not None else None
+        rejection = domain.check_return(r, sale)
+        if rejection is not None:
+            return Outcome("rejected", r.purchase_id, reason=rejection.reason, errors=rejection.errors)
+        assert sale is not None
+        # A return is booked to the customer of the sale (whoever the till says), so that
+        # the points it reverses are the ones that sale earned.
+        inserted = await repository.insert_purchases(conn, purchases=[
+            (r, sale.customer_id, a.content_hash, a.item.door, purchase_event_id(*r.key))])
+        if not inserted:
+            known = await repository.find_hashes(conn, keys=[r.key])
+            return self._repeat(a, known[r.key])
+        await repository.set_returned(conn, source=sale.source, purchase_id=sale.purchase_id,
+                                      returned=domain.returned_after(sale, r))
+        return self._recorded(a, sale.customer_id, now, messages)
+
+    @staticmethod
+    def _observe(items: Sequence[Inbound], outcomes: Sequence[Outcome | None], elapsed_s: float) -> None:
+        doors = Tally(item.door for item in items)
+        for door, n in doors.items():
+            metrics.RECEIVED.labels(door).inc(n)
+            metrics.BATCH_SIZE.labels(door).observe(n)
+            metrics.PROCESSING_SECONDS.labels(door).observe(elapsed_s)
+        tally = Tally()
+        for item, o in zip(items, outcomes):
+            if o is not None:
+                tally[(item.door, o.status, o.reason or "", item.parsed.type if isinstance(item.parsed, PurchaseIn) else "")] += 1
+        for (door, status, reason, kind), n in tally.items():
+            if status == "recorded":
+                metrics.RECORDED.labels(door, kind).inc(n)
+            elif status == "duplicate":
+                metrics.DUPLICATES.labels(door).inc(n)
+            else:
+                metrics.REJECTED.labels(door, reason).inc(n)
+
+
+async def record_one_by_one(recorder: PurchaseRecorder, pool: asyncpg.Pool, items: Sequence[Inbound]) -> list[Outcome]:
+    """Fallback when a whole batch fails on a data error: record each item on its own; an
+    item that still fails is dead-lettered with the database's reason, so one bad input
+    never blocks a partition."""
+    outcomes = []
+    for item in items:
+        async with pool.acquire() as conn:
+            try:
+                outcomes.extend(await recorder.record(conn, [item]))
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, (asyncpg.exceptions.ConnectionFailureError, asyncpg.exceptions.CannotConnectNowError)):
+                    raise
+                rejection = Rejection("processing_error", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}",
+                                                            "type": "processing_error"}])
+                async with conn.transaction():
+                    await enqueue(conn, [dead_letter(recorder.dlq_topic, item, rejection)])
+                metrics.REJECTED.labels(item.door, rejection.reason).inc()
+                outcomes.append(Outcome("rejected", reason=rejection.reason, errors=rejection.errors))
+    return outcomes
+
+
+# ---- claims -------------------------------------------------------------------------------
+
+
+@dataclass
+class ClaimResult:
+    created: bool
+    event_id: uuid.UUID
+    customer_id: str
+
+
+async def claim_purchase(conn: asyncpg.Connection, *, settings: PurchasesSettings, store_id: str, source: str,
+                         purchase_id: str, customer_id: str, correlation_id: str | None, clock: Clock = utcnow) -> ClaimResult:
+    """A customer claims an anonymous sale: it becomes theirs and PurchaseClaimed carries
+    what they kept (after any returns), so the ledger can credit it now."""
+    now = clock()
+    event_id = derived_event_id("purchases.claimed", source, purchase_id)
+    async with conn.transaction():
+        row = await repository.lock_sale(conn, source=source, purchase_id=purchase_id)
+        if row is None or row["type"] != "sale" or row["store_id"] != store_id:
+            raise domain.ClaimRefused("unknown_purchase", f"no {source} sale {purchase_id} at store {store_id}", 404)
+        lines = json.loads(row["lines"])
+        returned = {k: int(v) for k, v in json.loads(row["returned"]).items()}
+        kept = domain.kept_lines(lines, returned)
+        is_new = domain.check_claim(sale_customer_id=row["customer_id"], claimed_by=customer_id,
+                                    sale_occurred_at=row["occurred_at"], now=now,
+                                    window_days=settings.claim_window_days, fully_returned=not kept)
+        if not is_new:
+            return ClaimResult(False, event_id, customer_id)
+        await repository.set_claimed(conn, source=source, purchase_id=purchase_id, customer_id=customer_id, claimed_at=now)
+        total = sum((domain.LineIn(**line).net_amount for line in kept), start=domain.Decimal("0"))
+        payload = PurchaseClaimedPayload(
+            purchase_id=purchase_id, type="sale", source=source, store_id=store_id, occurred_at=row["occurred_at"],
+            currency=row["currency"].strip(), lines=kept, total=total, door=row["door"], claimed_at=now)
+        event = envelope(PurchaseClaimed, event_id=event_id, occurred_at=now, producer=PRODUCER,
+                         correlation_id=correlation_id or str(event_id), customer_id=customer_id, payload=payload,
+                         causation_id=str(purchase_event_id(source, purchase_id)), recorded_at=now)
+        await enqueue(conn, [OutboxMessage.event(settings.topic(PURCHASES_RECORDED), event, key=customer_id)])
+    return ClaimResult(True, event_id, customer_id)

@@ -1,0 +1,26 @@
+"""Settings of the purchases service (env prefix PURCHASES_)."""
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class PurchasesSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="PURCHASES_", extra="ignore")
+
+    http_port: int = 8101
+    # A purchase may be stamped this far in the future (clock skew between tills and us).
+    max_clock_skew_s: int = 300
+    # Older purchases are refused: likely a replay or a broken till clock.
+    max_purchase_age_days: int = 400
+    # How long after the sale an anonymous purchase can be claimed by a customer.
+    claim_window_days: int = 30
+    max_batch_items: int = 500
+    max_body_bytes: int = 1_000_000
+    # E-shop webhooks: shared secrets (HMAC-SHA256) and the store id the orders are booked to.
+    shopify_webhook_secret: str | None = None
+    shopify_store_id: str = "shopify"
+    woocommerce_webhook_secret: str | None = None
+    woocommerce_store_id: str = "woocommerce"
+    # A signed webhook whose own timestamp is older than this is a replay and is refused.
+    webhook_max_age_s: int = 3600

@@ -1,0 +1,71 @@
+"""Test helpers for talking to the real broker directly with aiokafka."""
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+
+async def produce(bootstrap: str, topic: str, values: list[Any], *, key: str | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = []
+        for v in values:
+            raw = v if isinstance(v, bytes) else json.dumps(v).encode()
+            futures.append(await producer.send(topic, raw, key=key.encode() if key else None))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def consume(
+    bootstrap: str, topic: str, *, count: int | None = None, timeout_s: float = 15.0, idle_s: float | None = None
+) -> list[dict[str, Any]]:
+    """Read a topic from the beginning (no group) until `count` messages arrived, the timeout
+    passed, or (with `idle_s`) nothing new came for that long. Returns decoded JSON values
+    with `_key` added."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        deadline = time.monotonic() + 5
+        while not partitions and time.monotonic() < deadline:
+            await consumer.topics()  # refreshes metadata
+            await asyncio.sleep(0.1)
+            partitions = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=100)
+            got = False
+            for records in batch.values():
+                for r in records:
+                    try:
+                        value = json.loads(r.value)
+                    except ValueError:
+                        value = {"_raw": r.value.decode(errors="replace")}
+                    if isinstance(value, dict):
+                        value["_key"] = r.key.decode() if r.key else None
+                    out.append(value)
+                    got = True
+            if got:
+                last_new = time.monotonic()
+            if count is not None and len(out) >= count:
+                break
+            if idle_s is not None and time.monotonic() - last_new > idle_s:
+                break
+        return out
+    finally:
+        await consumer.stop()
+
+
+def unique(prefix: str = "") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
