@@ -1,0 +1,1 @@
+"""The rewards service: catalog, coupon pools, and the redemption saga with the ledger."""

@@ -1,0 +1,331 @@
+"""asyncpg access to the rewards schema. SQL lives in named constants; every method takes
+keyword arguments, works inside the caller's transaction and never commits."""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from services.rewards.domain import COUNTED_FOR_LIMIT, CustomerStanding, Redemption, Reward
+
+_REWARD_COLUMNS = """
+    r.reward_id, r.name, r.description, r.cost_points, r.kind, r.active, r.voucher_value,
+    r.voucher_currency, r.stock_remaining, r.per_customer_limit, r.valid_from, r.valid_until,
+    r.min_tier,
+    (SELECT count(*) FROM coupon_codes c WHERE c.reward_id = r.reward_id AND c.redemption_id IS NULL)
+        AS coupons_available
+"""
+
+INSERT_REWARD = """
+INSERT INTO rewards (reward_id, name, description, cost_points, kind, active, voucher_value, voucher_currency,
+                     stock_remaining, per_customer_limit, valid_from, valid_until, min_tier)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (reward_id) DO NOTHING
+RETURNING reward_id
+"""
+
+UPDATE_REWARD = """
+UPDATE rewards SET name = $2, description = $3, cost_points = $4, active = $5, voucher_value = $6,
+    voucher_currency = $7, stock_remaining = $8, per_customer_limit = $9, valid_from = $10,
+    valid_until = $11, min_tier = $12, updated_at = now()
+WHERE reward_id = $1
+"""
+
+SELECT_REWARD = f"SELECT {_REWARD_COLUMNS} FROM rewards r WHERE r.reward_id = $1"
+SELECT_REWARD_FOR_UPDATE = SELECT_REWARD + " FOR UPDATE OF r"
+SELECT_REWARDS = f"SELECT {_REWARD_COLUMNS} FROM rewards r WHERE ($1::boolean IS FALSE OR r.active) ORDER BY r.reward_id"
+
+INSERT_COUPON_CODES = """
+INSERT INTO coupon_codes (reward_id, code)
+SELECT $1, code FROM unnest($2::text[]) AS code
+ON CONFLICT DO NOTHING
+"""
+
+# Taking a unit of stock locks the reward row: racing reservations queue on it, and the
+# condition makes the last unit go to exactly one of them. Unlimited stock is not touched.
+TAKE_STOCK = """
+UPDATE rewards SET stock_remaining = stock_remaining - 1, updated_at = now()
+WHERE reward_id = $1 AND stock_remaining > 0
+RETURNING stock_remaining
+"""
+RETURN_STOCK = """
+UPDATE rewards SET stock_remaining = stock_remaining + 1, updated_at = now()
+WHERE reward_id = $1 AND stock_remaining IS NOT NULL
+"""
+
+# SKIP LOCKED: racing reservations take different free codes instead of queueing on one.
+TAKE_COUPON_CODE = """
+UPDATE coupon_codes SET redemption_id = $2, assigned_at = $3
+WHERE (reward_id, code) = (
+    SELECT reward_id, code FROM coupon_codes
+    WHERE reward_id = $1 AND redemption_id IS NULL
+    ORDER BY uploaded_at, code
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING code
+"""
+
+STOCK_LEVELS = """
+SELECT r.reward_id, r.kind, r.stock_remaining,
+       (SELECT count(*) FROM coupon_codes c WHERE c.reward_id = r.reward_id AND c.redemption_id IS NULL)
+           AS coupons_available
+FROM rewards r WHERE r.active
+"""
+
+# Serialises one customer's redemption requests (limit counting, idempotency keys) without
+# touching any row other customers need. Transaction-scoped: released by commit/rollback.
+LOCK_CUSTOMER = "SELECT pg_advisory_xact_lock(hashtextextended('rewards.redeem:' || $1, 0))"
+
+_REDEMPTION_COLUMNS = """
+    redemption_id, customer_id, reward_id, idempotency_key, cost_points, kind, status, ledger_status,
+    correlation_id, requested_at, failure_reason, code, hold_expires_at, fulfilled_at, finished_at
+"""
+
+INSERT_REDEMPTION = """
+INSERT INTO redemptions (redemption_id, customer_id, reward_id, idempotency_key, cost_points, kind, status,
+                         ledger_status, correlation_id, requested_at, last_requested_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+"""
+
+SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE customer_id = $1 AND idempotency_key = $2"
+SELECT_REDEMPTION = f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE redemption_id = $1"
+SELECT_CUSTOMER_REDEMPTION = SELECT_REDEMPTION + " AND customer_id = $2"
+SELECT_CUSTOMER_REDEMPTION_FOR_UPDATE = SELECT_CUSTOMER_REDEMPTION + " FOR UPDATE"
+# Locked in id order so that two transactions never wait on each other in a cycle.
+SELECT_REDEMPTIONS_FOR_UPDATE = (
+    f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE redemption_id = ANY($1::uuid[]) "
+    "ORDER BY redemption_id FOR UPDATE"
+)
+SELECT_STATUSES = "SELECT redemption_id, status FROM redemptions WHERE redemption_id = ANY($1::uuid[])"
+LIST_CUSTOMER_REDEMPTIONS = f"""
+SELECT {_REDEMPTION_COLUMNS} FROM redemptions
+WHERE customer_id = $1 AND ($2::timestamptz IS NULL OR requested_at < $2)
+ORDER BY requested_at DESC
+LIMIT $3
+"""
+COUNT_FOR_LIMIT = """
+SELECT count(*) FROM redemptions
+WHERE customer_id = $1 AND reward_id = $2 AND status = ANY($3::text[])
+"""
+COUNT_FOR_LIMIT_BY_REWARD = """
+SELECT reward_id, count(*) AS n FROM redemptions
+WHERE customer_id = $1 AND status = ANY($2::text[])
+GROUP BY reward_id
+"""
+
+MARK_FULFILLED = """
+UPDATE redemptions SET status = 'fulfilled', ledger_status = 'held', code = $2, hold_expires_at = $3,
+    fulfilled_at = $4, finished_at = $4
+WHERE redemption_id = $1
+"""
+MARK_FAILED = """
+UPDATE redemptions SET status = 'failed', failure_reason = $2, ledger_status = $3,
+    hold_expires_at = COALESCE($4, hold_expires_at), finished_at = $5
+WHERE redemption_id = $1
+"""
+MARK_CANCELLED = """
+UPDATE redemptions SET status = 'cancelled', failure_reason = $2, finished_at = $3
+WHERE redemption_id = $1
+"""
+SET_LEDGER_STATUS = "UPDATE redemptions SET ledger_status = $2 WHERE redemption_id = $1"
+
+# Recovery: requests the ledger has not answered yet. SKIP LOCKED lets several instances
+# share the work, and skips a row whose answer is being applied right now.
+SELECT_UNANSWERED = f"""
+SELECT {_REDEMPTION_COLUMNS}, request_attempts FROM redemptions
+WHERE status = 'requested' AND last_requested_at < $1
+ORDER BY last_requested_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+MARK_REQUESTED_AGAIN = """
+UPDATE redemptions SET request_attempts = request_attempts + 1, last_requested_at = $2
+WHERE redemption_id = $1
+RETURNING request_attempts
+"""
+
+# The projection: the newest BalanceAfter per customer wins (occurred_at), so a replayed
+# older event cannot roll a customer's standing back.
+UPSERT_STANDINGS = """
+INSERT INTO customer_standing (customer_id, available_points, held_points, tier, qualifying_points, as_of)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::text[], $5::int[], $6::timestamptz[])
+ON CONFLICT (customer_id) DO UPDATE SET
+    available_points = EXCLUDED.available_points, held_points = EXCLUDED.held_points, tier = EXCLUDED.tier,
+    qualifying_points = EXCLUDED.qualifying_points, as_of = EXCLUDED.as_of, updated_at = now()
+WHERE customer_standing.as_of <= EXCLUDED.as_of
+"""
+SELECT_STANDING = "SELECT available_points, tier FROM customer_standing WHERE customer_id = $1"
+
+
+@dataclass(frozen=True, slots=True)
+class StandingRow:
+    customer_id: str
+    available_points: int
+    held_points: int
+    tier: str
+    qualifying_points: int
+    as_of: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StockLevel:
+    reward_id: str
+    kind: str
+    stock_remaining: int | None
+    coupons_available: int
+
+
+def _reward(row: asyncpg.Record) -> Reward:
+    return Reward(**dict(row))
+
+
+def _redemption(row: asyncpg.Record) -> Redemption:
+    data = dict(row)
+    data.pop("request_attempts", None)
+    return Redemption(**data)
+
+
+class RewardsRepository:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    # ---- catalog ---------------------------------------------------------------------------
+
+    async def insert_reward(self, *, reward: Reward) -> bool:
+        """False when the reward_id exists already."""
+        return await self._conn.fetchval(INSERT_REWARD, *self._reward_values(reward)) is not None
+
+    async def update_reward(self, *, reward: Reward) -> None:
+        r = reward
+        await self._conn.execute(
+            UPDATE_REWARD, r.reward_id, r.name, r.description, r.cost_points, r.active, r.voucher_value,
+            r.voucher_currency, r.stock_remaining, r.per_customer_limit, r.valid_from, r.valid_until, r.min_tier,
+        )
+
+    @staticmethod
+    def _reward_values(r: Reward) -> tuple:
+        return (r.reward_id, r.name, r.description, r.cost_points, r.kind, r.active, r.voucher_value,
+                r.voucher_currency, r.stock_remaining, r.per_customer_limit, r.valid_from, r.valid_until, r.min_tier)
+
+    async def get_reward(self, *, reward_id: str, for_update: bool = False) -> Reward | None:
+        row = await self._conn.fetchrow(SELECT_REWARD_FOR_UPDATE if for_update else SELECT_REWARD, reward_id)
+        return _reward(row) if row else None
+
+    async def list_rewards(self, *, active_only: bool) -> list[Reward]:
+        return [_reward(r) for r in await self._conn.fetch(SELECT_REWARDS, active_only)]
+
+    async def add_coupon_codes(self, *, reward_id: str, codes: Sequence[str]) -> int:
+        """Returns how many were new (a code already in the pool is skipped)."""
+        status = await self._conn.execute(INSERT_COUPON_CODES, reward_id, list(codes))
+        return int(status.split()[-1])
+
+    def savepoint(self):
+        """A nested transaction (savepoint) inside the caller's transaction."""
+        return self._conn.transaction()
+
+    async def take_stock(self, *, reward_id: str) -> bool:
+        return await self._conn.fetchrow(TAKE_STOCK, reward_id) is not None
+
+    async def return_stock(self, *, reward_id: str) -> None:
+        await self._conn.execute(RETURN_STOCK, reward_id)
+
+    async def take_coupon_code(self, *, reward_id: str, redemption_id: uuid.UUID, now: datetime) -> str | None:
+        return await self._conn.fetchval(TAKE_COUPON_CODE, reward_id, redemption_id, now)
+
+    async def stock_levels(self) -> list[StockLevel]:
+        return [StockLevel(**dict(r)) for r in await self._conn.fetch(STOCK_LEVELS)]
+
+    # ---- redemptions -----------------------------------------------------------------------
+
+    async def lock_customer(self, *, customer_id: str) -> None:
+        await self._conn.execute(LOCK_CUSTOMER, customer_id)
+
+    async def find_by_idempotency_key(self, *, customer_id: str, idempotency_key: str) -> Redemption | None:
+        row = await self._conn.fetchrow(SELECT_BY_IDEMPOTENCY_KEY, customer_id, idempotency_key)
+        return _redemption(row) if row else None
+
+    async def count_for_limit(self, *, customer_id: str, reward_id: str) -> int:
+        return await self._conn.fetchval(COUNT_FOR_LIMIT, customer_id, reward_id, list(COUNTED_FOR_LIMIT))
+
+    async def counts_for_limit(self, *, customer_id: str) -> dict[str, int]:
+        rows = await self._conn.fetch(COUNT_FOR_LIMIT_BY_REWARD, customer_id, list(COUNTED_FOR_LIMIT))
+        return {r["reward_id"]: r["n"] for r in rows}
+
+    async def insert_redemption(self, *, redemption: Redemption) -> None:
+        r = redemption
+        await self._conn.execute(
+            INSERT_REDEMPTION, r.redemption_id, r.customer_id, r.reward_id, r.idempotency_key, r.cost_points,
+            r.kind, r.status, r.ledger_status, r.correlation_id, r.requested_at,
+        )
+
+    async def get_redemption(self, *, redemption_id: uuid.UUID) -> Redemption | None:
+        row = await self._conn.fetchrow(SELECT_REDEMPTION, redemption_id)
+        return _redemption(row) if row else None
+
+    async def get_customer_redemption(
+        self, *, redemption_id: uuid.UUID, customer_id: str, for_update: bool = False
+    ) -> Redemption | None:
+        """Only the customer's own redemption: another customer's id reads as not found."""
+        sql = SELECT_CUSTOMER_REDEMPTION_FOR_UPDATE if for_update else SELECT_CUSTOMER_REDEMPTION
+        row = await self._conn.fetchrow(sql, redemption_id, customer_id)
+        return _redemption(row) if row else None
+
+    async def lock_redemptions(self, *, redemption_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Redemption]:
+        if not redemption_ids:
+            return {}
+        rows = await self._conn.fetch(SELECT_REDEMPTIONS_FOR_UPDATE, list(set(redemption_ids)))
+        return {r["redemption_id"]: _redemption(r) for r in rows}
+
+    async def statuses(self, *, redemption_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+        rows = await self._conn.fetch(SELECT_STATUSES, list(redemption_ids))
+        return {r["redemption_id"]: r["status"] for r in rows}
+
+    async def list_customer_redemptions(
+        self, *, customer_id: str, before: datetime | None, limit: int
+    ) -> list[Redemption]:
+        rows = await self._conn.fetch(LIST_CUSTOMER_REDEMPTIONS, customer_id, before, limit)
+        return [_redemption(r) for r in rows]
+
+    async def mark_fulfilled(
+        self, *, redemption_id: uuid.UUID, code: str | None, hold_expires_at: datetime, now: datetime
+    ) -> None:
+        await self._conn.execute(MARK_FULFILLED, redemption_id, code, hold_expires_at, now)
+
+    async def mark_failed(
+        self, *, redemption_id: uuid.UUID, reason: str, ledger_status: str, now: datetime,
+        hold_expires_at: datetime | None = None,
+    ) -> None:
+        await self._conn.execute(MARK_FAILED, redemption_id, reason, ledger_status, hold_expires_at, now)
+
+    async def mark_cancelled(self, *, redemption_id: uuid.UUID, reason: str, now: datetime) -> None:
+        await self._conn.execute(MARK_CANCELLED, redemption_id, reason, now)
+
+    async def set_ledger_status(self, *, redemption_id: uuid.UUID, ledger_status: str) -> None:
+        await self._conn.execute(SET_LEDGER_STATUS, redemption_id, ledger_status)
+
+    async def lock_unanswered(self, *, requested_before: datetime, limit: int) -> list[tuple[Redemption, int]]:
+        rows = await self._conn.fetch(SELECT_UNANSWERED, requested_before, limit)
+        return [(_redemption(r), r["request_attempts"]) for r in rows]
+
+    async def mark_requested_again(self, *, redemption_id: uuid.UUID, now: datetime) -> int:
+        return await self._conn.fetchval(MARK_REQUESTED_AGAIN, redemption_id, now)
+
+    # ---- projection of the ledger ----------------------------------------------------------
+
+    async def upsert_standings(self, *, rows: Sequence[StandingRow]) -> None:
+        if not rows:
+            return
+        await self._conn.execute(
+            UPSERT_STANDINGS,
+            [r.customer_id for r in rows], [r.available_points for r in rows], [r.held_points for r in rows],
+            [r.tier for r in rows], [r.qualifying_points for r in rows], [r.as_of for r in rows],
+        )
+
+    async def get_standing(self, *, customer_id: str) -> CustomerStanding:
+        row = await self._conn.fetchrow(SELECT_STANDING, customer_id)
+        if row is None:
+            return CustomerStanding()
+        return CustomerStanding(available_points=row["available_points"], tier=row["tier"], known=True)

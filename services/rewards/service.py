@@ -1,0 +1,735 @@
+"""Use cases of the rewards service. Each owns its transaction: open, load, decide with
+domain rules, write state and outbox together, commit; then wake the relay and the waiters."""
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Protocol, Union
+
+import asyncpg
+from pydantic import Field, TypeAdapter, ValidationError
+
+from services.rewards import domain, metrics
+from services.rewards.domain import Redemption, Reward
+from services.rewards.repository import RewardsRepository, StandingRow
+from services.rewards.settings import RewardsSettings
+from shared.events import DeadLetter, derived_event_id, envelope, utcnow
+from shared.events.points import (
+    POINTS_EVENT_TYPES,
+    PointsHeld,
+    PointsHoldRejected,
+    PointsRedeemed,
+    PointsReleased,
+)
+from shared.events.rewards import (
+    RedemptionCancelled,
+    RedemptionCancelledPayload,
+    RedemptionFailed,
+    RedemptionFailedPayload,
+    RedemptionFulfilled,
+    RedemptionFulfilledPayload,
+    RedemptionRequested,
+    RedemptionRequestedPayload,
+)
+from shared.inbox import claim_new
+from shared.outbox import OutboxMessage, enqueue
+from shared.topics import REWARDS_DLQ, REWARDS_EVENTS
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "rewards"
+POINTS_CONSUMER = "rewards.points-events"
+# Failure reasons used as a metric label; anything else (a reason the ledger invents later)
+# is counted as 'other' to keep the label's cardinality bounded.
+KNOWN_REASONS = frozenset({
+    "insufficient_points", "account_unknown", "invalid_amount", "out_of_stock", "coupon_pool_empty",
+    "hold_expired", "ledger_timeout", "reward_not_found", "reward_inactive", "reward_expired",
+    "reward_not_yet_valid", "redemption_closed", "customer_cancelled",
+})
+
+
+class Clock(Protocol):
+    def __call__(self) -> datetime: ...
+
+
+class OutcomeWaiters:
+    """In-process futures keyed by redemption_id, resolved after the commit that decided
+    the outcome. Only a shortcut: a waiter also polls the database, because another instance
+    may own the partition the ledger's answer arrives on."""
+
+    def __init__(self) -> None:
+        self._futures: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
+
+    def register(self, redemption_id: uuid.UUID) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._futures.setdefault(redemption_id, set()).add(fut)
+        return fut
+
+    def discard(self, redemption_id: uuid.UUID, fut: asyncio.Future[None]) -> None:
+        futs = self._futures.get(redemption_id)
+        if futs is not None:
+            futs.discard(fut)
+            if not futs:
+                del self._futures[redemption_id]
+
+    def resolve(self, redemption_ids: Sequence[uuid.UUID]) -> None:
+        for rid in redemption_ids:
+            for fut in self._futures.pop(rid, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+
+@dataclass
+class RewardsContext:
+    """The dependencies every use case gets (the composition root builds it)."""
+
+    settings: RewardsSettings
+    pool_getter: Callable[[], asyncpg.Pool]
+    wake_relay: Callable[[], None]
+    waiters: OutcomeWaiters = field(default_factory=OutcomeWaiters)
+    now: Clock = utcnow
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.pool_getter()
+
+    def topic(self, name: str) -> str:
+        return self.settings.topic(name)
+
+
+# ---- catalog (admin) -------------------------------------------------------------------------
+
+
+async def create_reward(ctx: RewardsContext, reward: Reward) -> Reward:
+    domain.check_reward_definition(reward, tier_order=ctx.settings.tiers())
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        if not await repo.insert_reward(reward=reward):
+            raise domain.InvalidReward(f"reward {reward.reward_id} exists already", field="reward_id")
+        created = await repo.get_reward(reward_id=reward.reward_id)
+    assert created is not None
+    _publish_stock(created)
+    return created
+
+
+async def update_reward(ctx: RewardsContext, reward_id: str, changes: dict[str, Any]) -> Reward:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        current = await repo.get_reward(reward_id=reward_id, for_update=True)
+        if current is None:
+            raise domain.RewardNotFound(f"reward {reward_id} not found")
+        updated = replace(current, **changes)
+        domain.check_reward_definition(updated, tier_order=ctx.settings.tiers())
+        await repo.update_reward(reward=updated)
+        stored = await repo.get_reward(reward_id=reward_id)
+    assert stored is not None
+    _publish_stock(stored)
+    return stored
+
+
+async def get_reward(ctx: RewardsContext, reward_id: str) -> Reward:
+    async with ctx.pool.acquire() as conn:
+        reward = await RewardsRepository(conn).get_reward(reward_id=reward_id)
+    if reward is None:
+        raise domain.RewardNotFound(f"reward {reward_id} not found")
+    return reward
+
+
+async def list_rewards(ctx: RewardsContext, *, active_only: bool = False) -> list[Reward]:
+    async with ctx.pool.acquire() as conn:
+        return await RewardsRepository(conn).list_rewards(active_only=active_only)
+
+
+async def upload_coupon_codes(ctx: RewardsContext, reward_id: str, codes: Sequence[str]) -> tuple[int, Reward]:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        reward = await repo.get_reward(reward_id=reward_id, for_update=True)
+        if reward is None:
+            raise domain.RewardNotFound(f"reward {reward_id} not found")
+        if reward.kind != "coupon":
+            raise domain.InvalidReward(f"reward {reward_id} is a {reward.kind}, not a coupon", field="kind")
+        added = await repo.add_coupon_codes(reward_id=reward_id, codes=codes)
+        stored = await repo.get_reward(reward_id=reward_id)
+    assert stored is not None
+    _publish_stock(stored)
+    return added, stored
+
+
+def _publish_stock(reward: Reward) -> None:
+    metrics.set_stock(
+        reward.reward_id, kind=reward.kind, stock_remaining=reward.stock_remaining,
+        coupons_available=reward.coupons_available or 0,
+    )
+
+
+async def sample_stock_levels(ctx: RewardsContext) -> None:
+    async with ctx.pool.acquire() as conn:
+        levels = await RewardsRepository(conn).stock_levels()
+    for level in levels:
+        metrics.set_stock(level.reward_id, kind=level.kind, stock_remaining=level.stock_remaining,
+                          coupons_available=level.coupons_available)
+
+
+# ---- catalog (customer) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    reward: Reward
+    affordable_now: bool
+    eligible: bool
+    # Why not eligible: tier_too_low, customer_limit_reached, out_of_stock (None when eligible).
+    ineligible_reason: str | None
+    redeemed_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerCatalog:
+    standing: domain.CustomerStanding
+    entries: list[CatalogEntry]
+
+
+async def catalog_for(ctx: RewardsContext, customer_id: str) -> CustomerCatalog:
+    """The rewards a customer can see now (active, within their validity window)."""
+    now = ctx.now()
+    tiers = ctx.settings.tiers()
+    async with ctx.pool.acquire() as conn:
+        repo = RewardsRepository(conn)
+        rewards = await repo.list_rewards(active_only=True)
+        standing = await repo.get_standing(customer_id=customer_id)
+        counts = await repo.counts_for_limit(customer_id=customer_id)
+    entries = []
+    for reward in rewards:
+        if domain.unavailable_reason(reward, now=now) is not None:
+            continue
+        count = counts.get(reward.reward_id, 0)
+        reason = None
+        if not domain.meets_tier(reward, standing, tiers):
+            reason = "tier_too_low"
+        elif reward.per_customer_limit is not None and count >= reward.per_customer_limit:
+            reason = "customer_limit_reached"
+        elif not domain.in_stock(reward):
+            reason = "out_of_stock"
+        entries.append(CatalogEntry(reward=reward, affordable_now=domain.is_affordable(reward, standing),
+                                    eligible=reason is None, ineligible_reason=reason, redeemed_count=count))
+    return CustomerCatalog(standing=standing, entries=entries)
+
+
+# ---- the redemption saga ---------------------------------------------------------------------
+
+
+def _event_id(kind: str, redemption_id: uuid.UUID, cause: str) -> uuid.UUID:
+    return derived_event_id(PRODUCER, kind, str(redemption_id), cause)
+
+
+def _requested_event(ctx: RewardsContext, r: Redemption, *, cause: str, now: datetime) -> OutboxMessage:
+    event = envelope(
+        RedemptionRequested,
+        event_id=_event_id("RedemptionRequested", r.redemption_id, cause),
+        occurred_at=now,
+        producer=PRODUCER,
+        correlation_id=r.correlation_id,
+        customer_id=r.customer_id,
+        payload=RedemptionRequestedPayload(
+            redemption_id=r.redemption_id, reward_id=r.reward_id, cost_points=r.cost_points,
+            hold_timeout_s=ctx.settings.hold_timeout_s,
+        ),
+    )
+    return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
+
+
+def _fulfilled_event(ctx: RewardsContext, r: Redemption, *, code: str | None, now: datetime, cause: str) -> OutboxMessage:
+    event = envelope(
+        RedemptionFulfilled,
+        event_id=_event_id("RedemptionFulfilled", r.redemption_id, "fulfilled"),
+        occurred_at=now,
+        producer=PRODUCER,
+        correlation_id=r.correlation_id,
+        causation_id=cause,
+        customer_id=r.customer_id,
+        payload=RedemptionFulfilledPayload(
+            redemption_id=r.redemption_id, reward_id=r.reward_id, cost_points=r.cost_points, kind=r.kind,
+            code=code, fulfilled_at=now,
+        ),
+    )
+    return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
+
+
+def _failed_event(ctx: RewardsContext, r: Redemption, *, reason: str, now: datetime, cause: str) -> OutboxMessage:
+    event = envelope(
+        RedemptionFailed,
+        event_id=_event_id("RedemptionFailed", r.redemption_id, cause),
+        occurred_at=now,
+        producer=PRODUCER,
+        correlation_id=r.correlation_id,
+        causation_id=cause,
+        customer_id=r.customer_id,
+        payload=RedemptionFailedPayload(
+            redemption_id=r.redemption_id, reward_id=r.reward_id, cost_points=r.cost_points, reason=reason,
+        ),
+    )
+    return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
+
+
+def _cancelled_event(ctx: RewardsContext, r: Redemption, *, reason: str, now: datetime) -> OutboxMessage:
+    event = envelope(
+        RedemptionCancelled,
+        event_id=_event_id("RedemptionCancelled", r.redemption_id, "cancelled"),
+        occurred_at=now,
+        producer=PRODUCER,
+        correlation_id=r.correlation_id,
+        customer_id=r.customer_id,
+        payload=RedemptionCancelledPayload(
+            redemption_id=r.redemption_id, reward_id=r.reward_id, cost_points=r.cost_points, reason=reason,
+            was_fulfilled=True,
+        ),
+    )
+    return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    redemption: Redemption
+    replayed: bool
+
+
+async def request_redemption(
+    ctx: RewardsContext, *, customer_id: str, reward_id: str, idempotency_key: str, correlation_id: str
+) -> RequestResult:
+    """Record the request and emit RedemptionRequested, or return the redemption this
+    Idempotency-Key already created."""
+    now = ctx.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        await repo.lock_customer(customer_id=customer_id)
+        existing = await repo.find_by_idempotency_key(customer_id=customer_id, idempotency_key=idempotency_key)
+        if existing is not None:
+            domain.check_same_request(existing, reward_id=reward_id)
+            return RequestResult(existing, replayed=True)
+        reward = await repo.get_reward(reward_id=reward_id)
+        if reward is None:
+            raise domain.RewardNotFound(f"reward {reward_id} not found")
+        domain.check_redeemable(
+            reward,
+            standing=await repo.get_standing(customer_id=customer_id),
+            counted_redemptions=await repo.count_for_limit(customer_id=customer_id, reward_id=reward_id),
+            now=now,
+            tier_order=ctx.settings.tiers(),
+        )
+        redemption = Redemption(
+            redemption_id=uuid.uuid4(), customer_id=customer_id, reward_id=reward_id,
+            idempotency_key=idempotency_key, cost_points=reward.cost_points, kind=reward.kind, status="requested",
+            ledger_status="pending", correlation_id=correlation_id, requested_at=now,
+        )
+        await repo.insert_redemption(redemption=redemption)
+        await enqueue(conn, [_requested_event(ctx, redemption, cause="request", now=now)])
+    ctx.wake_relay()
+    metrics.record_outcome("requested")
+    return RequestResult(redemption, replayed=False)
+
+
+async def wait_for_outcome(ctx: RewardsContext, redemption: Redemption) -> Redemption:
+    """The redemption once it is no longer in flight, or as it is when the wait runs out."""
+    if redemption.status not in domain.IN_FLIGHT:
+        return redemption
+    fut = ctx.waiters.register(redemption.redemption_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.saga_wait_ms / 1000
+    poll_s = ctx.settings.saga_poll_interval_ms / 1000
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout=min(poll_s, remaining))
+                break
+            except asyncio.TimeoutError:
+                pass
+            async with ctx.pool.acquire() as conn:
+                statuses = await RewardsRepository(conn).statuses(redemption_ids=[redemption.redemption_id])
+            if statuses.get(redemption.redemption_id) not in domain.IN_FLIGHT:
+                break
+    finally:
+        ctx.waiters.discard(redemption.redemption_id, fut)
+    async with ctx.pool.acquire() as conn:
+        current = await RewardsRepository(conn).get_redemption(redemption_id=redemption.redemption_id)
+    assert current is not None
+    metrics.SAGA_WAIT.labels("accepted" if current.status in domain.IN_FLIGHT else "answered").inc()
+    return current
+
+
+async def get_customer_redemption(ctx: RewardsContext, *, customer_id: str, redemption_id: uuid.UUID) -> Redemption:
+    async with ctx.pool.acquire() as conn:
+        r = await RewardsRepository(conn).get_customer_redemption(redemption_id=redemption_id, customer_id=customer_id)
+    if r is None:
+        raise domain.RedemptionNotFound(f"redemption {redemption_id} not found")
+    return r
+
+
+async def list_customer_redemptions(
+    ctx: RewardsContext, *, customer_id: str, before: datetime | None, limit: int
+) -> list[Redemption]:
+    async with ctx.pool.acquire() as conn:
+        return await RewardsRepository(conn).list_customer_redemptions(customer_id=customer_id, before=before,
+                                                                      limit=limit)
+
+
+async def cancel_redemption(
+    ctx: RewardsContext, *, customer_id: str, redemption_id: uuid.UUID, reason: str = "customer_cancelled"
+) -> Redemption:
+    now = ctx.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        r = await repo.get_customer_redemption(redemption_id=redemption_id, customer_id=customer_id, for_update=True)
+        if r is None:
+            raise domain.RedemptionNotFound(f"redemption {redemption_id} not found")
+        domain.check_cancellable(r, now=now, window_s=ctx.settings.cancellation_window_s)
+        await repo.mark_cancelled(redemption_id=redemption_id, reason=reason, now=now)
+        if domain.restocks_on_cancel(r.kind):
+            await repo.return_stock(reward_id=r.reward_id)
+        await enqueue(conn, [_cancelled_event(ctx, r, reason=reason, now=now)])
+        cancelled = await repo.get_redemption(redemption_id=redemption_id)
+    ctx.wake_relay()
+    metrics.record_outcome("cancelled", reason)
+    assert cancelled is not None
+    return cancelled
+
+
+# ---- the ledger's answers (points.events) ----------------------------------------------------
+
+class _ReservationFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Discriminated by `type`: each model's Literal type field is the tag.
+_POINTS_EVENT: TypeAdapter[Any] = TypeAdapter(
+    Annotated[Union[tuple(POINTS_EVENT_TYPES)], Field(discriminator="type")]  # type: ignore[valid-type]
+)
+_KNOWN_POINTS_TYPES = frozenset(cls.model_fields["type"].default for cls in POINTS_EVENT_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """What the consumer hands over: the bytes and where they came from."""
+
+    value: bytes | None
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    record: RawRecord
+    event: Any | None = None  # a points.events model, or None for a type we do not use
+    error: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def decode_points_record(record: RawRecord) -> Decoded:
+    """Parse one record. Bad input is reported (for the dead-letter topic), never raised."""
+    try:
+        data = json.loads(record.value or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Decoded(record, error="invalid_json", errors=[{"msg": str(exc)}])
+    if not isinstance(data, dict):
+        return Decoded(record, error="not_an_object")
+    if data.get("type") not in _KNOWN_POINTS_TYPES:
+        return Decoded(record)  # another type on the stream: nothing for us (forward compatible)
+    try:
+        return Decoded(record, event=_POINTS_EVENT.validate_python(data))
+    except ValidationError as exc:
+        return Decoded(record, error="invalid_event",
+                       errors=json.loads(exc.json(include_url=False, include_input=False)))
+
+
+def _dead_letter(ctx: RewardsContext, d: Decoded, *, reason: str, now: datetime) -> OutboxMessage:
+    r = d.record
+    letter = DeadLetter(
+        dead_letter_id=derived_event_id(PRODUCER, "dead-letter", str(r.topic), str(r.partition), str(r.offset)),
+        door="points.events consumer",
+        reason=reason,
+        errors=d.errors,
+        original=(r.value or b"").decode("utf-8", errors="replace"),
+        original_key=r.key.decode("utf-8", errors="replace") if r.key else None,
+        original_topic=r.topic,
+        original_partition=r.partition,
+        original_offset=r.offset,
+        producer=PRODUCER,
+        recorded_at=now,
+    )
+    key = letter.original_key
+    return OutboxMessage(topic=ctx.topic(REWARDS_DLQ), key=key, value=letter.model_dump_json().encode(),
+                         headers={"type": "DeadLetter", "reason": reason})
+
+
+@dataclass
+class BatchOutcome:
+    """What a committed batch changed, for the waiters and the metrics."""
+
+    finished: list[Redemption] = field(default_factory=list)
+    dead_lettered: int = 0
+    applied: int = 0
+
+
+async def apply_points_records(ctx: RewardsContext, records: Sequence[RawRecord]) -> BatchOutcome:
+    """Apply a batch of points.events in one transaction; after bounded retries of the whole
+    batch, fall back to one record at a time so that one poisonous record goes to the
+    dead-letter topic instead of blocking the partition."""
+    decoded = [decode_points_record(r) for r in records]
+    attempts = ctx.settings.max_delivery_attempts
+    last_error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            outcome = await _apply_decoded(ctx, decoded)
+            _after_commit(ctx, outcome)
+            return outcome
+        except (asyncpg.PostgresConnectionStatusError, ConnectionError, OSError):
+            raise  # the database is away: let the broker redeliver, nothing is wrong with the batch
+        except Exception as exc:  # noqa: BLE001 - any failure of the batch is retried, then isolated
+            last_error = exc
+            log.warning("points.events batch failed; retrying", extra={"attempt": attempt + 1, "error": repr(exc)})
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+    log.error("points.events batch keeps failing; isolating records", extra={"error": repr(last_error)})
+    total = BatchOutcome()
+    for d in decoded:
+        outcome = await _apply_one_or_dead_letter(ctx, d, attempts=attempts)
+        _after_commit(ctx, outcome)
+        total.finished += outcome.finished
+        total.dead_lettered += outcome.dead_lettered
+        total.applied += outcome.applied
+    return total
+
+
+async def _apply_one_or_dead_letter(ctx: RewardsContext, d: Decoded, *, attempts: int) -> BatchOutcome:
+    error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            return await _apply_decoded(ctx, [d])
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+    reason = f"processing_failed: {type(error).__name__}: {error}"[:500]
+    now = ctx.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if d.event is not None:
+            # Claimed so that a redelivery does not apply it after all.
+            await claim_new(conn, consumer=POINTS_CONSUMER, event_ids=[d.event.event_id])
+        await enqueue(conn, [_dead_letter(ctx, d, reason=reason, now=now)])
+    metrics.POINTS_EVENTS_DEAD_LETTERED.labels("processing_failed").inc()
+    return BatchOutcome(dead_lettered=1)
+
+
+def _after_commit(ctx: RewardsContext, outcome: BatchOutcome) -> None:
+    now = ctx.now()
+    for r in outcome.finished:
+        metrics.record_outcome(r.status, _reason_label(r.failure_reason))
+        metrics.REDEMPTION_LATENCY.labels(r.status).observe(max((now - r.requested_at).total_seconds(), 0.0))
+    ctx.waiters.resolve([r.redemption_id for r in outcome.finished])
+    if outcome.finished or outcome.dead_lettered:
+        ctx.wake_relay()
+
+
+def _reason_label(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return reason if reason in KNOWN_REASONS else "other"
+
+
+async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> BatchOutcome:
+    now = ctx.now()
+    outcome = BatchOutcome()
+    messages: list[OutboxMessage] = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        for d in decoded:
+            if d.error is not None:
+                messages.append(_dead_letter(ctx, d, reason=d.error, now=now))
+                outcome.dead_lettered += 1
+                metrics.POINTS_EVENTS_DEAD_LETTERED.labels(d.error).inc()
+        events = [d.event for d in decoded if d.event is not None]
+        new_ids = await claim_new(conn, consumer=POINTS_CONSUMER, event_ids=[e.event_id for e in events])
+        fresh = []
+        for e in events:  # also drops a duplicate inside the batch
+            if e.event_id in new_ids:
+                new_ids.discard(e.event_id)
+                fresh.append(e)
+        await repo.upsert_standings(rows=_latest_standings(fresh))
+        saga = [e for e in fresh if isinstance(e, (PointsHeld, PointsHoldRejected, PointsRedeemed, PointsReleased))]
+        locked = await repo.lock_redemptions(redemption_ids=[e.payload.redemption_id for e in saga])
+        for event in saga:
+            redemption = locked.get(event.payload.redemption_id)
+            if redemption is None:
+                # Not ours (another producer's redemption id) or a hold for a request this
+                # database never committed: nothing to fulfil, and nothing we could void it for.
+                log.warning("ledger answer for an unknown redemption",
+                            extra={"redemption_id": str(event.payload.redemption_id), "type": event.type})
+                continue
+            updated, emitted = await _apply_ledger_answer(ctx, repo, redemption, event, now=now)
+            messages += emitted
+            if updated is not None:
+                locked[updated.redemption_id] = updated
+                if redemption.status in domain.IN_FLIGHT and updated.status not in domain.IN_FLIGHT:
+                    outcome.finished.append(updated)
+        outcome.applied = len(fresh)
+        await enqueue(conn, messages)
+    return outcome
+
+
+def _latest_standings(events: Sequence[Any]) -> list[StandingRow]:
+    latest: dict[str, StandingRow] = {}
+    for e in events:
+        balance = getattr(e.payload, "balance", None)
+        if balance is None or not e.customer_id:
+            continue
+        latest[e.customer_id] = StandingRow(
+            customer_id=e.customer_id, available_points=balance.available_points, held_points=balance.held_points,
+            tier=balance.tier, qualifying_points=balance.qualifying_points, as_of=e.recorded_at,
+        )
+    return list(latest.values())
+
+
+async def _apply_ledger_answer(
+    ctx: RewardsContext, repo: RewardsRepository, r: Redemption, event: Any, *, now: datetime
+) -> tuple[Redemption | None, list[OutboxMessage]]:
+    """One ledger answer applied to one (locked) redemption. Returns the redemption as it is
+    now (None if unchanged) and the events to emit."""
+    cause = str(event.event_id)
+    rid = r.redemption_id
+    if isinstance(event, PointsHeld):
+        decision, reason = domain.on_points_held(
+            r, hold_expires_at=event.payload.hold_expires_at, now=now, margin_s=ctx.settings.hold_safety_margin_s
+        )
+        if decision == "ignore":
+            return None, []
+        if decision == "refuse":
+            assert reason is not None
+            if r.status == "requested":
+                await repo.mark_failed(redemption_id=rid, reason=reason, ledger_status="held", now=now,
+                                       hold_expires_at=event.payload.hold_expires_at)
+            return await repo.get_redemption(redemption_id=rid), [_failed_event(ctx, r, reason=reason, now=now,
+                                                                                  cause=cause)]
+        return await _reserve_and_finish(ctx, repo, r, hold_expires_at=event.payload.hold_expires_at, now=now,
+                                         cause=cause)
+    if isinstance(event, PointsHoldRejected):
+        if not domain.on_hold_rejected(r, reason=event.payload.reason):
+            return None, []
+        await repo.mark_failed(redemption_id=rid, reason=str(event.payload.reason), ledger_status="rejected", now=now)
+        return await repo.get_redemption(redemption_id=rid), []
+    if isinstance(event, PointsRedeemed):
+        await repo.set_ledger_status(redemption_id=rid, ledger_status="redeemed")
+        return await repo.get_redemption(redemption_id=rid), []
+    if isinstance(event, PointsReleased):
+        if r.status == "fulfilled" and event.payload.phase == "void":
+            # The ledger voided a hold we fulfilled (it expired first): a reward without
+            # points. Kept visible (ledger_status) for reconciliation; never silently fixed.
+            log.error("ledger voided the hold of a fulfilled redemption", extra={"redemption_id": str(rid)})
+        await repo.set_ledger_status(redemption_id=rid, ledger_status="released")
+        return await repo.get_redemption(redemption_id=rid), []
+    return None, []
+
+
+async def _reserve_and_finish(
+    ctx: RewardsContext, repo: RewardsRepository, r: Redemption, *, hold_expires_at: datetime, now: datetime,
+    cause: str,
+) -> tuple[Redemption | None, list[OutboxMessage]]:
+    """Reserve stock and code for a held redemption: fulfil, or fail so the hold is voided.
+    Runs in the same transaction as the inbox claim of the PointsHeld: a crash before the
+    commit leaves the redemption requested and the PointsHeld redelivered."""
+    reward = await repo.get_reward(reward_id=r.reward_id)
+    failure = domain.reservation_failure(reward, now=now)
+    code: str | None = None
+    if failure is None:
+        assert reward is not None
+        try:
+            # A savepoint: a unit of stock taken before the pool turns out empty goes back.
+            async with repo.savepoint():
+                if reward.stock_remaining is not None and not await repo.take_stock(reward_id=r.reward_id):
+                    raise _ReservationFailed("out_of_stock")
+                if reward.kind == "coupon":
+                    code = await repo.take_coupon_code(reward_id=r.reward_id, redemption_id=r.redemption_id, now=now)
+                    if code is None:
+                        raise _ReservationFailed("coupon_pool_empty")
+                elif reward.kind == "voucher":
+                    code = domain.new_voucher_code()
+        except _ReservationFailed as exc:
+            failure, code = exc.reason, None
+    if failure is not None:
+        await repo.mark_failed(redemption_id=r.redemption_id, reason=failure, ledger_status="held", now=now,
+                               hold_expires_at=hold_expires_at)
+        return await repo.get_redemption(redemption_id=r.redemption_id), [
+            _failed_event(ctx, r, reason=failure, now=now, cause=cause)
+        ]
+    await repo.mark_fulfilled(redemption_id=r.redemption_id, code=code, hold_expires_at=hold_expires_at, now=now)
+    return await repo.get_redemption(redemption_id=r.redemption_id), [
+        _fulfilled_event(ctx, r, code=code, now=now, cause=cause)
+    ]
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    resent: int
+    given_up: int
+
+
+async def recover_unanswered(ctx: RewardsContext, *, limit: int = 500) -> RecoveryReport:
+    """Resume redemptions the ledger has not answered: request them again (harmless, the
+    ledger is idempotent by redemption_id), or give up after a hold's lifetime and emit
+    RedemptionFailed so that any hold the ledger did take is voided. A hold that arrives
+    and is not finished by a crash is redelivered by the broker and finished then."""
+    now = ctx.now()
+    resend_before = now - timedelta(seconds=ctx.settings.request_resend_after_s)
+    finished: list[Redemption] = []
+    messages: list[OutboxMessage] = []
+    resent = 0
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        for r, _attempts in await repo.lock_unanswered(requested_before=resend_before, limit=limit):
+            if domain.should_give_up(r, now=now, hold_timeout_s=ctx.settings.hold_timeout_s):
+                await repo.mark_failed(redemption_id=r.redemption_id, reason="ledger_timeout",
+                                       ledger_status=r.ledger_status, now=now)
+                messages.append(_failed_event(ctx, r, reason="ledger_timeout", now=now, cause="gave-up"))
+                updated = await repo.get_redemption(redemption_id=r.redemption_id)
+                assert updated is not None
+                finished.append(updated)
+            else:
+                attempt = await repo.mark_requested_again(redemption_id=r.redemption_id, now=now)
+                messages.append(_requested_event(ctx, r, cause=f"resend-{attempt}", now=now))
+                resent += 1
+        await enqueue(conn, messages)
+    if resent:
+        metrics.RECOVERY_ACTIONS.labels("resent").inc(resent)
+    if finished:
+        metrics.RECOVERY_ACTIONS.labels("given_up").inc(len(finished))
+    _after_commit(ctx, BatchOutcome(finished=finished))
+    if messages:
+        ctx.wake_relay()
+    if resent or finished:
+        log.info("recovered unanswered redemptions", extra={"resent": resent, "given_up": len(finished)})
+    return RecoveryReport(resent=resent, given_up=len(finished))
+
+
+async def run_periodically(name: str, interval_s: float, step: Callable[[], Any]) -> None:
+    """A background loop that survives a failed round (logged, retried next round)."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the next round retries; the error is logged
+            log.exception("background round failed", extra={"loop": name})
+        await asyncio.sleep(interval_s)

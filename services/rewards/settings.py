@@ -1,0 +1,74 @@
+"""Settings of the rewards service (env prefix REWARDS_)."""
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+# The only algorithms a customer token may be signed with. 'none' is never among them, and
+# one deployment accepts exactly one of them, so an RS256 public key can never be misused
+# as an HS256 secret (the classic key-confusion attack).
+JwtAlgorithm = Literal["HS256", "RS256"]
+
+
+class RewardsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="REWARDS_", extra="ignore")
+
+    http_port: int = 8103
+
+    # Customer tokens come from the retailer's identity provider.
+    jwt_issuer: str = "loyalty-local"
+    jwt_audience: str = "loyalty-rewards"
+    jwt_algorithm: JwtAlgorithm = "HS256"
+    jwt_secret: SecretStr | None = None
+    # PEM text of the RS256 public key, or a path to it.
+    jwt_public_key: str | None = None
+    jwt_public_key_file: str | None = None
+    # Clock skew tolerated between the identity provider and us.
+    jwt_leeway_s: int = Field(default=30, ge=0, le=300)
+
+    # Admin API (X-Admin-Key). Unset: the admin API answers 503 (never open by default).
+    admin_api_key: SecretStr | None = None
+
+    # A fulfilled redemption can be cancelled (points refunded) for this long.
+    cancellation_window_s: int = Field(default=900, ge=0)
+    # How long POST /v1/redemptions waits for the saga's outcome before answering 202.
+    saga_wait_ms: int = Field(default=2000, ge=0, le=30_000)
+    # Fallback poll of the database while waiting (another instance may own the partition).
+    saga_poll_interval_ms: int = Field(default=250, ge=10)
+    # How long the ledger keeps a hold before voiding it on its own (RedemptionRequested).
+    hold_timeout_s: int = Field(default=300, ge=10)
+    # A hold that expires within this margin is not fulfilled: the ledger might void it first.
+    hold_safety_margin_s: int = Field(default=15, ge=0)
+    # Recovery: a redemption without an answer from the ledger is requested again after this
+    # long, and given up (failed, any hold voided) after hold_timeout_s.
+    recovery_interval_s: float = Field(default=2.0, gt=0)
+    request_resend_after_s: float = Field(default=5.0, gt=0)
+    # Tier names from lowest to highest, as the ledger reports them in BalanceAfter.tier.
+    tier_order: str = "basic,silver,gold,platinum"
+    # Stock and coupon pool gauges are re-read from the database this often.
+    metrics_sample_interval_s: float = Field(default=10.0, gt=0)
+
+    def jwt_public_key_or_none(self) -> str | None:
+        if self.jwt_public_key:
+            return self.jwt_public_key
+        if self.jwt_public_key_file:
+            with open(self.jwt_public_key_file) as f:
+                return f.read()
+        return None
+
+    def jwt_verification_key(self) -> str:
+        """The key customer tokens are verified with; refuses to start without one."""
+        if self.jwt_algorithm == "HS256":
+            if self.jwt_secret is None or len(self.jwt_secret.get_secret_value()) < 32:
+                raise ValueError("REWARDS_JWT_SECRET must be set (at least 32 characters) for HS256")
+            return self.jwt_secret.get_secret_value()
+        key = self.jwt_public_key_or_none()
+        if not key:
+            raise ValueError("REWARDS_JWT_PUBLIC_KEY or REWARDS_JWT_PUBLIC_KEY_FILE must be set for RS256")
+        return key
+
+    def tiers(self) -> list[str]:
+        return [t.strip() for t in self.tier_order.split(",") if t.strip()]
