@@ -1,0 +1,1 @@
+"""The points ledger: accounts, transfers, lots, holds, tiers and the program's earning rules."""
