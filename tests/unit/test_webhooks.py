@@ -3,11 +3,13 @@ the purchase contract (pure functions, no I/O)."""
 
 import copy
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.purchases.webhooks import (
     WebhookPayloadError,
@@ -18,6 +20,7 @@ from services.purchases.webhooks import (
     verify_woocommerce_signature,
     webhook_timestamp,
 )
+from services.purchases.domain import PurchaseIn, check_purchase
 from shared.events.purchases import PurchasePayload
 from tests.support.webhooks import sign_shopify, sign_woocommerce
 
@@ -32,7 +35,7 @@ def load(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())
 
 
-def assert_valid_contract(purchase: dict) -> PurchasePayload:
+def assert_valid_contract(purchase: dict) -> PurchaseIn:
     """The mapped dict is the inbound contract: JSON-serialisable, money as strings, the
     total equal to the lines, and accepted by the recorded-purchase model."""
     assert json.loads(json.dumps(purchase)) == purchase
@@ -42,9 +45,15 @@ def assert_valid_contract(purchase: dict) -> PurchasePayload:
         assert Decimal(line["discount"]) >= 0
     assert isinstance(purchase["total"], str)
     assert datetime.fromisoformat(purchase["occurred_at"]).utcoffset() is not None
-    model = PurchasePayload.model_validate({**purchase, "door": "webhook"})
-    assert model.total == sum(line.net_amount for line in model.lines)
-    return model
+    inbound = PurchaseIn.model_validate(purchase)  # the service's inbound contract (extra fields forbidden)
+    assert inbound.total == sum(line.net_amount for line in inbound.lines)
+    # ...and passes its business checks (known currency, total equal to the lines) when it
+    # arrives a few minutes after the purchase
+    assert check_purchase(inbound, now=inbound.occurred_at + timedelta(minutes=5), max_clock_skew_s=300,
+                          max_age_days=400) is None
+    recorded = PurchasePayload.model_validate({**purchase, "door": "webhook"})
+    assert recorded.total == inbound.total
+    return inbound
 
 
 # --- signatures --------------------------------------------------------------------------
@@ -369,3 +378,25 @@ def test_a_body_that_is_not_an_object_is_a_payload_error(body):
         with pytest.raises(WebhookPayloadError, match="expected an object"):
             mapper(body, store_id="s")
     assert issubclass(WebhookPayloadError, ValueError)
+
+
+@given(
+    quantity=st.integers(min_value=1, max_value=1000),
+    subtotal_cents=st.integers(min_value=0, max_value=10_000_000),
+    discount_share=st.fractions(min_value=0, max_value=1),
+)
+def test_woocommerce_lines_always_net_to_woos_own_total(quantity, subtotal_cents, discount_share):
+    subtotal = Decimal(subtotal_cents) / 100
+    total = (subtotal * Decimal(discount_share.numerator) / Decimal(discount_share.denominator)).quantize(Decimal("0.01"))
+    order = load("woocommerce_order_processing.json")
+    order["line_items"] = [order["line_items"][0] | {"quantity": quantity, "subtotal": str(subtotal), "total": str(total)}]
+
+    purchase = map_woocommerce_order(order, store_id="woo-de")
+
+    [line] = purchase["lines"]
+    assert Decimal(line["discount"]) >= 0
+    assert quantity * Decimal(line["unit_price"]) - Decimal(line["discount"]) == total
+    assert Decimal(purchase["total"]) == total
+    # rounding the unit price up moves at most one cent per unit into the discount
+    assert Decimal(line["discount"]) - (subtotal - total) < Decimal("0.01") * quantity
+    PurchaseIn.model_validate(purchase)
