@@ -5,6 +5,7 @@ the infrastructure it waits for; Prometheus scrapes each of them; every metric a
 dashboard panel names is one the code registers; promtool checks the config and the rules."""
 
 import importlib
+import importlib.util
 import inspect
 import json
 import re
@@ -222,6 +223,22 @@ def test_grafana_provisioning_matches_the_dashboard_and_prometheus():
         for panel in queries:
             assert panel["datasource"]["uid"] == datasource["uid"], f"{panel['title']}: unknown datasource"
             assert all(t["expr"].strip() for t in panel["targets"]), f"{panel['title']}: empty query"
+
+
+def test_dashboard_json_is_generated_from_its_source_and_panels_do_not_overlap():
+    spec = importlib.util.spec_from_file_location("loyalty_dashboard", GRAFANA_DIR / "dashboard.py")
+    source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(source)
+    assert (GRAFANA_DIR / "dashboards" / "loyalty.json").read_text() == source.render(), (
+        "dashboards/loyalty.json is stale: run `python deploy/grafana/dashboard.py`"
+    )
+    cells = set()
+    for panel in source.build()["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, f"{panel['title']} is wider than the grid"
+        area = {(pos["x"] + dx, pos["y"] + dy) for dx in range(pos["w"]) for dy in range(pos["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
 
 
 # --- metric names: alerts and dashboards name only metrics the code registers -------------
