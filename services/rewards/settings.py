@@ -47,7 +47,7 @@ class RewardsSettings(ServiceSettings):
     recovery_interval_s: float = Field(default=2.0, gt=0)
     request_resend_after_s: float = Field(default=5.0, gt=0)
     # Tier names from lowest to highest, as the ledger reports them in BalanceAfter.tier.
-    tier_order: str = "basic,silver,gold,platinum"
+    tier_order: str = "Bronze,Silver,Gold"
     # Stock and coupon pool gauges are re-read from the database this often.
     metrics_sample_interval_s: float = Field(default=10.0, gt=0)
 
