@@ -10,7 +10,11 @@ Mapping rules (what the service records from each platform):
   The loyalty customer id is the e-shop's id: a shop that wants one identity across POS
   and web must use the same id in both.
 - Money is Decimal, quantities int. Shipping, tax lines, fees and tips are not purchase
-  lines: points are earned on merchandise. Lines with quantity 0 are skipped.
+  lines: points are earned on merchandise. Lines with quantity 0 are skipped. Amounts are
+  as each platform states them: WooCommerce line subtotal/total exclude tax; a Shopify
+  price includes tax when the shop has taxes_included set.
+- WooCommerce: unit_price is subtotal / quantity (rounded up to the cent), not the line's
+  `price`, which WooCommerce computes as total / quantity, i.e. after the discount.
 - category: Shopify's line product_type when present (the REST Order resource does not
   carry it by default), "gift_card" for a gift card line (so earning rules can exclude
   them), else "uncategorized". WooCommerce line items carry no category: "uncategorized".
