@@ -34,6 +34,7 @@ run: venv
 
 test: venv
 	$(PY) -m deploy.local.ensure_postgres
+	$(PY) -m deploy.local.ensure_promtool
 	$(PY) -m pytest -q
 
 test-unit: venv

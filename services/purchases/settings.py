@@ -23,4 +23,4 @@ class PurchasesSettings(ServiceSettings):
     woocommerce_webhook_secret: str | None = None
     woocommerce_store_id: str = "woocommerce"
     # A signed webhook whose own timestamp is older than this is a replay and is refused.
-    webhook_max_age_s: int = 3600
+    webhook_max_age_s: int = 6 * 3600  # Shopify retries a failed delivery for about 4 hours

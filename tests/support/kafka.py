@@ -9,14 +9,18 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 
-async def produce(bootstrap: str, topic: str, values: list[Any], *, key: str | None = None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+async def produce(bootstrap: str, topic: str, values: list[Any], *, key: str | None = None,
+                  key_field: str | None = None) -> None:
+    """Produce JSON values; keyed by `key`, or by each value's `key_field` (e.g. customer_id,
+    so that a return lands in the partition of its sale, as a till keyed by customer does)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024)
     await producer.start()
     try:
         futures = []
         for v in values:
             raw = v if isinstance(v, bytes) else json.dumps(v).encode()
-            futures.append(await producer.send(topic, raw, key=key.encode() if key else None))
+            k = key if key_field is None or not isinstance(v, dict) else (v.get(key_field) or "")
+            futures.append(await producer.send(topic, raw, key=k.encode() if k else None))
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
