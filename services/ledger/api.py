@@ -1,0 +1,253 @@
+"""HTTP API of the ledger: customers' balance and history, the rules simulator, and the
+admin API (X-Admin-Key): the program (versioned) and manual adjustments."""
+
+import secrets
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.ledger import domain as d
+from services.ledger import repository as repo
+from services.ledger.program import Program
+from services.ledger.service import Ledger, adjust_points, balance_of, simulate
+from shared.events.purchases import PurchaseLine, PurchasePayload
+from shared.runtime import ServiceRuntime
+
+CustomerId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class BalanceOut(BaseModel):
+    customer_id: str
+    available_points: int
+    pending_points: int
+    held_points: int
+    debt_points: int
+    tier: str
+    qualifying_points: int
+    next_expiry_at: datetime | None = Field(description="When the next points expire, if any")
+    next_expiry_points: int
+
+
+class TransactionOut(BaseModel):
+    seq: int
+    transfer_id: uuid.UUID
+    code: str = Field(description="Why: earn, mature, reverse, debt, debt_payoff, hold, post, void, refund, expire, adjust")
+    amount_points: int
+    debit_account: str
+    credit_account: str
+    phase: str
+    ref: str = Field(description="The purchase, return, redemption, lot or adjustment that caused it")
+    rule_version: int | None
+    breakdown: list[dict[str, Any]] | None = Field(None, description="For earn credits: the rule that earned what")
+    reason_code: str | None = None
+    actor: str | None = None
+    occurred_at: datetime | None
+    recorded_at: datetime
+
+
+class TransactionsPage(BaseModel):
+    items: list[TransactionOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for older transactions; null at the end")
+
+
+class AdjustmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adjustment_id: uuid.UUID | None = Field(None, description="Idempotency key: the same id never adjusts twice")
+    customer_id: CustomerId
+    amount_points: int = Field(description="Positive credits, negative debits; never 0")
+    reason_code: Literal["goodwill", "correction", "service_recovery", "fraud", "migration", "other"]
+    actor: str = Field(min_length=1, max_length=200, description="Who made the adjustment (audited)")
+    note: str | None = Field(None, max_length=2000)
+
+
+class AdjustmentOut(BaseModel):
+    adjustment_id: uuid.UUID
+    customer_id: str
+    amount_points: int
+    reason_code: str
+    actor: str
+    note: str | None
+    created: bool
+    balance: dict[str, Any] | None
+
+
+class SimulatedPurchase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["pos", "eshop"] = "pos"
+    occurred_at: datetime | None = None
+    currency: str = Field(min_length=3, max_length=3)
+    lines: list[PurchaseLine] = Field(min_length=1)
+
+
+class SimulateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    purchase: SimulatedPurchase
+    customer_id: CustomerId | None = Field(None, description="Use this customer's tier, first purchase and daily cap")
+    tier: str | None = Field(None, description="Simulate for this tier instead")
+    first_purchase: bool | None = None
+
+
+class SimulateOut(BaseModel):
+    rule_version: int
+    points: int
+    exact_points: str
+    tier: str
+    tier_multiplier: str
+    bonus_points: int
+    capped_points: int
+    pending: bool
+    matures_at: datetime
+    expires_at: datetime
+    breakdown: list[dict[str, Any]]
+    stacking_order: list[str]
+
+
+class ProgramOut(BaseModel):
+    version: int
+    program: Program
+    versions: list[dict[str, Any]]
+
+
+def _balance_json(b: d.Balance) -> dict[str, Any]:
+    return {"available_points": b.available_points, "pending_points": b.pending_points, "held_points": b.held_points,
+            "debt_points": b.debt_points, "tier": b.tier, "qualifying_points": b.qualifying_points}
+
+
+def _kind(account_id: str) -> str:
+    return account_id.rsplit(":", 1)[-1]
+
+
+def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
+    router = APIRouter()
+
+    async def connection() -> Any:
+        async with runtime.pool.acquire() as conn:
+            yield conn
+
+    Conn = Annotated[asyncpg.Connection, Depends(connection)]
+
+    async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
+        expected = ledger.settings.admin_api_key
+        if not expected:
+            raise HTTPException(503, detail="the admin API is disabled: LEDGER_ADMIN_API_KEY is not set")
+        if x_admin_key is None or not secrets.compare_digest(x_admin_key.encode(), expected.encode()):
+            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+
+    @router.get("/v1/customers/{customer_id}/balance", response_model=BalanceOut, tags=["customers"],
+                summary="Available, pending, held, debt, tier, qualifying points and the next expiry",
+                responses={404: {"description": "The ledger has no account for this customer"}})
+    async def get_balance(customer_id: str, conn: Conn) -> BalanceOut:
+        view = await balance_of(conn, ledger, customer_id)
+        if view is None:
+            raise HTTPException(404, detail=f"no points account for customer {customer_id}")
+        return BalanceOut(customer_id=customer_id, **_balance_json(view.balance), next_expiry_at=view.next_expiry_at,
+                          next_expiry_points=view.next_expiry_points)
+
+    @router.get("/v1/customers/{customer_id}/transactions", response_model=TransactionsPage, tags=["customers"],
+                summary="The customer's transfers, newest first, with the rule that earned each credit")
+    async def get_transactions(
+        customer_id: str, conn: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(pattern=r"^\d+$", description="next_cursor of the previous page")] = None,
+    ) -> TransactionsPage:
+        rows = await repo.transfers_of(conn, customer_id=customer_id, before_seq=int(cursor) if cursor else None,
+                                       limit=limit + 1)
+        items = [TransactionOut(
+            seq=r["seq"], transfer_id=r["transfer_id"], code=r["code"], amount_points=r["amount_points"],
+            debit_account=_kind(r["debit_account_id"]), credit_account=_kind(r["credit_account_id"]),
+            phase=r["phase"], ref=r["ref"], rule_version=r["rule_version"],
+            breakdown=repo_json(r["breakdown"]), reason_code=r["reason_code"], actor=r["actor"],
+            occurred_at=r["occurred_at"], recorded_at=r["created_at"],
+        ) for r in rows[:limit]]
+        return TransactionsPage(items=items, next_cursor=str(items[-1].seq) if len(rows) > limit else None)
+
+    @router.post("/v1/rules/simulate", response_model=SimulateOut, tags=["rules"],
+                 summary="What a purchase would earn now, and why, rule by rule",
+                 responses={422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
+    async def post_simulate(body: SimulateIn, conn: Conn) -> SimulateOut:
+        if body.tier is not None and body.tier not in {t.name for t in ledger.programs.program.tiers}:
+            raise HTTPException(422, detail=f"unknown tier {body.tier!r}")
+        p = body.purchase
+        occurred_at = p.occurred_at or ledger.clock()
+        purchase = PurchasePayload(
+            purchase_id="simulation", type="sale", source=p.source, store_id="simulation", occurred_at=occurred_at,
+            currency=p.currency.upper(), lines=p.lines, total=sum((x.net_amount for x in p.lines), Decimal(0)),
+            door="simulation",
+        )
+        try:
+            sim = await simulate(conn, ledger, purchase=purchase, customer_id=body.customer_id, tier=body.tier,
+                                 first_purchase=body.first_purchase)
+        except d.UnknownCurrency as exc:
+            raise HTTPException(422, detail={"reason": exc.reason, "msg": str(exc)}) from exc
+        e = sim.earning
+        return SimulateOut(
+            rule_version=sim.rule_version, points=e.points, exact_points=format(e.exact_points.normalize(), "f"),
+            tier=e.tier, tier_multiplier=str(e.tier_multiplier), bonus_points=e.bonus_points,
+            capped_points=e.capped_points, pending=sim.pending, matures_at=sim.matures_at, expires_at=sim.expires_at,
+            breakdown=e.breakdown, stacking_order=list(sim.stacking_order),
+        )
+
+    @router.get("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
+                summary="The program in force, and every version")
+    async def get_program(conn: Conn) -> ProgramOut:
+        await ledger.programs.ensure_loaded(conn)
+        await ledger.programs.refresh(conn)
+        versions = [dict(r) for r in await repo.program_versions(conn)]
+        return ProgramOut(version=ledger.programs.version, program=ledger.programs.program, versions=versions)
+
+    @router.put("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
+                summary="Replace the program: stored as a new version; postings from now on record it")
+    async def put_program(body: dict[str, Any], conn: Conn,
+                          x_actor: Annotated[str | None, Header(max_length=200)] = None) -> ProgramOut:
+        try:
+            program = Program.model_validate(body)
+        except ValidationError as exc:
+            raise HTTPException(422, detail=exc.errors(include_url=False, include_context=False)) from exc
+        await ledger.programs.ensure_loaded(conn)
+        await ledger.programs.replace(conn, program, actor=x_actor or "admin")
+        versions = [dict(r) for r in await repo.program_versions(conn)]
+        return ProgramOut(version=ledger.programs.version, program=program, versions=versions)
+
+    @router.post("/v1/admin/adjustments", response_model=AdjustmentOut, status_code=201, tags=["admin"],
+                 dependencies=[Depends(admin)], summary="Credit or debit a customer by hand, with a reason (audited)",
+                 responses={200: {"description": "This adjustment_id was already applied; nothing changed"},
+                            409: {"description": "A debit larger than the available points"},
+                            422: {"description": "Invalid adjustment (e.g. 0 points)"}})
+    async def post_adjustment(body: AdjustmentIn, conn: Conn, response: Response) -> AdjustmentOut:
+        adjustment_id = body.adjustment_id or uuid.uuid4()
+        try:
+            outcome = await adjust_points(conn, ledger, adjustment_id=adjustment_id, customer_id=body.customer_id,
+                                          amount_points=body.amount_points, reason_code=body.reason_code,
+                                          actor=body.actor, note=body.note)
+        except d.InsufficientPoints as exc:
+            raise HTTPException(409, detail={"reason": exc.reason, "msg": str(exc)}) from exc
+        except d.InvalidAmount as exc:
+            raise HTTPException(422, detail={"reason": exc.reason, "msg": str(exc)}) from exc
+        runtime.relay.wake()
+        if not outcome.created:
+            response.status_code = 200
+        return AdjustmentOut(
+            adjustment_id=outcome.adjustment_id, customer_id=outcome.customer_id, amount_points=outcome.amount_points,
+            reason_code=outcome.reason_code, actor=outcome.actor, note=outcome.note, created=outcome.created,
+            balance=_balance_json(outcome.balance) if outcome.balance else None,
+        )
+
+    return router
+
+
+def repo_json(value: Any) -> Any:
+    import json
+
+    if value is None:
+        return None
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+

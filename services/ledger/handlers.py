@@ -1,0 +1,129 @@
+"""FastStream subscribers of the ledger: purchases.recorded and rewards.events, consumed in
+micro-batches. Decode nothing here (the use case dead-letters what it cannot read), apply
+the batch in one transaction, let FastStream commit the offsets after it. Publishers are
+declared for the AsyncAPI document; the outbox relay does the publishing."""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Union
+
+import asyncpg
+from faststream import AckPolicy, Context
+from faststream.kafka import KafkaBroker
+from faststream.kafka.message import KafkaMessage
+
+from services.ledger.service import (
+    PURCHASES_CONSUMER,
+    REWARDS_CONSUMER,
+    Apply,
+    Ledger,
+    Record,
+    apply_one_by_one,
+    apply_purchases,
+    apply_rewards,
+)
+from services.ledger.settings import LedgerSettings
+from shared.events import DeadLetter
+from shared.events.points import POINTS_EVENT_TYPES
+from shared.kafka import consumer_options
+from shared.logging import correlation_id
+from shared.metrics import observe_consumer_lag
+from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+
+log = logging.getLogger(__name__)
+
+# Infrastructure failures say nothing about the batch: retried without limit (with backoff),
+# never dead-lettered. Anything else counts against the batch's bounded retries.
+RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.exceptions.ConnectionFailureError,
+             asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.InterfaceError,
+             asyncpg.exceptions.TooManyConnectionsError, asyncpg.exceptions.DeadlockDetectedError,
+             asyncpg.exceptions.SerializationError)
+
+
+def _header(record: Any, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return value.decode(errors="replace")
+    return None
+
+
+async def _keep_raw(message: KafkaMessage) -> None:
+    """Skip FastStream's decoding: the use case reads the raw records, so that malformed
+    input reaches the dead-letter topic instead of failing before the handler."""
+    return None
+
+
+class BatchConsumer:
+    """Runs one stream's batches: retries a failing batch a bounded number of times, then
+    applies it record by record so that only the poison record is dead-lettered."""
+
+    def __init__(self, *, stream: str, consumer: str, apply: Apply, ledger: Ledger,
+                 pool_getter: Callable[[], asyncpg.Pool], on_committed: Callable[[], None]) -> None:
+        self.stream, self.consumer, self.apply, self.ledger = stream, consumer, apply, ledger
+        self._pool_getter, self._on_committed = pool_getter, on_committed
+        self._failures: dict[tuple[str, int, int], int] = {}
+        self._backoff_s = 0.1
+
+    async def __call__(self, message: KafkaMessage) -> None:
+        raw = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+        records = [Record(r.value or b"", r.key, r.topic, r.partition, r.offset) for r in raw]
+        if not records:
+            return
+        correlation_id.set(_header(raw[0], "correlation_id"))
+        pool = self._pool_getter()
+        first = (records[0].topic, records[0].partition, records[0].offset)
+        try:
+            async with pool.acquire() as conn:
+                await self.apply(conn, self.ledger, records)
+        except RETRYABLE:
+            log.warning("infrastructure error; the batch will be redelivered", exc_info=True,
+                        extra={"stream": self.stream, "backoff_s": self._backoff_s})
+            await asyncio.sleep(self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, 5.0)
+            raise
+        except Exception:
+            attempts = self._failures.get(first, 0) + 1
+            self._failures[first] = attempts
+            if attempts < self.ledger.settings.max_delivery_attempts:
+                log.exception("batch failed; it will be redelivered", extra={"stream": self.stream, "attempt": attempts})
+                await asyncio.sleep(min(0.1 * 2**attempts, 5.0))
+                raise
+            log.error("batch failed %d times; applying it record by record", attempts, extra={"stream": self.stream})
+            await apply_one_by_one(pool, self.ledger, records, self.apply, self.consumer)
+            self._failures.pop(first, None)
+        self._backoff_s = 0.1
+        self._on_committed()
+        observe_consumer_lag(message.consumer, raw)
+
+
+def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: Ledger,
+                      pool_getter: Callable[[], asyncpg.Pool], on_committed: Callable[[], None]) -> None:
+    broker.publisher(settings.topic(POINTS_EVENTS), title="points.events",
+                     description="Everything the ledger did to a customer's points, each with the balance after it; "
+                                 "key customer_id", schema=Union[POINTS_EVENT_TYPES])  # type: ignore[valid-type]
+    broker.publisher(settings.topic(POINTS_DLQ), title="points.dlq",
+                     description="Inputs the ledger could not apply, with the reason", schema=DeadLetter)
+
+    purchases = BatchConsumer(stream="purchases", consumer=PURCHASES_CONSUMER, apply=apply_purchases, ledger=ledger,
+                              pool_getter=pool_getter, on_committed=on_committed)
+    rewards = BatchConsumer(stream="rewards", consumer=REWARDS_CONSUMER, apply=apply_rewards, ledger=ledger,
+                            pool_getter=pool_getter, on_committed=on_committed)
+
+    @broker.subscriber(
+        settings.topic(PURCHASES_RECORDED), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+        title="purchases.recorded",
+        description="Sales, returns and claims: earn, reverse, earn on claim",
+        **consumer_options(settings, service="ledger", purpose="purchases"),
+    )
+    async def on_purchases(body: Any, message: KafkaMessage = Context("message")) -> None:
+        await purchases(message)
+
+    @broker.subscriber(
+        settings.topic(REWARDS_EVENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+        title="rewards.events",
+        description="The redemption saga: hold, post, void, refund",
+        **consumer_options(settings, service="ledger", purpose="rewards"),
+    )
+    async def on_rewards(body: Any, message: KafkaMessage = Context("message")) -> None:
+        await rewards(message)

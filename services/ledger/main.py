@@ -1,0 +1,72 @@
+"""Composition root of the ledger service: the only place that wires real adapters.
+Nothing connects at import or in create_app; the ASGI lifespan starts everything."""
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from services.ledger.api import create_router
+from services.ledger.handlers import register_handlers
+from services.ledger.service import Clock, Ledger, ProgramStore, make_clock, refresh_gauges, run_scheduler
+from services.ledger.settings import LedgerSettings
+from shared.http import create_service_app
+from shared.runtime import ServiceRuntime
+from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "The points ledger: double-entry accounts and append-only transfers, earning by versioned program "
+    "rules from purchases.recorded, lots with expiry, returns and debt, two-phase redemption holds from "
+    "rewards.events, tiers; everything it does goes out on points.events."
+)
+
+
+async def _every(interval_s: float, what: str, job) -> None:
+    """Run `job` forever, `interval_s` apart; a failed round is logged and retried next time."""
+    while True:
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; retrying at the next interval", what)
+        await asyncio.sleep(interval_s)
+
+
+def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
+    settings = settings or LedgerSettings()
+    runtime = ServiceRuntime(
+        settings,
+        service="ledger",
+        schema="ledger",
+        migrations_dir=Path(__file__).parent / "migrations",
+        description=DESCRIPTION,
+        topics=(PURCHASES_RECORDED, REWARDS_EVENTS, POINTS_EVENTS, POINTS_DLQ),
+    )
+    ledger = Ledger(settings, ProgramStore(settings.program_file), clock or make_clock(settings))
+    register_handlers(runtime.broker, settings=settings, ledger=ledger, pool_getter=lambda: runtime.pool,
+                      on_committed=lambda: runtime.relay.wake())
+
+    async def scheduler_round() -> None:
+        async with runtime.pool.acquire() as conn:
+            await ledger.programs.refresh(conn)
+        run = await run_scheduler(runtime.pool, ledger)
+        if run.customers:
+            runtime.relay.wake()
+            log.info("scheduler run", extra=run.__dict__)
+
+    async def start_background() -> None:
+        async with runtime.pool.acquire() as conn:
+            await ledger.programs.ensure_loaded(conn)
+        runtime.spawn(_every(settings.scheduler_interval_s, "scheduler", scheduler_round), "ledger-scheduler")
+        runtime.spawn(_every(settings.metrics_interval_s, "gauges", lambda: refresh_gauges(runtime.pool)),
+                      "ledger-gauges")
+
+    runtime.on_start(start_background)
+    app = create_service_app(runtime, title="Loyalty ledger", description=DESCRIPTION)
+    app.state.ledger = ledger
+    app.include_router(create_router(runtime, ledger))
+    return app

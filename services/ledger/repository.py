@@ -1,0 +1,431 @@
+"""SQL of the ledger. Functions take a connection, use keyword-only arguments and never
+commit: the use case owns the transaction. Bulk writes use COPY or unnest so that a batch of
+a thousand events costs a handful of round trips."""
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from services.ledger.domain import (
+    PROGRAM_ACCOUNTS,
+    Account,
+    CustomerBook,
+    Hold,
+    LineEarning,
+    Lot,
+    Phase,
+    Transfer,
+    available_account,
+    debt_account,
+    pending_account,
+)
+
+# ---- customers and accounts -----------------------------------------------------------------
+
+_ENSURE_CUSTOMERS = """
+WITH new AS (
+    INSERT INTO customers (customer_id, tier)
+    SELECT id, $2 FROM unnest($1::text[]) AS id
+    ON CONFLICT DO NOTHING
+    RETURNING customer_id
+)
+INSERT INTO accounts (account_id, customer_id, kind)
+SELECT 'customer:' || new.customer_id || ':' || k, new.customer_id, k
+FROM new CROSS JOIN unnest(ARRAY['available', 'pending', 'debt']) AS k
+"""
+
+# ORDER BY before FOR UPDATE: rows are locked in customer_id order by every transaction, so
+# two batches touching the same customers cannot deadlock each other.
+_LOCK_CUSTOMERS = """
+SELECT c.customer_id, c.tier, c.has_purchased,
+       a.debits_pending AS a_dpe, a.debits_posted AS a_dpo, a.credits_pending AS a_cpe, a.credits_posted AS a_cpo,
+       p.debits_posted AS p_dpo, p.credits_posted AS p_cpo,
+       d.debits_posted AS d_dpo, d.credits_posted AS d_cpo,
+       (SELECT coalesce(sum(l.earned_points - l.reversed_points), 0) FROM lots l
+        WHERE l.customer_id = c.customer_id AND l.qualifying AND l.occurred_at > $2) AS qualifying_points
+FROM customers c
+JOIN accounts a ON a.account_id = 'customer:' || c.customer_id || ':available'
+JOIN accounts p ON p.account_id = 'customer:' || c.customer_id || ':pending'
+JOIN accounts d ON d.account_id = 'customer:' || c.customer_id || ':debt'
+WHERE c.customer_id = ANY($1::text[])
+ORDER BY c.customer_id
+"""
+
+_UPDATE_CUSTOMERS = """
+UPDATE customers c SET tier = u.tier, has_purchased = u.has_purchased, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bool[]) AS u(customer_id, tier, has_purchased)
+WHERE c.customer_id = u.customer_id
+"""
+
+_ADD_TO_ACCOUNTS = """
+UPDATE accounts a SET
+    debits_pending = a.debits_pending + u.dpe, debits_posted = a.debits_posted + u.dpo,
+    credits_pending = a.credits_pending + u.cpe, credits_posted = a.credits_posted + u.cpo
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(account_id, dpe, dpo, cpe, cpo)
+WHERE a.account_id = u.account_id
+"""
+
+
+def _book(row: asyncpg.Record) -> CustomerBook:
+    cid = row["customer_id"]
+    return CustomerBook(
+        customer_id=cid,
+        tier=row["tier"],
+        qualifying_points=int(row["qualifying_points"]),
+        has_purchased=row["has_purchased"],
+        available=Account(available_account(cid), "available", row["a_dpe"], row["a_dpo"], row["a_cpe"], row["a_cpo"]),
+        pending=Account(pending_account(cid), "pending", 0, row["p_dpo"], 0, row["p_cpo"]),
+        debt=Account(debt_account(cid), "debt", 0, row["d_dpo"], 0, row["d_cpo"]),
+    )
+
+
+async def ensure_customers(conn: asyncpg.Connection, *, customer_ids: Sequence[str], entry_tier: str) -> None:
+    if customer_ids:
+        await conn.execute(_ENSURE_CUSTOMERS, list(customer_ids), entry_tier)
+
+
+async def lock_customers(
+    conn: asyncpg.Connection, *, customer_ids: Iterable[str], window_start: datetime
+) -> dict[str, CustomerBook]:
+    """Lock the customers' rows for the rest of the transaction (the per-customer mutex of
+    every change to their points) and load their books without lots."""
+    ids = sorted(set(customer_ids))
+    if not ids:
+        return {}
+    rows = await conn.fetch(_LOCK_CUSTOMERS + " FOR UPDATE OF c", ids, window_start)
+    return {r["customer_id"]: _book(r) for r in rows}
+
+
+async def read_customer(conn: asyncpg.Connection, *, customer_id: str, window_start: datetime) -> CustomerBook | None:
+    row = await conn.fetchrow(_LOCK_CUSTOMERS, [customer_id], window_start)
+    return _book(row) if row else None
+
+
+async def update_customers(conn: asyncpg.Connection, *, books: Iterable[CustomerBook]) -> None:
+    changed = [b for b in books if b.changed]
+    if changed:
+        await conn.execute(_UPDATE_CUSTOMERS, [b.customer_id for b in changed], [b.tier for b in changed],
+                           [b.has_purchased for b in changed])
+
+
+def account_deltas(transfers: Iterable[Transfer]) -> dict[str, list[int]]:
+    """Per account: [debits_pending, debits_posted, credits_pending, credits_posted] to add."""
+    deltas: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for t in transfers:
+        debit, credit, amount = deltas[t.debit_account_id], deltas[t.credit_account_id], t.amount_points
+        if t.phase is Phase.POSTED:
+            debit[1] += amount
+            credit[3] += amount
+        elif t.phase is Phase.PENDING:
+            debit[0] += amount
+            credit[2] += amount
+        elif t.phase is Phase.POST_PENDING:
+            debit[0] -= amount
+            credit[2] -= amount
+            debit[1] += amount
+            credit[3] += amount
+        else:
+            debit[0] -= amount
+            credit[2] -= amount
+    return deltas
+
+
+async def add_to_accounts(conn: asyncpg.Connection, *, transfers: Sequence[Transfer]) -> None:
+    """Apply the transfers' totals to the accounts as increments (never absolute values), so
+    the shared program accounts stay right under concurrent transactions. Customer accounts
+    first (their customers are locked), then program accounts one by one in a fixed order:
+    these hot rows are then locked briefly and always in the same order."""
+    deltas = account_deltas(transfers)
+    customer = [k for k in deltas if k not in PROGRAM_ACCOUNTS]
+    if customer:
+        await conn.execute(_ADD_TO_ACCOUNTS, customer, *([deltas[k][i] for k in customer] for i in range(4)))
+    for k in PROGRAM_ACCOUNTS:
+        if k in deltas:
+            await conn.execute(_ADD_TO_ACCOUNTS, [k], *([deltas[k][i]] for i in range(4)))
+
+
+# ---- transfers ------------------------------------------------------------------------------
+
+_TRANSFER_COLUMNS = ("transfer_id", "debit_account_id", "credit_account_id", "amount_points", "code", "phase",
+                     "pending_id", "customer_id", "ref", "lot_id", "rule_version", "occurred_at")
+
+
+async def insert_transfers(conn: asyncpg.Connection, *, transfers: Sequence[Transfer]) -> None:
+    """COPY: the fastest way into PostgreSQL; a duplicate transfer id fails the whole batch
+    (the unique constraint is the last line of defence against a double credit)."""
+    if not transfers:
+        return
+    await conn.copy_records_to_table(
+        "transfers",
+        records=[(t.transfer_id, t.debit_account_id, t.credit_account_id, t.amount_points, t.code.value,
+                  t.phase.value, t.pending_id, t.customer_id, t.ref, t.lot_id, t.rule_version, t.occurred_at)
+                 for t in transfers],
+        columns=_TRANSFER_COLUMNS,
+    )
+
+
+_HISTORY = """
+SELECT t.seq, t.transfer_id, t.debit_account_id, t.credit_account_id, t.amount_points, t.code, t.phase,
+       t.ref, t.lot_id, t.rule_version, t.occurred_at, t.created_at, l.breakdown, l.purchase_id,
+       a.reason_code, a.actor, a.note
+FROM transfers t
+LEFT JOIN lots l ON l.lot_id = t.lot_id AND t.code = 'earn'
+LEFT JOIN adjustments a ON a.transfer_id = t.transfer_id
+WHERE t.customer_id = $1 AND ($2::bigint IS NULL OR t.seq < $2)
+ORDER BY t.seq DESC
+LIMIT $3
+"""
+
+
+async def transfers_of(conn: asyncpg.Connection, *, customer_id: str, before_seq: int | None, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(_HISTORY, customer_id, before_seq, limit)
+
+
+# ---- lots -----------------------------------------------------------------------------------
+
+_LOT_COLUMNS = (
+    "lot_id", "customer_id", "source", "purchase_id", "occurred_at", "amount_points", "remaining_points",
+    "held_points", "expired_points", "pending", "matures_at", "expires_at", "rule_version", "qualifying",
+    "earned_points", "reversed_points", "bonus_points", "tier_multiplier", "lines", "breakdown", "return_ids",
+    "reminded_on",
+)
+_SELECT_LOTS = f"SELECT {', '.join(_LOT_COLUMNS)} FROM lots"
+
+
+def _lot(r: asyncpg.Record) -> Lot:
+    return Lot(
+        lot_id=r["lot_id"], customer_id=r["customer_id"], source=r["source"], purchase_id=r["purchase_id"],
+        occurred_at=r["occurred_at"], amount_points=r["amount_points"], remaining_points=r["remaining_points"],
+        pending=r["pending"], matures_at=r["matures_at"], expires_at=r["expires_at"], rule_version=r["rule_version"],
+        held_points=r["held_points"], expired_points=r["expired_points"], qualifying=r["qualifying"],
+        earned_points=r["earned_points"], reversed_points=r["reversed_points"], bonus_points=r["bonus_points"],
+        tier_multiplier=r["tier_multiplier"], lines=[LineEarning.from_json(x) for x in json.loads(r["lines"])],
+        return_ids=list(r["return_ids"]), reminded_on=r["reminded_on"],
+    )
+
+
+async def lots_of_purchases(conn: asyncpg.Connection, *, purchase_ids: Sequence[str]) -> dict[str, Lot]:
+    if not purchase_ids:
+        return {}
+    rows = await conn.fetch(_SELECT_LOTS + " WHERE purchase_id = ANY($1::text[])", list(set(purchase_ids)))
+    return {r["purchase_id"]: _lot(r) for r in rows}
+
+
+async def purchases_with_lots(conn: asyncpg.Connection, *, purchase_ids: Sequence[str]) -> set[str]:
+    """Which of these purchases already earned (cheap: no lot bodies)."""
+    if not purchase_ids:
+        return set()
+    rows = await conn.fetch("SELECT purchase_id FROM lots WHERE purchase_id = ANY($1::text[])", list(set(purchase_ids)))
+    return {r["purchase_id"] for r in rows}
+
+
+async def open_lots(
+    conn: asyncpg.Connection, *, customer_ids: Sequence[str], lot_ids: Sequence[uuid.UUID] = ()
+) -> list[Lot]:
+    """Every lot of these customers that still has points in it (pending, remaining or
+    held), plus the named lots: what holds, expiry and refunds work on."""
+    rows = await conn.fetch(
+        _SELECT_LOTS + " WHERE (customer_id = ANY($1::text[]) AND (pending OR remaining_points > 0 OR held_points > 0))"
+        " OR lot_id = ANY($2::uuid[])",
+        list(customer_ids), list(lot_ids),
+    )
+    return [_lot(r) for r in rows]
+
+
+async def earned_by_day(
+    conn: asyncpg.Connection, *, customer_ids: Sequence[str], since: datetime
+) -> dict[tuple[str, date], int]:
+    rows = await conn.fetch(
+        "SELECT customer_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, sum(earned_points) AS points FROM lots"
+        " WHERE customer_id = ANY($1::text[]) AND qualifying AND occurred_at >= $2 GROUP BY 1, 2",
+        list(customer_ids), since,
+    )
+    return {(r["customer_id"], r["day"]): int(r["points"]) for r in rows}
+
+
+def _lines_json(lot: Lot) -> str:
+    return json.dumps([x.to_json() for x in lot.lines])
+
+
+async def insert_lots(conn: asyncpg.Connection, *, lots: Sequence[Lot]) -> None:
+    if not lots:
+        return
+    await conn.copy_records_to_table(
+        "lots",
+        records=[(x.lot_id, x.customer_id, x.source, x.purchase_id, x.occurred_at, x.amount_points,
+                  x.remaining_points, x.held_points, x.expired_points, x.pending, x.matures_at, x.expires_at,
+                  x.rule_version, x.qualifying, x.earned_points, x.reversed_points, x.bonus_points,
+                  x.tier_multiplier, _lines_json(x), json.dumps(x.breakdown), x.return_ids,
+                  x.reminded_on) for x in lots],
+        columns=_LOT_COLUMNS,
+    )
+
+
+_UPDATE_LOTS = """
+UPDATE lots l SET remaining_points = u.remaining, held_points = u.held, expired_points = u.expired,
+    pending = u.pending, reversed_points = u.reversed, lines = u.lines, return_ids = string_to_array(u.return_ids, E'\\x1f'),
+    reminded_on = u.reminded_on
+FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::bool[], $6::int[], $7::jsonb[], $8::text[], $9::date[])
+    AS u(lot_id, remaining, held, expired, pending, reversed, lines, return_ids, reminded_on)
+WHERE l.lot_id = u.lot_id
+"""
+
+
+async def update_lots(conn: asyncpg.Connection, *, lots: Sequence[Lot]) -> None:
+    """Absolute values: safe because every lot belongs to a customer locked by this transaction."""
+    if not lots:
+        return
+    await conn.execute(
+        _UPDATE_LOTS, [x.lot_id for x in lots], [x.remaining_points for x in lots], [x.held_points for x in lots],
+        [x.expired_points for x in lots], [x.pending for x in lots], [x.reversed_points for x in lots],
+        [_lines_json(x) for x in lots], ["\x1f".join(x.return_ids) for x in lots], [x.reminded_on for x in lots],
+    )
+
+
+# ---- holds ----------------------------------------------------------------------------------
+
+_HOLD_COLUMNS = "redemption_id, customer_id, amount_points, state, expires_at, transfer_id, allocations"
+
+
+def _hold(r: asyncpg.Record) -> Hold:
+    return Hold(r["redemption_id"], r["customer_id"], r["amount_points"], r["state"], r["expires_at"],
+                r["transfer_id"], json.loads(r["allocations"]))
+
+
+async def holds_by_id(conn: asyncpg.Connection, *, redemption_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Hold]:
+    if not redemption_ids:
+        return {}
+    rows = await conn.fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE redemption_id = ANY($1::uuid[])",
+                            list(set(redemption_ids)))
+    return {r["redemption_id"]: _hold(r) for r in rows}
+
+
+async def timed_out_holds(conn: asyncpg.Connection, *, customer_ids: Sequence[str], now: datetime) -> list[Hold]:
+    rows = await conn.fetch(
+        f"SELECT {_HOLD_COLUMNS} FROM holds WHERE customer_id = ANY($1::text[]) AND state = 'held' AND expires_at <= $2",
+        list(customer_ids), now)
+    return [_hold(r) for r in rows]
+
+
+async def save_holds(conn: asyncpg.Connection, *, holds: Sequence[Hold]) -> None:
+    new = [h for h in holds if h.is_new]
+    changed = [h for h in holds if h.changed and not h.is_new]
+    if new:
+        await conn.execute(
+            f"INSERT INTO holds ({_HOLD_COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[],"
+            " $5::timestamptz[], $6::uuid[], $7::jsonb[])",
+            [h.redemption_id for h in new], [h.customer_id for h in new], [h.amount_points for h in new],
+            [h.state for h in new], [h.expires_at for h in new], [h.transfer_id for h in new],
+            [json.dumps(h.allocations) for h in new],
+        )
+    if changed:
+        await conn.execute(
+            "UPDATE holds h SET state = u.state, updated_at = now() FROM unnest($1::uuid[], $2::text[])"
+            " AS u(redemption_id, state) WHERE h.redemption_id = u.redemption_id",
+            [h.redemption_id for h in changed], [h.state for h in changed],
+        )
+
+
+# ---- adjustments ----------------------------------------------------------------------------
+
+
+async def find_adjustment(conn: asyncpg.Connection, *, adjustment_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM adjustments WHERE adjustment_id = $1", adjustment_id)
+
+
+async def insert_adjustment(
+    conn: asyncpg.Connection, *, adjustment_id: uuid.UUID, customer_id: str, amount_points: int, reason_code: str,
+    actor: str, note: str | None, transfer_id: uuid.UUID,
+) -> None:
+    await conn.execute(
+        "INSERT INTO adjustments (adjustment_id, customer_id, amount_points, reason_code, actor, note, transfer_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        adjustment_id, customer_id, amount_points, reason_code, actor, note, transfer_id,
+    )
+
+
+# ---- program versions -----------------------------------------------------------------------
+
+
+async def latest_program(conn: asyncpg.Connection, *, source: str | None = None) -> asyncpg.Record | None:
+    if source is None:
+        return await conn.fetchrow("SELECT * FROM program_versions ORDER BY version DESC LIMIT 1")
+    return await conn.fetchrow("SELECT * FROM program_versions WHERE source = $1 ORDER BY version DESC LIMIT 1", source)
+
+
+async def program_versions(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT version, source, actor, created_at FROM program_versions ORDER BY version DESC")
+
+
+async def insert_program(conn: asyncpg.Connection, *, document: dict[str, Any], source: str, actor: str) -> int:
+    """A new version, numbered after the latest. The table lock makes concurrent saves take
+    turns instead of both picking the same number."""
+    await conn.execute("LOCK TABLE program_versions IN SHARE ROW EXCLUSIVE MODE")
+    return await conn.fetchval(
+        "INSERT INTO program_versions (version, document, source, actor)"
+        " SELECT coalesce(max(version), 0) + 1, $1::jsonb, $2, $3 FROM program_versions RETURNING version",
+        json.dumps(document), source, actor,
+    )
+
+
+# ---- scheduler ------------------------------------------------------------------------------
+
+_DUE_CUSTOMERS = """
+SELECT customer_id FROM (
+    SELECT customer_id FROM lots WHERE pending AND matures_at <= $1
+    UNION SELECT customer_id FROM lots WHERE remaining_points > 0 AND NOT pending AND expires_at <= $2
+                                              AND reminded_on IS NULL
+    UNION SELECT customer_id FROM holds WHERE state = 'held' AND expires_at <= $1
+    UNION SELECT customer_id FROM lots WHERE qualifying AND occurred_at > $3 AND occurred_at <= $4
+) due
+WHERE customer_id > $5
+ORDER BY customer_id
+LIMIT $6
+"""
+
+
+async def due_customers(
+    conn: asyncpg.Connection, *, now: datetime, remind_until: datetime, aged_out_from: datetime,
+    aged_out_until: datetime, after: str, limit: int,
+) -> list[str]:
+    """Customers with something for the scheduler: lots to mature, expire or remind of, holds
+    timed out, or qualifying points that left the tier window (from, until]."""
+    rows = await conn.fetch(_DUE_CUSTOMERS, now, remind_until, aged_out_from, aged_out_until, after, limit)
+    return [r["customer_id"] for r in rows]
+
+
+# ---- read side and metrics ------------------------------------------------------------------
+
+
+async def next_expiry(conn: asyncpg.Connection, *, customer_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT expires_at, sum(remaining_points) AS points FROM lots"
+        " WHERE customer_id = $1 AND remaining_points > 0 AND NOT pending"
+        " GROUP BY expires_at ORDER BY expires_at LIMIT 1",
+        customer_id,
+    )
+
+
+async def totals(conn: asyncpg.Connection) -> dict[str, int]:
+    """Ledger-wide sums for the liability and invariant gauges."""
+    row = await conn.fetchrow(
+        """
+        SELECT coalesce(sum(debits_posted - credits_posted), 0) AS posted_imbalance,
+               coalesce(sum(debits_pending - credits_pending), 0) AS pending_imbalance,
+               coalesce(sum(credits_posted - debits_posted - debits_pending) FILTER (WHERE kind = 'available'), 0)
+                   AS available,
+               coalesce(sum(debits_pending) FILTER (WHERE kind = 'available'), 0) AS held,
+               coalesce(sum(credits_posted - debits_posted) FILTER (WHERE kind = 'pending'), 0) AS pending,
+               coalesce(sum(debits_posted - credits_posted) FILTER (WHERE kind = 'debt'), 0) AS debt,
+               coalesce(sum(credits_posted - debits_posted) FILTER (WHERE kind = 'redemption'), 0) AS redeemed,
+               coalesce(sum(credits_posted - debits_posted) FILTER (WHERE kind = 'expiry'), 0) AS expired,
+               coalesce(sum(debits_posted - credits_posted) FILTER (WHERE kind = 'issuance'), 0) AS issued
+        FROM accounts
+        """
+    )
+    return {k: int(v) for k, v in row.items()}

@@ -1,0 +1,816 @@
+"""Use cases of the ledger. Each takes its inputs and dependencies, owns one transaction:
+claim the inputs in the inbox, lock the customers, load what the rules need, apply the
+rules (domain.py), write transfers, lots, accounts and the outbox together, commit.
+
+Concurrency: every change to a customer's points happens with that customer's row locked
+(SELECT ... FOR UPDATE, in customer_id order). Per-partition ordering already serialises one
+customer's events inside one consumer; the lock is what makes it hold across consumers,
+instances, the scheduler and the admin API, so no two holds can both spend the same points.
+The accounts' CHECK constraints are the last line: an overdraft fails the transaction.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import asyncpg
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from services.ledger import domain as d
+from services.ledger import metrics
+from services.ledger import repository as repo
+from services.ledger.program import STACKING_ORDER, Program, load_program_file
+from services.ledger.settings import LedgerSettings
+from shared.events import DeadLetter, Envelope, derived_event_id, utcnow
+from shared.events.points import (
+    BalanceAfter,
+    PointsAdjusted,
+    PointsAdjustedPayload,
+    PointsEarned,
+    PointsEarnedPayload,
+    PointsExpired,
+    PointsExpiredPayload,
+    PointsHeld,
+    PointsHeldPayload,
+    PointsHoldRejected,
+    PointsHoldRejectedPayload,
+    PointsMatured,
+    PointsMaturedPayload,
+    PointsRedeemed,
+    PointsRedeemedPayload,
+    PointsReleased,
+    PointsReleasedPayload,
+    PointsReversed,
+    PointsReversedPayload,
+    PointsWillExpire,
+    PointsWillExpirePayload,
+    TierChanged,
+    TierChangedPayload,
+)
+from shared.events.purchases import PurchaseClaimed, PurchasePayload, PurchaseRecorded, ReturnRecorded
+from shared.events.rewards import RedemptionCancelled, RedemptionFailed, RedemptionFulfilled, RedemptionRequested
+from shared.inbox import claim_new
+from shared.outbox import OutboxMessage, enqueue
+from shared.topics import POINTS_DLQ, POINTS_EVENTS
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "ledger"
+PURCHASES_CONSUMER = "ledger.purchases"
+REWARDS_CONSUMER = "ledger.rewards"
+
+Clock = Callable[[], datetime]
+
+
+def make_clock(settings: LedgerSettings) -> Clock:
+    if settings.clock_override is not None:
+        fixed = settings.clock_override if settings.clock_override.tzinfo else settings.clock_override.replace(tzinfo=timezone.utc)
+        return lambda: fixed
+    if settings.clock_offset_s:
+        offset = timedelta(seconds=settings.clock_offset_s)
+        return lambda: utcnow() + offset
+    return utcnow
+
+
+# ---- the program --------------------------------------------------------------------------
+
+
+class ProgramStore:
+    """The program in force and its version. The database holds every version; this
+    process keeps the latest in memory and refreshes it on every scheduler tick, so a change
+    made through another instance's admin API reaches this one within one interval."""
+
+    def __init__(self, program_file: Path) -> None:
+        self._file = program_file
+        self.program = Program()
+        self.version = 0
+        self._loading = asyncio.Lock()
+
+    async def ensure_loaded(self, conn: asyncpg.Connection) -> None:
+        """Consumers may get their first batch before the start hooks ran: whoever comes
+        first loads the program, so no posting is ever made under an unloaded one."""
+        if self.version:
+            return
+        async with self._loading:
+            if not self.version:
+                await self.load(conn)
+
+    async def load(self, conn: asyncpg.Connection) -> None:
+        """At start: the file becomes a new version when it differs from the last one loaded
+        from a file; otherwise the latest version (maybe an admin change) stays in force."""
+        document = load_program_file(self._file).model_dump(mode="json")
+        async with conn.transaction():
+            last_from_file = await repo.latest_program(conn, source="file")
+            if last_from_file is None or _json(last_from_file["document"]) != document:
+                await repo.insert_program(conn, document=document, source="file", actor=f"file:{self._file.name}")
+        await self.refresh(conn)
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        row = await repo.latest_program(conn)
+        if row is not None and row["version"] != self.version:
+            self.program = Program.model_validate(_json(row["document"]))
+            self.version = row["version"]
+            log.info("program in force", extra={"rule_version": self.version})
+
+    async def replace(self, conn: asyncpg.Connection, program: Program, *, actor: str) -> int:
+        async with conn.transaction():
+            version = await repo.insert_program(conn, document=program.model_dump(mode="json"), source="admin",
+                                                actor=actor)
+        self.program, self.version = program, version
+        return version
+
+
+def _json(value: Any) -> Any:
+    import json
+
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+@dataclass
+class Ledger:
+    """What every use case needs: settings, the clock and the program."""
+
+    settings: LedgerSettings
+    programs: ProgramStore
+    clock: Clock = utcnow
+
+    @property
+    def points_topic(self) -> str:
+        return self.settings.topic(POINTS_EVENTS)
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.settings.topic(POINTS_DLQ)
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, as the handler hands it over."""
+
+    value: bytes
+    key: bytes | None = None
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+PurchaseEvent = Annotated[Union[PurchaseRecorded, ReturnRecorded, PurchaseClaimed], Field(discriminator="type")]
+RewardsEvent = Annotated[
+    Union[RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled], Field(discriminator="type")
+]
+_PURCHASE_EVENT = TypeAdapter(PurchaseEvent)
+_REWARDS_EVENT = TypeAdapter(RewardsEvent)
+
+
+@dataclass(slots=True)
+class Decoded:
+    record: Record
+    event: Any = None  # an Envelope subclass
+    reason: str | None = None  # why it cannot be processed (dead-lettered)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def inbox_id(self) -> uuid.UUID:
+        """The event id; for input that has none, one derived from where it was read, so that
+        a redelivered bad record is dead-lettered once."""
+        if self.event is not None:
+            return self.event.event_id
+        r = self.record
+        return derived_event_id("ledger", "undecodable", r.topic, str(r.partition), str(r.offset))
+
+
+def decode(record: Record, adapter: TypeAdapter) -> Decoded:
+    try:
+        return Decoded(record, adapter.validate_json(record.value))
+    except ValidationError as exc:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors(include_url=False, include_context=False, include_input=False)]
+        reason = "malformed_json" if any(e["type"] == "json_invalid" for e in errors) else "schema"
+        if any(e["type"] == "union_tag_invalid" for e in errors):
+            reason = "unknown_event_type"
+        return Decoded(record, None, reason, errors)
+
+
+def _dead_letter(ledger: Ledger, item: Decoded, now: datetime) -> OutboxMessage:
+    r = item.record
+    dl = DeadLetter(
+        dead_letter_id=derived_event_id("ledger", "dlq", str(item.inbox_id)),
+        door="kafka", reason=item.reason or "unprocessable", errors=item.errors,
+        original=r.value.decode("utf-8", errors="replace"), original_key=r.key.decode(errors="replace") if r.key else None,
+        original_topic=r.topic or None, original_partition=r.partition if r.partition >= 0 else None,
+        original_offset=r.offset if r.offset >= 0 else None, producer=PRODUCER, recorded_at=now,
+    )
+    metrics.DEAD_LETTERS.labels(dl.reason).inc()
+    log.warning("dead-lettered", extra={"reason": dl.reason, "topic": r.topic, "offset": r.offset})
+    return OutboxMessage(ledger.dlq_topic, dl.original_key, dl.model_dump_json().encode(),
+                         {"reason": dl.reason, "door": "kafka"})
+
+
+# ---- outputs ------------------------------------------------------------------------------
+
+
+def _balance(b: d.Balance) -> BalanceAfter:
+    return BalanceAfter(
+        available_points=b.available_points, pending_points=b.pending_points, held_points=b.held_points,
+        debt_points=b.debt_points, tier=b.tier, qualifying_points=b.qualifying_points,
+    )
+
+
+class Emitter:
+    """Builds points.events envelopes for the outbox. Ids derive from the cause, so a
+    re-run of the same cause emits the same ids (downstream inboxes drop the repeat)."""
+
+    def __init__(self, ledger: Ledger, now: datetime) -> None:
+        self._topic = ledger.points_topic
+        self._now = now
+        self.messages: list[OutboxMessage] = []
+
+    def emit(self, cls: type[Envelope[Any]], payload: BaseModel, *, customer_id: str, cause: str,
+             correlation_id: str | None = None, causation_id: str | None = None) -> None:
+        event_id = derived_event_id("ledger", cls.__name__, cause)
+        event = cls(event_id=event_id, occurred_at=self._now, recorded_at=self._now, producer=PRODUCER,
+                    correlation_id=correlation_id or str(event_id), causation_id=causation_id,
+                    customer_id=customer_id, payload=payload)
+        # Built directly rather than with OutboxMessage.event, which serialises twice.
+        self.messages.append(OutboxMessage(self._topic, customer_id, event.model_dump_json().encode(),
+                                           {"type": cls.__name__, "correlation_id": event.correlation_id}))
+
+    def tier_moved(self, moved: d.TierMoved, *, cause: str, correlation_id: str | None = None) -> None:
+        self.emit(TierChanged, TierChangedPayload(from_tier=moved.from_tier, to_tier=moved.to_tier,
+                                                  qualifying_points=moved.qualifying_points,
+                                                  balance=_balance(moved.balance)),
+                  customer_id=moved.customer_id, cause=f"tier:{cause}", correlation_id=correlation_id)
+
+
+# ---- persistence shared by the use cases --------------------------------------------------
+
+
+class UnitOfWork:
+    """The books of one transaction: customers loaded (locked), one journal, what changed."""
+
+    def __init__(self, conn: asyncpg.Connection, ledger: Ledger, now: datetime) -> None:
+        self.conn = conn
+        self.ledger = ledger
+        self.now = now
+        self.program = ledger.programs.program
+        self.rule_version = ledger.programs.version
+        self.books: dict[str, d.CustomerBook] = {}
+        self.journal = d.Journal(d.new_program_accounts())
+        self.holds: dict[uuid.UUID, d.Hold] = {}
+
+    @property
+    def window_start(self) -> datetime:
+        return self.now - timedelta(days=self.program.tier_window_days)
+
+    async def ensure_customers(self, customer_ids: Sequence[str]) -> None:
+        await repo.ensure_customers(self.conn, customer_ids=sorted(set(customer_ids)),
+                                    entry_tier=self.program.tiers[0].name)
+
+    async def lock(self, customer_ids: Sequence[str]) -> None:
+        wanted = [c for c in set(customer_ids) if c not in self.books]
+        for book in (await repo.lock_customers(self.conn, customer_ids=wanted, window_start=self.window_start)).values():
+            self.books[book.customer_id] = book
+            self.journal.accounts.update(book.accounts())
+
+    def attach_lots(self, lots: Sequence[d.Lot]) -> None:
+        for lot in lots:
+            book = self.books.get(lot.customer_id)
+            if book is not None:
+                book.lots.setdefault(lot.lot_id, lot)
+
+    def attach_holds(self, holds: Sequence[d.Hold]) -> None:
+        for h in holds:
+            self.holds.setdefault(h.redemption_id, h)
+            book = self.books.get(h.customer_id)
+            if book is not None:
+                book.holds.setdefault(h.redemption_id, h)
+
+    async def save(self, messages: Sequence[OutboxMessage]) -> None:
+        conn, transfers = self.conn, self.journal.transfers
+        lots = [lot for b in self.books.values() for lot in b.lots.values()]
+        await repo.insert_transfers(conn, transfers=transfers)
+        await repo.insert_lots(conn, lots=[x for x in lots if x.is_new])
+        await repo.update_lots(conn, lots=[x for x in lots if x.changed and not x.is_new])
+        await repo.save_holds(conn, holds=[h for h in self.holds.values() if h.is_new or h.changed])
+        await repo.update_customers(conn, books=self.books.values())
+        # Last: the shared program-account rows are locked only for the end of the transaction.
+        await repo.add_to_accounts(conn, transfers=transfers)
+        await enqueue(conn, messages)
+
+    def count_postings(self) -> None:
+        """After commit: the business counters, from what was actually written."""
+        for t in self.journal.transfers:
+            metrics.POSTINGS.labels(t.code.value).inc()
+            if t.debit_account_id == d.ISSUANCE:
+                metrics.POINTS_ISSUED.inc(t.amount_points)
+            elif t.code is d.Code.REVERSE or t.code is d.Code.DEBT:
+                metrics.POINTS_REVERSED.inc(t.amount_points)
+            elif t.code is d.Code.POST:
+                metrics.POINTS_REDEEMED.inc(t.amount_points)
+            elif t.code is d.Code.EXPIRE:
+                metrics.POINTS_EXPIRED.inc(t.amount_points)
+
+
+@dataclass
+class BatchResult:
+    processed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    transfers: int = 0
+    events_out: int = 0
+
+
+def _latency(stream: str, items: Sequence[Decoded]) -> None:
+    now = utcnow()
+    for item in items:
+        if item.event is not None:
+            metrics.EVENT_LATENCY.labels(stream).observe(max((now - item.event.recorded_at).total_seconds(), 0.0))
+
+
+async def _claim(conn: asyncpg.Connection, consumer: str, items: Sequence[Decoded]) -> tuple[list[Decoded], int]:
+    """The new inputs, first occurrence only, in order; and how many were repeats."""
+    new_ids = await claim_new(conn, consumer=consumer, event_ids=list({i.inbox_id: None for i in items}))
+    fresh: list[Decoded] = []
+    for item in items:
+        if item.inbox_id in new_ids:
+            new_ids.discard(item.inbox_id)
+            fresh.append(item)
+    return fresh, len(items) - len(fresh)
+
+
+# ---- earning from purchases.recorded ------------------------------------------------------
+
+
+def _returned_lines(program: Program, payload: PurchasePayload) -> list[tuple[str, str, Decimal]]:
+    rate = program.rate_to_program_currency(payload.currency)
+    if rate is None:
+        raise d.UnknownCurrency(f"no rate from {payload.currency} to {program.currency}")
+    return [(line.line_id, line.sku, d.line_net_amount(line) * rate) for line in payload.lines]
+
+
+async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
+    """Earn for sales and claims, reverse for returns: one transaction for the batch."""
+    started = time.perf_counter()
+    await ledger.programs.ensure_loaded(conn)
+    now = ledger.clock()
+    items = [decode(r, _PURCHASE_EVENT) for r in records]
+    result = BatchResult()
+    async with conn.transaction():
+        fresh, result.duplicates = await _claim(conn, PURCHASES_CONSUMER, items)
+        uow = UnitOfWork(conn, ledger, now)
+        program, version = uow.program, uow.rule_version
+        out = Emitter(ledger, now)
+        sales = [i for i in fresh if i.event is not None and i.event.type != "ReturnRecorded" and i.event.customer_id]
+        returns = [i for i in fresh if i.event is not None and i.event.type == "ReturnRecorded"]
+        await uow.ensure_customers([i.event.customer_id for i in sales])
+        await uow.lock([i.event.customer_id for i in sales + returns if i.event.customer_id])
+        earned = await repo.purchases_with_lots(conn, purchase_ids=[i.event.payload.purchase_id for i in sales])
+        lots_by_purchase = await repo.lots_of_purchases(
+            conn, purchase_ids=[i.event.payload.original_purchase_id for i in returns
+                                if i.event.payload.original_purchase_id])
+        # A return is booked to the sale's customer; should the event name another, lock the
+        # sale's customer too and re-read the lots under that lock.
+        others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]
+        if others:
+            await uow.lock(others)
+            lots_by_purchase = await repo.lots_of_purchases(conn, purchase_ids=list(lots_by_purchase))
+        uow.attach_lots(list(lots_by_purchase.values()))
+        if program.daily_cap_points is not None and sales:
+            since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=1)
+            for (cid, day), points in (await repo.earned_by_day(conn, customer_ids=list(uow.books), since=since)).items():
+                uow.books[cid].earned_by_day[day] = points
+
+        for item in fresh:
+            event = item.event
+            if event is None:
+                out.messages.append(_dead_letter(ledger, item, now))
+                result.dead_lettered += 1
+                continue
+            metrics.EVENTS.labels(event.type, "applied").inc()
+            p = event.payload
+            cid, cause = event.customer_id, str(event.event_id)
+            try:
+                if event.type == "ReturnRecorded":
+                    lot = lots_by_purchase.get(p.original_purchase_id or "")
+                    if lot is None:
+                        # The sale earned nothing here (anonymous, never claimed): nothing to take back.
+                        continue
+                    book = uow.books[lot.customer_id]
+                    outcomes = d.reverse_return(book, uow.journal, program, return_id=p.purchase_id, lot=lot,
+                                                returned=_returned_lines(program, p), now=now)
+                elif cid is None or p.purchase_id in earned:
+                    continue  # anonymous until claimed, or already earned (a claim of a sale we credited)
+                else:
+                    outcomes = d.earn(uow.books[cid], uow.journal, program, version, purchase=p, now=now)
+                    earned.add(p.purchase_id)
+            except d.UnknownCurrency as exc:
+                item.reason, item.errors = exc.reason, [{"loc": ["payload", "currency"], "msg": str(exc),
+                                                         "type": exc.reason}]
+                out.messages.append(_dead_letter(ledger, item, now))
+                result.dead_lettered += 1
+                continue
+            for o in outcomes:
+                if isinstance(o, d.Earned):
+                    lots_by_purchase[p.purchase_id] = o.lot
+                    e = o.earning
+                    out.emit(PointsEarned, PointsEarnedPayload(
+                        amount_points=e.points, balance=_balance(o.balance), purchase_id=p.purchase_id,
+                        source=p.source, rule_version=version, pending=o.lot.pending,
+                        matures_at=o.lot.matures_at if o.lot.pending else None, expires_at=o.lot.expires_at,
+                        tier_multiplier=str(e.tier_multiplier), breakdown=e.breakdown,
+                    ), customer_id=o.customer_id, cause=f"earn:{p.purchase_id}", correlation_id=event.correlation_id,
+                        causation_id=cause)
+                elif isinstance(o, d.Reversed):
+                    if o.amount_points == 0:
+                        continue
+                    out.emit(PointsReversed, PointsReversedPayload(
+                        amount_points=o.amount_points, balance=_balance(o.balance), return_id=o.return_id,
+                        original_purchase_id=o.lot.purchase_id or "", debt_points_added=o.debt_points_added,
+                    ), customer_id=o.customer_id, cause=f"reverse:{o.return_id}", correlation_id=event.correlation_id,
+                        causation_id=cause)
+                else:
+                    out.tier_moved(o, cause=cause, correlation_id=event.correlation_id)
+            result.processed += 1
+        await uow.save(out.messages)
+    uow.count_postings()
+    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
+    metrics.BATCH_SIZE.labels("purchases").observe(len(records))
+    metrics.BATCH_SECONDS.labels("purchases").observe(time.perf_counter() - started)
+    _latency("purchases", fresh)
+    return result
+
+
+# ---- the redemption saga from rewards.events ----------------------------------------------
+
+
+def _hold_expiry(ledger: Ledger, requested_timeout_s: int, now: datetime) -> datetime:
+    s = ledger.settings
+    timeout_s = requested_timeout_s if requested_timeout_s > 0 else s.hold_timeout_s
+    return now + timedelta(seconds=min(timeout_s, s.max_hold_timeout_s))
+
+
+async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
+    """Holds, posts, voids and refunds for the redemption saga: one transaction per batch."""
+    started = time.perf_counter()
+    await ledger.programs.ensure_loaded(conn)
+    now = ledger.clock()
+    items = [decode(r, _REWARDS_EVENT) for r in records]
+    result = BatchResult()
+    async with conn.transaction():
+        fresh, result.duplicates = await _claim(conn, REWARDS_CONSUMER, items)
+        uow = UnitOfWork(conn, ledger, now)
+        out = Emitter(ledger, now)
+        events = [i.event for i in fresh if i.event is not None]
+        await uow.lock([e.customer_id for e in events if e.customer_id])
+        holds = await repo.holds_by_id(conn, redemption_ids=[e.payload.redemption_id for e in events])
+        await uow.lock([h.customer_id for h in holds.values()])
+        requesting = sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id in uow.books})
+        allocated = [uuid.UUID(lot_id) for h in holds.values() for lot_id in h.allocations]
+        if requesting or allocated:
+            uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
+        uow.attach_holds(list(holds.values()))
+
+        for item in fresh:
+            event = item.event
+            if event is None:
+                out.messages.append(_dead_letter(ledger, item, now))
+                result.dead_lettered += 1
+                continue
+            reason = _apply_redemption_event(uow, out, event)
+            if reason is not None:
+                item.reason = reason
+                item.errors = [{"loc": ["payload", "redemption_id"], "msg": reason, "type": reason}]
+                out.messages.append(_dead_letter(ledger, item, now))
+                result.dead_lettered += 1
+                continue
+            result.processed += 1
+        await uow.save(out.messages)
+    uow.count_postings()
+    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
+    metrics.BATCH_SIZE.labels("rewards").observe(len(records))
+    metrics.BATCH_SECONDS.labels("rewards").observe(time.perf_counter() - started)
+    _latency("rewards", fresh)
+    return result
+
+
+def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
+    """Apply one saga step. Returns a dead-letter reason when the step cannot be applied."""
+    p = event.payload
+    rid, cause, corr = p.redemption_id, str(event.event_id), event.correlation_id
+    kw = dict(correlation_id=corr, causation_id=cause)
+    metrics.EVENTS.labels(event.type, "applied").inc()
+    if event.type == "RedemptionRequested":
+        book = uow.books.get(event.customer_id or "")
+
+        def reject(reason: str, balance: d.Balance | None) -> None:
+            metrics.HOLDS.labels(reason).inc()
+            empty = d.Balance(0, 0, 0, 0, uow.program.tiers[0].name, 0)
+            out.emit(PointsHoldRejected, PointsHoldRejectedPayload(
+                amount_points=p.cost_points, balance=_balance(balance or empty), redemption_id=rid, reason=reason,
+            ), customer_id=event.customer_id or "", cause=f"reject:{cause}", **kw)
+
+        if book is None:
+            reject("account_unknown", None)
+        elif rid in uow.holds:
+            # A re-sent request: its first answer is already on its way (outbox); not final.
+            reject("duplicate_redemption", book.balance())
+        else:
+            try:
+                h = d.hold(book, uow.journal, redemption_id=rid, amount_points=p.cost_points,
+                           expires_at=_hold_expiry(uow.ledger, p.hold_timeout_s, uow.now))
+            except d.LedgerError as exc:
+                reject(exc.reason, book.balance())
+                return None
+            uow.holds[rid] = h
+            metrics.HOLDS.labels("held").inc()
+            out.emit(PointsHeld, PointsHeldPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
+                                                   redemption_id=rid, hold_expires_at=h.expires_at),
+                     customer_id=book.customer_id, cause=f"hold:{rid}", **kw)
+        return None
+
+    h = uow.holds.get(rid)
+    if h is None:
+        # Nothing was held: the request was rejected (failure/cancel need nothing), unless
+        # the reward was given, which must not pass unnoticed.
+        return "fulfilled_without_hold" if event.type == "RedemptionFulfilled" else None
+    book = uow.books[h.customer_id]
+    if event.type == "RedemptionFulfilled":
+        if h.state == "voided":
+            return "fulfilled_after_hold_voided"
+        if d.post_hold(book, uow.journal, h):
+            out.emit(PointsRedeemed, PointsRedeemedPayload(amount_points=h.amount_points,
+                                                           balance=_balance(book.balance()), redemption_id=rid),
+                     customer_id=book.customer_id, cause=f"post:{rid}", **kw)
+        return None
+    reason = p.reason
+    if d.void_hold(book, uow.journal, h):
+        out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
+                                                       redemption_id=rid, phase="void", reason=reason),
+                 customer_id=book.customer_id, cause=f"void:{rid}", **kw)
+    elif h.state == "posted" and d.refund(book, uow.journal, h):
+        # Cancelled after fulfilment (or a failure reported after posting): points go back.
+        out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
+                                                       redemption_id=rid, phase="refund", reason=reason),
+                 customer_id=book.customer_id, cause=f"refund:{rid}", **kw)
+    return None
+
+
+# ---- bad batches --------------------------------------------------------------------------
+
+Apply = Callable[[asyncpg.Connection, Ledger, Sequence[Record]], Any]
+
+
+async def apply_one_by_one(pool: asyncpg.Pool, ledger: Ledger, records: Sequence[Record], apply: Apply,
+                           consumer: str) -> BatchResult:
+    """After a batch failed its bounded retries: each record in its own transaction, and a
+    record that still fails goes to points.dlq with the error, so it never blocks the partition."""
+    total = BatchResult()
+    for record in records:
+        try:
+            async with pool.acquire() as conn:
+                r = await apply(conn, ledger, [record])
+            total.processed += r.processed
+            total.dead_lettered += r.dead_lettered
+        except Exception as exc:  # noqa: BLE001 - the reason travels with the dead letter
+            log.exception("record failed on its own; dead-lettering", extra={"offset": record.offset})
+            adapter = _PURCHASE_EVENT if consumer == PURCHASES_CONSUMER else _REWARDS_EVENT
+            item = decode(record, adapter)
+            item.reason = "processing_failed"
+            item.errors = [{"loc": [], "msg": f"{type(exc).__name__}: {exc}"[:2000], "type": "processing_failed"}]
+            async with pool.acquire() as conn, conn.transaction():
+                if await claim_new(conn, consumer=consumer, event_ids=[item.inbox_id]):
+                    await enqueue(conn, [_dead_letter(ledger, item, ledger.clock())])
+            total.dead_lettered += 1
+    return total
+
+
+# ---- the scheduler ------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulerRun:
+    customers: int = 0
+    matured_points: int = 0
+    expired_points: int = 0
+    voided_holds: int = 0
+    reminders: int = 0
+    tier_changes: int = 0
+
+
+async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | None = None) -> SchedulerRun:
+    """Mature lots whose return window closed, void timed-out holds, expire lots, remind of
+    expiries, re-tier customers whose points left the window. Restartable: each chunk of
+    customers is one transaction, and every transfer and event id derives from the lot or
+    hold (and date), so a re-run after a crash repeats nothing."""
+    started = time.perf_counter()
+    now = now or ledger.clock()
+    s = ledger.settings
+    program = ledger.programs.program
+    window = timedelta(days=program.tier_window_days)
+    # Re-tier whoever had qualifying points leave the window lately; a margin of a few
+    # intervals covers restarts, and re-tiering twice changes nothing.
+    lookback = max(timedelta(seconds=s.scheduler_interval_s * 3), timedelta(days=1))
+    run = SchedulerRun()
+    after = ""
+    while True:
+        async with pool.acquire() as conn:
+            chunk = await repo.due_customers(
+                conn, now=now, remind_until=now + timedelta(days=s.expiry_reminder_days),
+                aged_out_from=now - window - lookback, aged_out_until=now - window, after=after,
+                limit=s.scheduler_batch_customers)
+            if not chunk:
+                break
+            after = chunk[-1]
+            async with conn.transaction():
+                await _schedule_chunk(conn, ledger, chunk, now, run)
+    metrics.SCHEDULER_SECONDS.observe(time.perf_counter() - started)
+    return run
+
+
+async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[str], now: datetime,
+                          run: SchedulerRun) -> None:
+    uow = UnitOfWork(conn, ledger, now)
+    out = Emitter(ledger, now)
+    await uow.lock(chunk)
+    ids = sorted(uow.books)
+    uow.attach_lots(await repo.open_lots(conn, customer_ids=ids))
+    uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=ids, now=now))
+    remind_until = now + timedelta(days=ledger.settings.expiry_reminder_days)
+    today = now.date()
+    for cid in ids:
+        book = uow.books[cid]
+        run.customers += 1
+        for h in list(book.holds.values()):
+            if h.state == "held" and h.expires_at <= now and d.void_hold(book, uow.journal, h):
+                run.voided_holds += 1
+                out.emit(PointsReleased, PointsReleasedPayload(
+                    amount_points=h.amount_points, balance=_balance(book.balance()), redemption_id=h.redemption_id,
+                    phase="void", reason="hold_timeout"), customer_id=cid, cause=f"void:{h.redemption_id}")
+        lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
+        for lot in lots:
+            moved = d.mature(book, uow.journal, lot, now=now)
+            if moved:
+                run.matured_points += moved
+                out.emit(PointsMatured, PointsMaturedPayload(amount_points=moved, balance=_balance(book.balance()),
+                                                             purchase_id=lot.purchase_id or str(lot.lot_id)),
+                         customer_id=cid, cause=f"mature:{lot.lot_id}")
+        expired_lots, expired, first_transfer = [], 0, len(uow.journal.transfers)
+        for lot in lots:
+            points = d.expire(book, uow.journal, lot, now=now)
+            if points:
+                expired_lots.append(str(lot.lot_id))
+                expired += points
+        if expired:
+            run.expired_points += expired
+            cause = ",".join(str(t.transfer_id) for t in uow.journal.transfers[first_transfer:])
+            out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=_balance(book.balance()),
+                                                         lot_ids=expired_lots), customer_id=cid, cause=f"expire:{cause}")
+        reminders: dict[date, int] = {}
+        for lot in lots:
+            if (not lot.pending and lot.remaining_points > 0 and lot.reminded_on is None
+                    and lot.expires_at <= remind_until):
+                day = lot.expires_at.astimezone(timezone.utc).date()
+                reminders[day] = reminders.get(day, 0) + lot.remaining_points
+                lot.reminded_on, lot.changed = today, True
+        for day, points in sorted(reminders.items()):
+            run.reminders += 1
+            out.emit(PointsWillExpire, PointsWillExpirePayload(amount_points=points, balance=_balance(book.balance()),
+                                                               expires_on=day),
+                     customer_id=cid, cause=f"remind:{cid}:{day.isoformat()}")
+        moved_tier = d.requalify(book, uow.program, book.qualifying_points)
+        if moved_tier:
+            run.tier_changes += 1
+            out.tier_moved(moved_tier, cause=f"window:{cid}:{today.isoformat()}:{moved_tier.to_tier}")
+    await uow.save(out.messages)
+    uow.count_postings()
+
+
+# ---- admin: adjustments and the program ---------------------------------------------------
+
+
+@dataclass
+class AdjustmentOutcome:
+    created: bool
+    adjustment_id: uuid.UUID
+    customer_id: str
+    amount_points: int
+    reason_code: str
+    actor: str
+    note: str | None
+    balance: d.Balance | None
+
+
+async def adjust_points(
+    conn: asyncpg.Connection, ledger: Ledger, *, adjustment_id: uuid.UUID, customer_id: str, amount_points: int,
+    reason_code: str, actor: str, note: str | None,
+) -> AdjustmentOutcome:
+    """A manual credit or debit, audited (who, why) next to its transfer. Idempotent by
+    adjustment_id. Raises InvalidAmount, InsufficientPoints."""
+    await ledger.programs.ensure_loaded(conn)
+    now = ledger.clock()
+    async with conn.transaction():
+        uow = UnitOfWork(conn, ledger, now)
+        await uow.ensure_customers([customer_id])
+        await uow.lock([customer_id])
+        existing = await repo.find_adjustment(conn, adjustment_id=adjustment_id)
+        if existing is not None:
+            book = uow.books[existing["customer_id"]] if existing["customer_id"] in uow.books else None
+            return AdjustmentOutcome(False, adjustment_id, existing["customer_id"], existing["amount_points"],
+                                     existing["reason_code"], existing["actor"], existing["note"],
+                                     book.balance() if book else None)
+        book = uow.books[customer_id]
+        uow.attach_lots(await repo.open_lots(conn, customer_ids=[customer_id]))
+        d.adjust(book, uow.journal, uow.program, adjustment_id=adjustment_id, amount_points=amount_points, now=now)
+        out = Emitter(ledger, now)
+        out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=amount_points, balance=_balance(book.balance()),
+                                                       reason_code=reason_code, actor=actor, note=note),
+                 customer_id=customer_id, cause=f"adjust:{adjustment_id}")
+        await repo.insert_adjustment(conn, adjustment_id=adjustment_id, customer_id=customer_id,
+                                     amount_points=amount_points, reason_code=reason_code, actor=actor, note=note,
+                                     transfer_id=derived_event_id("ledger", "adjust", str(adjustment_id)))
+        await uow.save(out.messages)
+    uow.count_postings()
+    log.info("adjustment", extra={"customer_id": customer_id, "amount_points": amount_points,
+                                  "reason_code": reason_code, "actor": actor})
+    return AdjustmentOutcome(True, adjustment_id, customer_id, amount_points, reason_code, actor, note, book.balance())
+
+
+# ---- read side ----------------------------------------------------------------------------
+
+
+@dataclass
+class BalanceView:
+    balance: d.Balance
+    next_expiry_at: datetime | None
+    next_expiry_points: int
+
+
+async def balance_of(conn: asyncpg.Connection, ledger: Ledger, customer_id: str) -> BalanceView | None:
+    now = ledger.clock()
+    window_start = now - timedelta(days=ledger.programs.program.tier_window_days)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        book = await repo.read_customer(conn, customer_id=customer_id, window_start=window_start)
+        if book is None:
+            return None
+        nxt = await repo.next_expiry(conn, customer_id=customer_id)
+    return BalanceView(book.balance(), nxt["expires_at"] if nxt else None, int(nxt["points"]) if nxt else 0)
+
+
+@dataclass
+class Simulation:
+    rule_version: int
+    earning: d.Earning
+    pending: bool
+    matures_at: datetime
+    expires_at: datetime
+    stacking_order: tuple[str, ...] = STACKING_ORDER
+
+
+async def simulate(
+    conn: asyncpg.Connection, ledger: Ledger, *, purchase: PurchasePayload, customer_id: str | None,
+    tier: str | None, first_purchase: bool | None,
+) -> Simulation:
+    """What `purchase` would earn now, rule by rule, for a customer (their tier, first
+    purchase and daily cap as they stand) or for the given tier. Raises UnknownCurrency."""
+    program, version = ledger.programs.program, ledger.programs.version
+    now = ledger.clock()
+    earned_today = 0
+    if customer_id is not None:
+        window_start = now - timedelta(days=program.tier_window_days)
+        book = await repo.read_customer(conn, customer_id=customer_id, window_start=window_start)
+        if book is not None:
+            tier = tier or book.tier
+            first_purchase = book.has_purchased is False if first_purchase is None else first_purchase
+            day = d.utc_day(purchase.occurred_at)
+            by_day = await repo.earned_by_day(conn, customer_ids=[customer_id],
+                                              since=purchase.occurred_at - timedelta(days=1))
+            earned_today = by_day.get((customer_id, day), 0)
+    earning = d.calculate_earning(program, purchase, tier=program.tier_named(tier or program.tiers[0].name),
+                                  first_purchase=True if first_purchase is None else first_purchase,
+                                  earned_today_points=earned_today)
+    matures_at = purchase.occurred_at + timedelta(days=program.pending_days)
+    return Simulation(version, earning, matures_at > now, matures_at, matures_at + timedelta(days=program.expiry_days))
+
+
+async def refresh_gauges(pool: asyncpg.Pool) -> dict[str, int]:
+    async with pool.acquire() as conn:
+        t = await repo.totals(conn)
+    metrics.LIABILITY.labels("available").set(t["available"])
+    metrics.LIABILITY.labels("pending").set(t["pending"])
+    metrics.LIABILITY.labels("held").set(t["held"])
+    metrics.LIABILITY.labels("debt").set(t["debt"])
+    metrics.INVARIANT.labels("posted").set(t["posted_imbalance"])
+    metrics.INVARIANT.labels("pending").set(t["pending_imbalance"])
+    spent = t["expired"] + t["redeemed"]
+    metrics.BREAKAGE.set(t["expired"] / spent if spent else 0.0)
+    return t
