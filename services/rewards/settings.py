@@ -46,6 +46,9 @@ class RewardsSettings(ServiceSettings):
     # long, and given up (failed, any hold voided) after hold_timeout_s.
     recovery_interval_s: float = Field(default=2.0, gt=0)
     request_resend_after_s: float = Field(default=5.0, gt=0)
+    # Longest a fetch of points.events waits at the broker when there is nothing new: bounds
+    # the latency the ledger's answers add to the saga (at the cost of more idle fetches).
+    points_fetch_max_wait_ms: int = Field(default=20, ge=1, le=500)
     # Tier names from lowest to highest, as the ledger reports them in BalanceAfter.tier.
     tier_order: str = "Bronze,Silver,Gold"
     # Stock and coupon pool gauges are re-read from the database this often.

@@ -84,7 +84,8 @@ class FakeLedger:
         self.paused.set()  # set = running
         self._task: asyncio.Task | None = None
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=1)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None,
+                                          fetch_max_wait_ms=10)
 
     async def start(self) -> None:
         await self._producer.start()
