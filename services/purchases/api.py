@@ -17,11 +17,12 @@ from services.purchases.settings import PurchasesSettings
 from shared.events import utcnow
 from shared.runtime import ServiceRuntime
 
-STATUS_CODES = {"recorded": 201, "duplicate": 200, "conflict": 409, "rejected": 422}
+STATUS_CODES = {"recorded": 201, "duplicate": 200, "conflict": 409, "rejected": 422, "parked": 202}
 
 
 class OutcomeOut(BaseModel):
-    status: str = Field(description="recorded | duplicate | conflict | rejected")
+    status: str = Field(description="recorded | duplicate | conflict | rejected | parked (a webhook return "
+                              "waiting for its sale)")
     purchase_id: str | None = None
     event_id: str | None = None
     reason: str | None = None

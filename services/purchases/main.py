@@ -1,5 +1,7 @@
 """Composition root of the purchases service: the only place that wires real adapters."""
 
+import asyncio
+import logging
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -13,6 +15,8 @@ from shared.events import utcnow
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
 from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "Front door for POS terminals and e-shops: validates, de-duplicates and records purchases and "
@@ -34,6 +38,21 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
     recorder = PurchaseRecorder(settings=settings, clock=clock)
     register_handlers(runtime.broker, settings=settings, recorder=recorder,
                       pool_getter=lambda: runtime.pool, on_committed=lambda: runtime.relay.wake())
+    async def expire_parked_returns_forever() -> None:
+        interval_s = max(1.0, min(settings.return_park_s / 4, 30.0))
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                async with runtime.pool.acquire() as conn:
+                    if await recorder.expire_parked_returns(conn):
+                        runtime.relay.wake()
+            except Exception:
+                log.exception("expiring parked returns failed; will retry")
+
+    async def start_background() -> None:
+        runtime.spawn(expire_parked_returns_forever(), "parked-returns")
+
+    runtime.on_start(start_background)
     app = create_service_app(runtime, title="Loyalty purchases", description=DESCRIPTION)
     app.include_router(create_router(runtime, recorder, settings))
     app.add_exception_handler(RequestValidationError, validation_error_handler)

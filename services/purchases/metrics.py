@@ -6,6 +6,7 @@ RECEIVED = Counter("purchases_received_total", "Inputs received, per door", ["do
 RECORDED = Counter("purchases_recorded_total", "Purchases recorded, per door and type", ["door", "type"])
 DUPLICATES = Counter("purchases_duplicates_total", "Identical resends recognised and ignored", ["door"])
 REJECTED = Counter("purchases_rejected_total", "Inputs refused, per door and reason", ["door", "reason"])
+PARKED = Counter("purchases_returns_parked_total", "Returns that arrived before their sale and wait for it", ["door"])
 CLAIMS = Counter("purchases_claims_total", "Claims of anonymous purchases, per outcome", ["outcome"])
 BATCH_SIZE = Histogram(
     "purchases_batch_size", "Inputs per processed batch", ["door"],

@@ -114,6 +114,43 @@ async def set_claimed(conn: asyncpg.Connection, *, source: str, purchase_id: str
     await conn.execute(_SET_CLAIMED, source, purchase_id, customer_id, claimed_at)
 
 
+_PARK_RETURN = """
+INSERT INTO parked_returns (source, purchase_id, original_purchase_id, door, purchase, original, correlation_id,
+                            kafka, parked_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb, $9)
+ON CONFLICT (source, purchase_id) DO NOTHING
+"""
+
+_UNPARK_FOR_SALES = """
+DELETE FROM parked_returns r
+USING unnest($1::text[], $2::text[]) AS k(source, purchase_id)
+WHERE r.source = k.source AND r.original_purchase_id = k.purchase_id
+RETURNING r.*
+"""
+
+_UNPARK_EXPIRED = """
+DELETE FROM parked_returns WHERE parked_at < $1 RETURNING *
+"""
+
+
+async def park_return(conn: asyncpg.Connection, *, purchase: PurchaseIn, door: str, original: bytes,
+                      correlation_id: str | None, kafka: dict[str, Any], parked_at: datetime) -> None:
+    await conn.execute(_PARK_RETURN, purchase.source, purchase.purchase_id, purchase.original_purchase_id, door,
+                       purchase.model_dump_json(), original, correlation_id, json.dumps(kafka), parked_at)
+
+
+async def unpark_returns_for(conn: asyncpg.Connection, *, sales: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
+    """Take (delete) the parked returns of these sales, oldest first."""
+    if not sales:
+        return []
+    rows = await conn.fetch(_UNPARK_FOR_SALES, [k[0] for k in sales], [k[1] for k in sales])
+    return sorted(rows, key=lambda r: r["parked_at"])
+
+
+async def unpark_expired(conn: asyncpg.Connection, *, parked_before: datetime) -> list[asyncpg.Record]:
+    return await conn.fetch(_UNPARK_EXPIRED, parked_before)
+
+
 def hash_api_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 

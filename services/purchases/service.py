@@ -7,7 +7,7 @@ import uuid
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -35,12 +35,14 @@ class Inbound:
     parsed: PurchaseIn | Rejection
     correlation_id: str | None = None
     kafka: dict[str, Any] = field(default_factory=dict)
+    # Doors with no caller waiting for an answer: refusals are dead-lettered, and a return
+    # that arrives before its sale is parked until the sale comes.
     dead_letter_on_reject: bool = True
 
 
 @dataclass
 class Outcome:
-    status: Literal["recorded", "duplicate", "rejected", "conflict"]
+    status: Literal["recorded", "duplicate", "rejected", "conflict", "parked"]
     purchase_id: str | None = None
     event_id: uuid.UUID | None = None
     reason: str | None = None
@@ -150,6 +152,16 @@ class PurchaseRecorder:
 
             # Returns one by one, in arrival order: each locks its sale, so concurrent
             # partial returns of one sale can never together return more than was bought.
+            # Returns parked earlier for the sales just recorded go first.
+            for row in await repository.unpark_returns_for(conn, sales=sorted(inserted)):
+                unparked = self._unparked(row)
+                outcome = await self._record_return(conn, unparked, now, messages)
+                if outcome.status in ("rejected", "conflict"):
+                    messages.append(dead_letter(self.dlq_topic, unparked.item,
+                                                Rejection(outcome.reason or "rejected", outcome.errors)))
+                    metrics.REJECTED.labels(unparked.item.door, outcome.reason or "rejected").inc()
+                elif outcome.status == "recorded":
+                    metrics.RECORDED.labels(unparked.item.door, "return").inc()
             for a in returns:
                 outcomes[a.index] = await self._record_return(conn, a, now, messages)
 
@@ -188,6 +200,10 @@ class PurchaseRecorder:
         row = await repository.lock_sale(conn, source=r.source, purchase_id=r.original_purchase_id or "")
         sale = repository.recorded_sale(row) if row is not None else None
         rejection = domain.check_return(r, sale)
+        if rejection is not None and rejection.reason == "unknown_original" and a.item.dead_letter_on_reject:
+            await repository.park_return(conn, purchase=r, door=a.item.door, original=a.item.original,
+                                         correlation_id=a.item.correlation_id, kafka=a.item.kafka, parked_at=now)
+            return Outcome("parked", r.purchase_id)
         if rejection is not None:
             return Outcome("rejected", r.purchase_id, reason=rejection.reason, errors=rejection.errors)
         assert sale is not None
@@ -203,6 +219,27 @@ class PurchaseRecorder:
         return self._recorded(a, sale.customer_id, now, messages)
 
     @staticmethod
+    def _unparked(row: asyncpg.Record) -> _Accepted:
+        purchase = PurchaseIn.model_validate_json(row["purchase"])
+        item = Inbound(door=row["door"], original=bytes(row["original"]), parsed=purchase,
+                       correlation_id=row["correlation_id"], kafka=json.loads(row["kafka"]))
+        return _Accepted(-1, item, purchase, purchase.content_hash())
+
+    async def expire_parked_returns(self, conn: asyncpg.Connection) -> int:
+        """Dead-letter returns whose sale never came within `return_park_s`."""
+        async with conn.transaction():
+            rows = await repository.unpark_expired(
+                conn, parked_before=self.clock() - timedelta(seconds=self._settings.return_park_s))
+            messages = []
+            for row in rows:
+                a = self._unparked(row)
+                rejection = domain.check_return(a.purchase, None)
+                messages.append(dead_letter(self.dlq_topic, a.item, rejection))
+                metrics.REJECTED.labels(a.item.door, rejection.reason).inc()
+            await enqueue(conn, messages)
+        return len(rows)
+
+    @staticmethod
     def _observe(items: Sequence[Inbound], outcomes: Sequence[Outcome | None], elapsed_s: float) -> None:
         doors = Tally(item.door for item in items)
         for door, n in doors.items():
@@ -216,6 +253,8 @@ class PurchaseRecorder:
         for (door, status, reason, kind), n in tally.items():
             if status == "recorded":
                 metrics.RECORDED.labels(door, kind).inc(n)
+            elif status == "parked":
+                metrics.PARKED.labels(door).inc(n)
             elif status == "duplicate":
                 metrics.DUPLICATES.labels(door).inc(n)
             else:

@@ -15,6 +15,9 @@ class PurchasesSettings(ServiceSettings):
     max_purchase_age_days: int = 400
     # How long after the sale an anonymous purchase can be claimed by a customer.
     claim_window_days: int = 30
+    # A return that arrives before its sale (from another partition or door) waits this long
+    # for the sale, then is dead-lettered as unknown_original.
+    return_park_s: int = 600
     max_batch_items: int = 500
     max_body_bytes: int = 1_000_000
     # E-shop webhooks: shared secrets (HMAC-SHA256) and the store id the orders are booked to.

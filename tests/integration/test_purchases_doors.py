@@ -167,3 +167,20 @@ async def test_service_documents_and_health(settings):
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": True, "broker": True}
     assert "/v1/purchases" in openapi["paths"] and "/v1/webhooks/shopify" in openapi["paths"]
     assert any("purchases.recorded" in name for name in json.dumps(asyncapi["channels"]).split('"'))
+
+
+async def test_a_return_that_arrives_before_its_sale_waits_for_it(base_env, kafka_bootstrap):
+    settings = purchases_settings(base_env, return_park_s=2)
+    s = sale(customer_id="erin")
+    early_return = return_of(s, {"l2": 1})
+    orphan = return_of(sale(), {"l1": 1})  # its sale never comes
+    async with running_purchases(settings):
+        await produce(kafka_bootstrap, settings.topic(PURCHASES_RAW), [early_return, orphan])
+        await asyncio.sleep(0.5)
+        await produce(kafka_bootstrap, settings.topic(PURCHASES_RAW), [s])
+        events = await consume(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), count=2)
+        [dead] = await consume(kafka_bootstrap, settings.topic(PURCHASES_DLQ), count=1, timeout_s=10)
+    assert [e["type"] for e in events] == ["PurchaseRecorded", "ReturnRecorded"]
+    assert events[1]["customer_id"] == "erin" and events[1]["payload"]["purchase_id"] == early_return["purchase_id"]
+    assert dead["reason"] == "unknown_original" and json.loads(dead["original"])["purchase_id"] == orphan["purchase_id"]
+    assert len(await recorded_rows(settings)) == 2
