@@ -10,7 +10,14 @@ import pytest_asyncio
 
 from tests.support import ledger as ledger_support
 from tests.support.kafka import unique
-from tests.support.rewards import ADMIN, bearer, eventually, rewards_settings, running_rewards
+from tests.support.rewards import (
+    ADMIN,
+    assert_bad_tokens_refused,
+    bearer,
+    eventually,
+    rewards_settings,
+    running_rewards,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -171,3 +178,43 @@ async def test_a_customer_unknown_to_the_ledger_is_refused_by_the_ledger(service
     reward = await add_reward(client, cost_points=1)
     body = (await redeem(client, bearer(unique("c-stranger-"), settings), reward["reward_id"])).json()
     assert body["status"] == "failed" and body["failure_reason"] == "account_unknown"
+
+
+async def test_customer_a_cannot_read_redeem_or_cancel_on_customer_b(services, settings):
+    client, ledger_client = services
+    reward = await add_reward(client, cost_points=10)
+    [(alice, alice_h), (bob, bob_h)] = await fund(ledger_client, client, settings, 100, count=2)
+    mine = (await redeem(client, alice_h, reward["reward_id"], key="shared-key")).json()
+    assert mine["status"] == "fulfilled"
+    rid = mine["redemption_id"]
+
+    read = await client.get(f"/v1/redemptions/{rid}", headers=bob_h)
+    cancel = await client.post(f"/v1/redemptions/{rid}/cancel", headers=bob_h)
+    listing = await client.get("/v1/redemptions", headers=bob_h)
+    catalog = await client.get("/v1/rewards", headers=bob_h)
+    # Bob replaying Alice's key creates Bob's own redemption, paid with Bob's points.
+    bobs_own = (await redeem(client, bob_h, reward["reward_id"], key="shared-key")).json()
+
+    assert read.status_code == 404 and cancel.status_code == 404
+    assert listing.json()["redemptions"] == []
+    assert catalog.json()["customer_id"] == bob
+    assert bobs_own["redemption_id"] != rid and bobs_own["status"] == "fulfilled"
+    balances = await settled_balances(ledger_client, [alice, bob])
+    assert balances[alice]["available_points"] == 90 and balances[bob]["available_points"] == 90
+    alice_view = (await client.get(f"/v1/redemptions/{rid}", headers=alice_h)).json()
+    assert alice_view["status"] == "fulfilled"
+
+
+async def test_expired_tampered_and_alg_none_tokens_are_refused_on_every_endpoint(services, settings):
+    client, ledger_client = services
+    reward = await add_reward(client, cost_points=10)
+    [(victim, headers)] = await fund(ledger_client, client, settings, 100, count=1)
+    mine = (await redeem(client, headers, reward["reward_id"])).json()
+    assert mine["status"] == "fulfilled"
+
+    await assert_bad_tokens_refused(client, settings, victim=victim, redemption_id=mine["redemption_id"],
+                                    reward_id=reward["reward_id"])
+
+    assert (await settled_balances(ledger_client, [victim]))[victim]["available_points"] == 90
+    assert (await client.get(f"/v1/redemptions/{mine['redemption_id']}", headers=headers)).json()["status"] == (
+        "fulfilled")

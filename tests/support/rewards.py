@@ -2,7 +2,9 @@
 the redemption saga on points.events the way the ledger's contract says (shared/events)."""
 
 import asyncio
+import base64
 import contextlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -139,8 +141,6 @@ class FakeLedger:
                                          key=customer_id.encode()))
 
     async def _run(self) -> None:
-        import json
-
         while True:
             await self.paused.wait()
             batch = await self._consumer.getmany(timeout_ms=20, max_records=500)
@@ -201,6 +201,41 @@ async def fake_ledger(bootstrap: str, settings: RewardsSettings):
         yield ledger
     finally:
         await ledger.stop()
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+async def assert_bad_tokens_refused(client: httpx.AsyncClient, settings: RewardsSettings, *, victim: str,
+                                    redemption_id: str, reward_id: str) -> None:
+    """Missing, expired, tampered, alg:none and wrong-audience tokens naming `victim` get 401
+    on every customer endpoint, including the ones that would act on the victim's redemption."""
+    good = bearer(victim, settings)["Authorization"].removeprefix("Bearer ")
+    header, _payload, signature = good.split(".")
+    now = int(utcnow().timestamp())
+    claims = {"sub": victim, "iss": settings.jwt_issuer, "aud": settings.jwt_audience, "iat": now, "exp": now + 600}
+    tokens = {
+        "missing": None,
+        "expired": bearer(victim, settings, now_s=now - 7200, ttl_s=60)["Authorization"].removeprefix("Bearer "),
+        # a payload swapped under the victim's real signature
+        "tampered": f"{header}.{_b64(claims | {'exp': now + 86_400 * 365})}.{signature}",
+        "alg_none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.",
+        "wrong_audience": bearer(victim, settings.model_copy(update={"jwt_audience": "other"}))[
+            "Authorization"].removeprefix("Bearer "),
+        "wrong_key": mint_token(victim, key="another-secret-" + "x" * 32, issuer=settings.jwt_issuer,
+                                audience=settings.jwt_audience),
+    }
+    endpoints = [("GET", "/v1/rewards", None), ("POST", "/v1/redemptions", {"reward_id": reward_id}),
+                 ("GET", f"/v1/redemptions/{redemption_id}", None), ("GET", "/v1/redemptions", None),
+                 ("POST", f"/v1/redemptions/{redemption_id}/cancel", None)]
+    for name, token in tokens.items():
+        headers = {"Idempotency-Key": f"bad-{name}"} | ({"Authorization": f"Bearer {token}"} if token else {})
+        for method, path, body in endpoints:
+            response = await client.request(method, path, json=body, headers=headers)
+            assert response.status_code == 401, (name, path, response.text)
+            assert response.json()["error"] in ("missing_token", "invalid_token"), (name, path)
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 async def eventually(predicate, *, timeout_s: float = 10.0, interval_s: float = 0.05):
