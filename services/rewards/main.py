@@ -60,6 +60,11 @@ def create_app(settings: RewardsSettings | None = None) -> FastAPI:
             name="rewards-recovery",
         )
         runtime.spawn(
+            service.run_periodically("outcome-poll", settings.saga_poll_interval_ms / 1000,
+                                     lambda: ctx.waiters.poll_once(ctx.pool)),
+            name="rewards-outcome-poll",
+        )
+        runtime.spawn(
             service.run_periodically("stock-metrics", settings.metrics_sample_interval_s,
                                      lambda: service.sample_stock_levels(ctx)),
             name="rewards-stock-metrics",

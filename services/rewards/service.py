@@ -58,8 +58,9 @@ class Clock(Protocol):
 
 class OutcomeWaiters:
     """In-process futures keyed by redemption_id, resolved after the commit that decided
-    the outcome. Only a shortcut: a waiter also polls the database, because another instance
-    may own the partition the ledger's answer arrives on."""
+    the outcome. The consumer's resolution is only a shortcut: with several instances the
+    ledger's answer may be consumed by another one, so `poll_once` (one query for all the
+    waiters, however many) also resolves the ones whose outcome is in the database."""
 
     def __init__(self) -> None:
         self._futures: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
@@ -81,6 +82,20 @@ class OutcomeWaiters:
             for fut in self._futures.pop(rid, ()):
                 if not fut.done():
                     fut.set_result(None)
+
+    def waiting(self) -> list[uuid.UUID]:
+        return list(self._futures)
+
+    async def poll_once(self, pool: asyncpg.Pool) -> int:
+        """Resolve the waiters whose redemption is no longer in flight; returns how many."""
+        ids = self.waiting()
+        if not ids:
+            return 0
+        async with pool.acquire() as conn:
+            statuses = await RewardsRepository(conn).statuses(redemption_ids=ids)
+        done = [rid for rid, status in statuses.items() if status not in domain.IN_FLIGHT]
+        self.resolve(done)
+        return len(done)
 
     def __len__(self) -> int:
         return len(self._futures)
@@ -336,27 +351,15 @@ async def request_redemption(
 
 
 async def wait_for_outcome(ctx: RewardsContext, redemption: Redemption) -> Redemption:
-    """The redemption once it is no longer in flight, or as it is when the wait runs out."""
+    """The redemption once it is no longer in flight, or as it is when the wait runs out.
+    An outcome committed before the future was registered is caught by the waiters' poll."""
     if redemption.status not in domain.IN_FLIGHT:
         return redemption
     fut = ctx.waiters.register(redemption.redemption_id)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.settings.saga_wait_ms / 1000
-    poll_s = ctx.settings.saga_poll_interval_ms / 1000
     try:
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout=min(poll_s, remaining))
-                break
-            except asyncio.TimeoutError:
-                pass
-            async with ctx.pool.acquire() as conn:
-                statuses = await RewardsRepository(conn).statuses(redemption_ids=[redemption.redemption_id])
-            if statuses.get(redemption.redemption_id) not in domain.IN_FLIGHT:
-                break
+        await asyncio.wait_for(fut, timeout=ctx.settings.saga_wait_ms / 1000)
+    except asyncio.TimeoutError:
+        pass
     finally:
         ctx.waiters.discard(redemption.redemption_id, fut)
     async with ctx.pool.acquire() as conn:

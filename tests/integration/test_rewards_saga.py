@@ -426,3 +426,18 @@ async def test_metrics_report_outcomes_latency_and_stock(rewards, settings):
     text = await eventually(sampled)
     assert 'rewards_redemptions_total{outcome="fulfilled",reason=""}' in text
     assert 'rewards_redemption_latency_seconds_count{outcome="fulfilled"}' in text
+
+
+async def test_a_waiter_learns_an_outcome_committed_elsewhere_from_the_database(rewards, settings):
+    # Another instance may consume the ledger's answer: its commit never resolves our future.
+    app, client, ledger = rewards
+    reward = await add_reward(client, cost_points=10)
+    _, headers = await funded_customer(client, ledger, settings, 10)
+    done = (await redeem(client, headers, reward["reward_id"])).json()
+    waiters = service.OutcomeWaiters()
+    fut = waiters.register(uuid.UUID(done["redemption_id"]))
+    pending = waiters.register(uuid.uuid4())  # unknown to the database: stays unresolved
+
+    resolved = await waiters.poll_once(app.state.rewards.pool)
+
+    assert resolved == 1 and fut.done() and not pending.done()
