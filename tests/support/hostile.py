@@ -8,6 +8,8 @@ import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -130,6 +132,48 @@ def mutated_purchases(valid: Callable[[], dict[str, Any]]) -> st.SearchStrategy[
     return build()
 
 
+def json_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path (keys and list indices) into a JSON document, the root excluded."""
+    paths = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        paths.append(prefix + (k,))
+        paths.extend(json_paths(v, prefix + (k,)))
+    return paths
+
+
+_DELETE = object()
+
+
+def replaced(document: Any, path: tuple, new: Any) -> Any:
+    """A deep copy of `document` with the value at `path` replaced (or removed: _DELETE)."""
+    copy = json.loads(json.dumps(document))
+    target = copy
+    for k in path[:-1]:
+        target = target[k]
+    if new is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = new
+    return copy
+
+
+def mutated_documents(build: Callable[[], Any], *, skip: Iterable[tuple] = ()) -> st.SearchStrategy[Any]:
+    """A document from `build()` with one value anywhere in it replaced by an arbitrary JSON
+    value, a hostile string, a huge or odd number, or removed (paths in `skip` left alone)."""
+    skipped = set(skip)
+    oddities = st.sampled_from([10**400, -1, 0, 1e308, -0.0, "1e999999", "NaN", "-0", "", " ", "0x10", [], {}])
+
+    @st.composite
+    def build_one(draw: st.DrawFn) -> Any:
+        document = build()
+        path = draw(st.sampled_from([p for p in json_paths(document) if p not in skipped]))
+        new = draw(st.one_of(json_values(), oddities, st.just(_DELETE)))
+        return replaced(document, path, new)
+
+    return build_one()
+
+
 def collect(strategy: st.SearchStrategy[Any], max_examples: int) -> list[Any]:
     """Examples of `strategy`, reproducibly (derandomized), without running a test per
     example: the examples are then sent to a running service in one go."""
@@ -146,6 +190,40 @@ def collect(strategy: st.SearchStrategy[Any], max_examples: int) -> list[Any]:
     except Unsatisfiable:
         pass  # nothing can be generated in this mode (e.g. no parameters to break)
     return out
+
+
+# ---- e-shop webhooks ----------------------------------------------------------------------
+
+WEBHOOK_FIXTURES = Path(__file__).parents[1] / "fixtures" / "webhooks"
+
+
+def _fixture(name: str) -> dict[str, Any]:
+    return json.loads((WEBHOOK_FIXTURES / name).read_text())
+
+
+def _fresh_int() -> int:
+    return int(uuid.uuid4().int % 10**12)
+
+
+def shopify_order() -> dict[str, Any]:
+    """The orders/paid fixture with a fresh id and current timestamps."""
+    now = datetime.now(timezone.utc)
+    return {**_fixture("shopify_orders_paid.json"), "id": _fresh_int(),
+            "processed_at": (now - timedelta(minutes=5)).isoformat(), "created_at": now.isoformat(),
+            "updated_at": now.isoformat()}
+
+
+def shopify_refund(order_id: int) -> dict[str, Any]:
+    now = datetime.now(timezone.utc).isoformat()
+    return {**_fixture("shopify_refunds_create.json"), "id": _fresh_int(), "order_id": order_id, "created_at": now,
+            "processed_at": now}
+
+
+def woo_order() -> dict[str, Any]:
+    now = datetime.now(timezone.utc).replace(microsecond=0, tzinfo=None)
+    return {**_fixture("woocommerce_order_processing.json"), "id": _fresh_int(),
+            "date_created_gmt": (now - timedelta(minutes=5)).isoformat(), "date_modified_gmt": now.isoformat(),
+            "date_paid_gmt": now.isoformat()}
 
 
 # ---- Schemathesis ------------------------------------------------------------------------
@@ -270,6 +348,20 @@ async def serving(app: Any, base_url: str):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
                                      base_url=base_url, timeout=30) as client:
             yield client
+
+
+@contextlib.asynccontextmanager
+async def running_purchases(settings: Any, *, api_keys: dict[str, str] | None = None):
+    """The purchases service in this process with store API keys provisioned; a 500 comes
+    back as a response (not an exception) so that assertions can show it."""
+    from services.purchases import repository
+    from services.purchases.main import create_app
+
+    app = create_app(settings)
+    async with serving(app, "http://purchases") as client:
+        for key, store in (api_keys or {"key-store-1": "store-1"}).items():
+            await repository.add_api_key(app.state.runtime.pool, key=key, store_id=store)
+        yield app, client
 
 
 # ---- observations -------------------------------------------------------------------------
