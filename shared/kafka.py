@@ -1,6 +1,7 @@
 """Kafka plumbing: client options from settings, the FastStream broker, a raw producer."""
 
 import json
+import logging
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -64,6 +65,9 @@ def create_broker(settings: ServiceSettings, *, client_id: str, description: str
         acks="all",
         allow_auto_create_topics=False,
         description=description,
+        # FastStream logs every consumed message or batch at this level: keep it below INFO so
+        # the hot path does not pay for a log line per batch.
+        log_level=logging.DEBUG,
     )
 
 
