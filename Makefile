@@ -11,7 +11,7 @@ help:
 	@echo "make up     start broker, PostgreSQL and every service in the background (idempotent)"
 	@echo "make down   stop everything make up started"
 	@echo "make test   the whole test suite against its own broker and PostgreSQL"
-	@echo "make bench  benchmarks (print figures)"
+	@echo "make bench  end-to-end load benchmark, prints figures (BENCH_SIZE=quick for a short run)"
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,11 @@ test-integration: venv
 test-e2e: venv
 	$(PY) -m pytest -q tests/e2e
 
+# BENCH_SIZE=quick for a run that fits in CI; full (default) sustains a minute and more.
+BENCH_SIZE ?= full
 bench: venv
-	$(PY) -m bench.purchases_ingest
+	$(PY) -m deploy.local.ensure_postgres
+	$(PY) -m bench.e2e --size $(BENCH_SIZE)
 
 clean: down
 	rm -rf .run $(VENV)
