@@ -27,7 +27,7 @@ from services.ledger.domain import (
 
 # ---- customers and accounts -----------------------------------------------------------------
 
-_ENSURE_CUSTOMERS = """
+_INSERT_CUSTOMERS = """
 WITH new AS (
     INSERT INTO customers (customer_id, tier)
     SELECT id, $2 FROM unnest($1::text[]) AS id
@@ -41,13 +41,11 @@ FROM new CROSS JOIN unnest(ARRAY['available', 'pending', 'debt']) AS k
 
 # ORDER BY before FOR UPDATE: rows are locked in customer_id order by every transaction, so
 # two batches touching the same customers cannot deadlock each other.
-_LOCK_CUSTOMERS = """
-SELECT c.customer_id, c.tier, c.has_purchased,
+_SELECT_CUSTOMERS = """
+SELECT c.customer_id, c.tier, c.has_purchased, c.qualifying_points,
        a.debits_pending AS a_dpe, a.debits_posted AS a_dpo, a.credits_pending AS a_cpe, a.credits_posted AS a_cpo,
        p.debits_posted AS p_dpo, p.credits_posted AS p_cpo,
-       d.debits_posted AS d_dpo, d.credits_posted AS d_cpo,
-       (SELECT coalesce(sum(l.earned_points - l.reversed_points), 0) FROM lots l
-        WHERE l.customer_id = c.customer_id AND l.qualifying AND l.occurred_at > $2) AS qualifying_points
+       d.debits_posted AS d_dpo, d.credits_posted AS d_cpo
 FROM customers c
 JOIN accounts a ON a.account_id = 'customer:' || c.customer_id || ':available'
 JOIN accounts p ON p.account_id = 'customer:' || c.customer_id || ':pending'
@@ -56,9 +54,16 @@ WHERE c.customer_id = ANY($1::text[])
 ORDER BY c.customer_id
 """
 
+_QUALIFYING = """
+SELECT customer_id, sum(earned_points - reversed_points) AS points FROM lots
+WHERE customer_id = ANY($1::text[]) AND qualifying AND occurred_at > $2
+GROUP BY customer_id
+"""
+
 _UPDATE_CUSTOMERS = """
-UPDATE customers c SET tier = u.tier, has_purchased = u.has_purchased, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::bool[]) AS u(customer_id, tier, has_purchased)
+UPDATE customers c SET tier = u.tier, has_purchased = u.has_purchased, qualifying_points = u.qualifying,
+    updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bool[], $4::int[]) AS u(customer_id, tier, has_purchased, qualifying)
 WHERE c.customer_id = u.customer_id
 """
 
@@ -84,33 +89,43 @@ def _book(row: asyncpg.Record) -> CustomerBook:
     )
 
 
-async def ensure_customers(conn: asyncpg.Connection, *, customer_ids: Sequence[str], entry_tier: str) -> None:
-    if customer_ids:
-        await conn.execute(_ENSURE_CUSTOMERS, list(customer_ids), entry_tier)
-
-
 async def lock_customers(
-    conn: asyncpg.Connection, *, customer_ids: Iterable[str], window_start: datetime
+    conn: asyncpg.Connection, *, customer_ids: Iterable[str], create_with_tier: str | None = None
 ) -> dict[str, CustomerBook]:
     """Lock the customers' rows for the rest of the transaction (the per-customer mutex of
-    every change to their points) and load their books without lots."""
+    every change to their points) and load their books without lots. With
+    `create_with_tier`, customers not known yet are created first. One round trip when
+    every customer exists (the usual case): the insert runs only for the missing ones,
+    and whatever it did not insert (a concurrent transaction did) is locked after it."""
     ids = sorted(set(customer_ids))
     if not ids:
         return {}
-    rows = await conn.fetch(_LOCK_CUSTOMERS + " FOR UPDATE OF c", ids, window_start)
-    return {r["customer_id"]: _book(r) for r in rows}
+    rows = await conn.fetch(_SELECT_CUSTOMERS + " FOR UPDATE OF c", ids)
+    books = {r["customer_id"]: _book(r) for r in rows}
+    missing = [c for c in ids if c not in books]
+    if missing and create_with_tier is not None:
+        await conn.execute(_INSERT_CUSTOMERS, missing, create_with_tier)
+        rows = await conn.fetch(_SELECT_CUSTOMERS + " FOR UPDATE OF c", missing)
+        books.update((r["customer_id"], _book(r)) for r in rows)
+    return books
 
 
-async def read_customer(conn: asyncpg.Connection, *, customer_id: str, window_start: datetime) -> CustomerBook | None:
-    row = await conn.fetchrow(_LOCK_CUSTOMERS, [customer_id], window_start)
+async def read_customer(conn: asyncpg.Connection, *, customer_id: str) -> CustomerBook | None:
+    row = await conn.fetchrow(_SELECT_CUSTOMERS, [customer_id])
     return _book(row) if row else None
+
+
+async def qualifying_points(conn: asyncpg.Connection, *, customer_ids: Sequence[str], window_start: datetime) -> dict[str, int]:
+    """The windowed sum from the lots (the customer row keeps a running figure)."""
+    rows = await conn.fetch(_QUALIFYING, list(customer_ids), window_start)
+    return {r["customer_id"]: int(r["points"]) for r in rows}
 
 
 async def update_customers(conn: asyncpg.Connection, *, books: Iterable[CustomerBook]) -> None:
     changed = [b for b in books if b.changed]
     if changed:
         await conn.execute(_UPDATE_CUSTOMERS, [b.customer_id for b in changed], [b.tier for b in changed],
-                           [b.has_purchased for b in changed])
+                           [b.has_purchased for b in changed], [b.qualifying_points for b in changed])
 
 
 def account_deltas(transfers: Iterable[Transfer]) -> dict[str, list[int]]:
@@ -378,6 +393,7 @@ async def insert_program(conn: asyncpg.Connection, *, document: dict[str, Any], 
 _DUE_CUSTOMERS = """
 SELECT customer_id FROM (
     SELECT customer_id FROM lots WHERE pending AND matures_at <= $1
+    UNION SELECT customer_id FROM lots WHERE remaining_points > 0 AND NOT pending AND expires_at <= $1
     UNION SELECT customer_id FROM lots WHERE remaining_points > 0 AND NOT pending AND expires_at <= $2
                                               AND reminded_on IS NULL
     UNION SELECT customer_id FROM holds WHERE state = 'held' AND expires_at <= $1
@@ -397,6 +413,17 @@ async def due_customers(
     timed out, or qualifying points that left the tier window (from, until]."""
     rows = await conn.fetch(_DUE_CUSTOMERS, now, remind_until, aged_out_from, aged_out_until, after, limit)
     return [r["customer_id"] for r in rows]
+
+
+async def scheduler_mark(conn: asyncpg.Connection, *, name: str) -> datetime | None:
+    return await conn.fetchval("SELECT value FROM scheduler_marks WHERE name = $1", name)
+
+
+async def set_scheduler_mark(conn: asyncpg.Connection, *, name: str, value: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO scheduler_marks (name, value) VALUES ($1, $2)"
+        " ON CONFLICT (name) DO UPDATE SET value = greatest(scheduler_marks.value, EXCLUDED.value)",
+        name, value)
 
 
 # ---- read side and metrics ------------------------------------------------------------------

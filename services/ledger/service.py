@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -220,7 +221,8 @@ def _dead_letter(ledger: Ledger, item: Decoded, now: datetime) -> OutboxMessage:
 
 
 def _balance(b: d.Balance) -> BalanceAfter:
-    return BalanceAfter(
+    # model_construct: our own integers and strings need no validation (hot path).
+    return BalanceAfter.model_construct(
         available_points=b.available_points, pending_points=b.pending_points, held_points=b.held_points,
         debt_points=b.debt_points, tier=b.tier, qualifying_points=b.qualifying_points,
     )
@@ -238,9 +240,11 @@ class Emitter:
     def emit(self, cls: type[Envelope[Any]], payload: BaseModel, *, customer_id: str, cause: str,
              correlation_id: str | None = None, causation_id: str | None = None) -> None:
         event_id = derived_event_id("ledger", cls.__name__, cause)
-        event = cls(event_id=event_id, occurred_at=self._now, recorded_at=self._now, producer=PRODUCER,
-                    correlation_id=correlation_id or str(event_id), causation_id=causation_id,
-                    customer_id=customer_id, payload=payload)
+        # model_construct: every field is built here from validated data; skipping validation
+        # halves the cost of an event on the hot path. The payloads are validated models.
+        event = cls.model_construct(event_id=event_id, occurred_at=self._now, recorded_at=self._now,
+                                    producer=PRODUCER, correlation_id=correlation_id or str(event_id),
+                                    causation_id=causation_id, customer_id=customer_id, payload=payload)
         # Built directly rather than with OutboxMessage.event, which serialises twice.
         self.messages.append(OutboxMessage(self._topic, customer_id, event.model_dump_json().encode(),
                                            {"type": cls.__name__, "correlation_id": event.correlation_id}))
@@ -272,13 +276,11 @@ class UnitOfWork:
     def window_start(self) -> datetime:
         return self.now - timedelta(days=self.program.tier_window_days)
 
-    async def ensure_customers(self, customer_ids: Sequence[str]) -> None:
-        await repo.ensure_customers(self.conn, customer_ids=sorted(set(customer_ids)),
-                                    entry_tier=self.program.tiers[0].name)
-
-    async def lock(self, customer_ids: Sequence[str]) -> None:
+    async def lock(self, customer_ids: Sequence[str], *, create: bool = False) -> None:
         wanted = [c for c in set(customer_ids) if c not in self.books]
-        for book in (await repo.lock_customers(self.conn, customer_ids=wanted, window_start=self.window_start)).values():
+        found = await repo.lock_customers(self.conn, customer_ids=wanted,
+                                          create_with_tier=self.program.tiers[0].name if create else None)
+        for book in found.values():
             self.books[book.customer_id] = book
             self.journal.accounts.update(book.accounts())
 
@@ -309,16 +311,20 @@ class UnitOfWork:
 
     def count_postings(self) -> None:
         """After commit: the business counters, from what was actually written."""
+        by_code: Tally[d.Code] = Tally()
+        points: Tally[d.Code] = Tally()
+        issued = 0
         for t in self.journal.transfers:
-            metrics.POSTINGS.labels(t.code.value).inc()
+            by_code[t.code] += 1
+            points[t.code] += t.amount_points
             if t.debit_account_id == d.ISSUANCE:
-                metrics.POINTS_ISSUED.inc(t.amount_points)
-            elif t.code is d.Code.REVERSE or t.code is d.Code.DEBT:
-                metrics.POINTS_REVERSED.inc(t.amount_points)
-            elif t.code is d.Code.POST:
-                metrics.POINTS_REDEEMED.inc(t.amount_points)
-            elif t.code is d.Code.EXPIRE:
-                metrics.POINTS_EXPIRED.inc(t.amount_points)
+                issued += t.amount_points
+        for code, n in by_code.items():
+            metrics.POSTINGS.labels(code.value).inc(n)
+        metrics.POINTS_ISSUED.inc(issued)
+        metrics.POINTS_REVERSED.inc(points[d.Code.REVERSE] + points[d.Code.DEBT])
+        metrics.POINTS_REDEEMED.inc(points[d.Code.POST])
+        metrics.POINTS_EXPIRED.inc(points[d.Code.EXPIRE])
 
 
 @dataclass
@@ -370,10 +376,11 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
         uow = UnitOfWork(conn, ledger, now)
         program, version = uow.program, uow.rule_version
         out = Emitter(ledger, now)
+        applied: Tally[str] = Tally()
         sales = [i for i in fresh if i.event is not None and i.event.type != "ReturnRecorded" and i.event.customer_id]
         returns = [i for i in fresh if i.event is not None and i.event.type == "ReturnRecorded"]
-        await uow.ensure_customers([i.event.customer_id for i in sales])
-        await uow.lock([i.event.customer_id for i in sales + returns if i.event.customer_id])
+        await uow.lock([i.event.customer_id for i in sales], create=True)
+        await uow.lock([i.event.customer_id for i in returns if i.event.customer_id])
         earned = await repo.purchases_with_lots(conn, purchase_ids=[i.event.payload.purchase_id for i in sales])
         lots_by_purchase = await repo.lots_of_purchases(
             conn, purchase_ids=[i.event.payload.original_purchase_id for i in returns
@@ -396,7 +403,7 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                 out.messages.append(_dead_letter(ledger, item, now))
                 result.dead_lettered += 1
                 continue
-            metrics.EVENTS.labels(event.type, "applied").inc()
+            applied[event.type] += 1
             p = event.payload
             cid, cause = event.customer_id, str(event.event_id)
             try:
@@ -423,7 +430,7 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                 if isinstance(o, d.Earned):
                     lots_by_purchase[p.purchase_id] = o.lot
                     e = o.earning
-                    out.emit(PointsEarned, PointsEarnedPayload(
+                    out.emit(PointsEarned, PointsEarnedPayload.model_construct(
                         amount_points=e.points, balance=_balance(o.balance), purchase_id=p.purchase_id,
                         source=p.source, rule_version=version, pending=o.lot.pending,
                         matures_at=o.lot.matures_at if o.lot.pending else None, expires_at=o.lot.expires_at,
@@ -443,6 +450,8 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             result.processed += 1
         await uow.save(out.messages)
     uow.count_postings()
+    for event_type, n in applied.items():
+        metrics.EVENTS.labels(event_type, "applied").inc(n)
     result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
     metrics.BATCH_SIZE.labels("purchases").observe(len(records))
     metrics.BATCH_SECONDS.labels("purchases").observe(time.perf_counter() - started)
@@ -617,22 +626,26 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
     s = ledger.settings
     program = ledger.programs.program
     window = timedelta(days=program.tier_window_days)
-    # Re-tier whoever had qualifying points leave the window lately; a margin of a few
-    # intervals covers restarts, and re-tiering twice changes nothing.
-    lookback = max(timedelta(seconds=s.scheduler_interval_s * 3), timedelta(days=1))
+    # Re-tier whoever had qualifying points leave the window since the last complete run
+    # (a persisted mark); re-tiering twice changes nothing, so a crash mid-run costs nothing.
+    aged_out_until = now - window
+    async with pool.acquire() as conn:
+        aged_out_from = await repo.scheduler_mark(conn, name="aged_out_until") or aged_out_until - timedelta(days=1)
     run = SchedulerRun()
     after = ""
     while True:
         async with pool.acquire() as conn:
             chunk = await repo.due_customers(
                 conn, now=now, remind_until=now + timedelta(days=s.expiry_reminder_days),
-                aged_out_from=now - window - lookback, aged_out_until=now - window, after=after,
+                aged_out_from=min(aged_out_from, aged_out_until), aged_out_until=aged_out_until, after=after,
                 limit=s.scheduler_batch_customers)
             if not chunk:
                 break
             after = chunk[-1]
             async with conn.transaction():
                 await _schedule_chunk(conn, ledger, chunk, now, run)
+    async with pool.acquire() as conn:
+        await repo.set_scheduler_mark(conn, name="aged_out_until", value=aged_out_until)
     metrics.SCHEDULER_SECONDS.observe(time.perf_counter() - started)
     return run
 
@@ -643,6 +656,7 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
     out = Emitter(ledger, now)
     await uow.lock(chunk)
     ids = sorted(uow.books)
+    qualifying = await repo.qualifying_points(conn, customer_ids=ids, window_start=uow.window_start)
     uow.attach_lots(await repo.open_lots(conn, customer_ids=ids))
     uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=ids, now=now))
     remind_until = now + timedelta(days=ledger.settings.expiry_reminder_days)
@@ -687,7 +701,7 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
             out.emit(PointsWillExpire, PointsWillExpirePayload(amount_points=points, balance=_balance(book.balance()),
                                                                expires_on=day),
                      customer_id=cid, cause=f"remind:{cid}:{day.isoformat()}")
-        moved_tier = d.requalify(book, uow.program, book.qualifying_points)
+        moved_tier = d.requalify(book, uow.program, qualifying.get(cid, 0))
         if moved_tier:
             run.tier_changes += 1
             out.tier_moved(moved_tier, cause=f"window:{cid}:{today.isoformat()}:{moved_tier.to_tier}")
@@ -720,8 +734,7 @@ async def adjust_points(
     now = ledger.clock()
     async with conn.transaction():
         uow = UnitOfWork(conn, ledger, now)
-        await uow.ensure_customers([customer_id])
-        await uow.lock([customer_id])
+        await uow.lock([customer_id], create=True)
         existing = await repo.find_adjustment(conn, adjustment_id=adjustment_id)
         if existing is not None:
             book = uow.books[existing["customer_id"]] if existing["customer_id"] in uow.books else None
@@ -757,9 +770,8 @@ class BalanceView:
 
 async def balance_of(conn: asyncpg.Connection, ledger: Ledger, customer_id: str) -> BalanceView | None:
     now = ledger.clock()
-    window_start = now - timedelta(days=ledger.programs.program.tier_window_days)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        book = await repo.read_customer(conn, customer_id=customer_id, window_start=window_start)
+        book = await repo.read_customer(conn, customer_id=customer_id)
         if book is None:
             return None
         nxt = await repo.next_expiry(conn, customer_id=customer_id)
@@ -786,8 +798,7 @@ async def simulate(
     now = ledger.clock()
     earned_today = 0
     if customer_id is not None:
-        window_start = now - timedelta(days=program.tier_window_days)
-        book = await repo.read_customer(conn, customer_id=customer_id, window_start=window_start)
+        book = await repo.read_customer(conn, customer_id=customer_id)
         if book is not None:
             tier = tier or book.tier
             first_purchase = book.has_purchased is False if first_purchase is None else first_purchase
