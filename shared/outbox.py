@@ -38,8 +38,9 @@ class OutboxMessage:
 
     @classmethod
     def event(cls, topic: str, event: BaseModel, *, key: str | None) -> "OutboxMessage":
-        data = event.model_dump(mode="json")
-        headers = {"type": str(data.get("type", "")), "correlation_id": str(data.get("correlation_id", ""))}
+        """An envelope as an outbox row; `type` and `correlation_id` also go in headers so
+        consumers can route or skip without parsing the body."""
+        headers = {"type": str(getattr(event, "type", "")), "correlation_id": str(getattr(event, "correlation_id", ""))}
         return cls(topic=topic, key=key, value=event.model_dump_json().encode(), headers=headers)
 
 

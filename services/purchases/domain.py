@@ -70,23 +70,18 @@ class PurchaseIn(BaseModel):
     def content_hash(self) -> bytes:
         """Same purchase, same hash, whatever the JSON spelling ("12.5" vs "12.50", key
         order, time zone): a resend is recognised as a duplicate, a change as a conflict."""
-        canonical = {
-            "purchase_id": self.purchase_id,
-            "type": self.type,
-            "original_purchase_id": self.original_purchase_id,
-            "source": self.source,
-            "store_id": self.store_id,
-            "customer_id": self.customer_id,
-            "occurred_at": self.occurred_at.astimezone(timezone.utc).isoformat(),
-            "currency": self.currency,
-            "total": _canonical_decimal(self.total),
-            "lines": [
-                [line.line_id, line.sku, line.category, line.quantity,
-                 _canonical_decimal(line.unit_price), _canonical_decimal(line.discount)]
-                for line in self.lines
-            ],
-        }
-        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).digest()
+        parts = [self.purchase_id, self.type, self.original_purchase_id or "", self.source, self.store_id,
+                 self.customer_id or "", str((self.occurred_at - _EPOCH) // _MICROSECOND), self.currency,
+                 _canonical_decimal(self.total)]
+        for line in self.lines:
+            parts += (line.line_id, line.sku, line.category, str(line.quantity), _canonical_decimal(line.unit_price),
+                      _canonical_decimal(line.discount))
+        # \x1f cannot occur inside a field (identifiers refuse control characters).
+        return hashlib.sha256("\x1f".join(parts).encode()).digest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _canonical_decimal(d: Decimal) -> str:
