@@ -20,18 +20,63 @@ import signal
 import time
 import uuid
 from collections import Counter
+from datetime import datetime
 
+import asyncpg
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.harness import Service, infra, percentile, progress, progress_done
 from services.rewards.token import mint_token
+from shared.topics import POINTS_EVENTS
 
 JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123"
 REWARDS_ADMIN = "bench-rewards-admin"
 LEDGER_ADMIN = "bench-ledger-admin"
 
 
-async def fire(client: httpx.AsyncClient, tokens: list[str], *, rate: float, seconds: float, label: str,
+class HttpPool:
+    """A minimal HTTP/1.1 keep-alive client: `size` persistent connections, one request at a
+    time each. httpx spends more CPU per request than the service under test at this rate
+    on two cores, which would measure the client instead of the saga."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port, self.size = host, port, size
+        self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def open(self) -> None:
+        for _ in range(self.size):
+            self._idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            _, writer = self._idle.get_nowait()
+            writer.close()
+
+    async def post(self, path: str, body: dict, headers: dict[str, str]) -> tuple[int, dict]:
+        reader, writer = await self._idle.get()
+        try:
+            data = json.dumps(body).encode()
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\n{head}\r\n".encode() + data)
+            await writer.drain()
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            payload = json.loads(await reader.readexactly(length)) if length else {}
+            self._idle.put_nowait((reader, writer))
+            return int(status_line.split()[1]), payload
+        except Exception:
+            writer.close()
+            self._idle.put_nowait(await asyncio.open_connection(self.host, self.port))
+            raise
+
+
+async def fire(pool: HttpPool, tokens: list[str], *, rate: float, seconds: float, label: str,
                results: list[tuple[float, int, str]]) -> float:
     """Open-loop: request i starts at t0 + i/rate. Returns the achieved request rate."""
     total = int(rate * seconds)
@@ -42,10 +87,9 @@ async def fire(client: httpx.AsyncClient, tokens: list[str], *, rate: float, sec
     async def one(i: int, scheduled: float) -> None:
         headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}", "Idempotency-Key": str(uuid.uuid4())}
         try:
-            response = await client.post("/v1/redemptions", json={"reward_id": "bench-voucher"}, headers=headers)
-            status = response.json().get("status", str(response.status_code))
-            code = response.status_code
-        except httpx.HTTPError as exc:
+            code, body = await pool.post("/v1/redemptions", {"reward_id": "bench-voucher"}, headers)
+            status = body.get("status", str(code))
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
             status, code = type(exc).__name__, 0
         results.append((loop.time() - scheduled, code, status))
 
@@ -74,8 +118,7 @@ async def run(args: argparse.Namespace) -> dict:
         await ledger.wait_ready()
         rewards.start()
         await rewards.wait_ready()
-        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-        async with httpx.AsyncClient(base_url=rewards.url, timeout=30, limits=limits) as client, \
+        async with httpx.AsyncClient(base_url=rewards.url, timeout=30) as client, \
                 httpx.AsyncClient(base_url=ledger.url, timeout=30) as ledger_client:
             response = await client.post("/v1/admin/rewards", headers={"X-Admin-Key": REWARDS_ADMIN}, json={
                 "reward_id": "bench-voucher", "name": "Bench voucher", "cost_points": 1, "kind": "voucher",
@@ -89,11 +132,17 @@ async def run(args: argparse.Namespace) -> dict:
                 )).raise_for_status()
             tokens = [mint_token(c, key=JWT_SECRET, issuer="loyalty-local", audience="loyalty-rewards",
                                  ttl_s=3600) for c in customers]
-            warm: list[tuple[float, int, str]] = []
-            await fire(client, tokens, rate=args.rate, seconds=args.warmup_seconds, label="warm-up", results=warm)
-            results: list[tuple[float, int, str]] = []
-            achieved = await fire(client, tokens, rate=args.rate, seconds=args.seconds, label="measured",
-                                  results=results)
+            pool = HttpPool("127.0.0.1", rewards.port, args.connections)
+            await pool.open()
+            try:
+                warm: list[tuple[float, int, str]] = []
+                await fire(pool, tokens, rate=args.rate, seconds=args.warmup_seconds, label="warm-up", results=warm)
+                results: list[tuple[float, int, str]] = []
+                achieved = await fire(pool, tokens, rate=args.rate, seconds=args.seconds, label="measured",
+                                      results=results)
+            finally:
+                await pool.close()
+            hops = await hop_breakdown(env.bootstrap, env.dsn())
     latencies_ms = sorted(r[0] * 1000 for r in results)
     outcomes = Counter(r[2] for r in results)
     return {
@@ -102,8 +151,51 @@ async def run(args: argparse.Namespace) -> dict:
         "http_202": sum(1 for r in results if r[1] == 202),
         "p50_ms": round(percentile(latencies_ms, 50), 1), "p90_ms": round(percentile(latencies_ms, 90), 1),
         "p99_ms": round(percentile(latencies_ms, 99), 1), "max_ms": round(latencies_ms[-1], 1),
-        "partitions": args.partitions, "fsync": not args.no_fsync,
+        "partitions": args.partitions, "fsync": not args.no_fsync, "hops_p50_p99_ms": hops,
     }
+
+
+async def hop_breakdown(bootstrap: str, dsn: str) -> dict[str, list[float]]:
+    """Where the time goes, per redemption, from the timestamps the two services recorded:
+    requested (rewards commit) -> held (ledger's PointsHeld) -> fulfilled (rewards commit)."""
+    rows = await fetch_rows(dsn, "SELECT redemption_id, requested_at, fulfilled_at FROM rewards.redemptions "
+                                 "WHERE status = 'fulfilled'")
+    held: dict[str, datetime] = {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(POINTS_EVENTS, p) for p in consumer.partitions_for_topic(POINTS_EVENTS) or []]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=200, max_records=5000)).values():
+                for r in records:
+                    event = json.loads(r.value)
+                    if event.get("type") == "PointsHeld":
+                        held[event["payload"]["redemption_id"]] = datetime.fromisoformat(event["recorded_at"])
+    finally:
+        await consumer.stop()
+    to_hold, to_fulfil = [], []
+    for row in rows:
+        h = held.get(str(row["redemption_id"]))
+        if h is not None:
+            to_hold.append((h - row["requested_at"]).total_seconds() * 1000)
+            to_fulfil.append((row["fulfilled_at"] - h).total_seconds() * 1000)
+    to_hold.sort()
+    to_fulfil.sort()
+    return {
+        "requested_to_held": [round(percentile(to_hold, 50), 1), round(percentile(to_hold, 99), 1)],
+        "held_to_fulfilled": [round(percentile(to_fulfil, 50), 1), round(percentile(to_fulfil, 99), 1)],
+    }
+
+
+async def fetch_rows(dsn: str, sql: str) -> list:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql)
+    finally:
+        await conn.close()
 
 
 def main() -> None:
@@ -113,6 +205,7 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=3.0)
     parser.add_argument("--customers", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=64, help="keep-alive HTTP connections of the client")
     parser.add_argument("--no-fsync", action="store_true", help="PostgreSQL without fsync (not the real figure)")
     args = parser.parse_args()
 
@@ -127,6 +220,9 @@ def main() -> None:
           f"{report['http_202']} answered 202")
     print(f"  p50 {report['p50_ms']} ms   p90 {report['p90_ms']} ms   p99 {report['p99_ms']} ms   "
           f"max {report['max_ms']} ms   (goal: p99 < 100 ms)")
+    hops = report["hops_p50_p99_ms"]
+    print(f"  requested -> ledger hold: p50 {hops['requested_to_held'][0]} ms, p99 {hops['requested_to_held'][1]} ms; "
+          f"hold -> fulfilled: p50 {hops['held_to_fulfilled'][0]} ms, p99 {hops['held_to_fulfilled'][1]} ms")
     print(json.dumps(report | {"wall_s": round(time.perf_counter() - started, 1)}))
 
 

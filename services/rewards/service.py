@@ -482,8 +482,12 @@ class BatchOutcome:
     """What a committed batch changed, for the waiters and the metrics."""
 
     finished: list[Redemption] = field(default_factory=list)
-    dead_lettered: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
     applied: int = 0
+
+    @property
+    def dead_lettered(self) -> int:
+        return len(self.dead_letter_reasons)
 
 
 async def apply_points_records(ctx: RewardsContext, records: Sequence[RawRecord]) -> BatchOutcome:
@@ -510,7 +514,7 @@ async def apply_points_records(ctx: RewardsContext, records: Sequence[RawRecord]
         outcome = await _apply_one_or_dead_letter(ctx, d, attempts=attempts)
         _after_commit(ctx, outcome)
         total.finished += outcome.finished
-        total.dead_lettered += outcome.dead_lettered
+        total.dead_letter_reasons += outcome.dead_letter_reasons
         total.applied += outcome.applied
     return total
 
@@ -530,8 +534,7 @@ async def _apply_one_or_dead_letter(ctx: RewardsContext, d: Decoded, *, attempts
             # Claimed so that a redelivery does not apply it after all.
             await claim_new(conn, consumer=POINTS_CONSUMER, event_ids=[d.event.event_id])
         await enqueue(conn, [_dead_letter(ctx, d, reason=reason, now=now)])
-    metrics.POINTS_EVENTS_DEAD_LETTERED.labels("processing_failed").inc()
-    return BatchOutcome(dead_lettered=1)
+    return BatchOutcome(dead_letter_reasons=["processing_failed"])
 
 
 def _after_commit(ctx: RewardsContext, outcome: BatchOutcome) -> None:
@@ -539,6 +542,8 @@ def _after_commit(ctx: RewardsContext, outcome: BatchOutcome) -> None:
     for r in outcome.finished:
         metrics.record_outcome(r.status, _reason_label(r.failure_reason))
         metrics.REDEMPTION_LATENCY.labels(r.status).observe(max((now - r.requested_at).total_seconds(), 0.0))
+    for reason in outcome.dead_letter_reasons:
+        metrics.POINTS_EVENTS_DEAD_LETTERED.labels(reason).inc()
     ctx.waiters.resolve([r.redemption_id for r in outcome.finished])
     if outcome.finished or outcome.dead_lettered:
         ctx.wake_relay()
@@ -559,8 +564,7 @@ async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> Bat
         for d in decoded:
             if d.error is not None:
                 messages.append(_dead_letter(ctx, d, reason=d.error, now=now))
-                outcome.dead_lettered += 1
-                metrics.POINTS_EVENTS_DEAD_LETTERED.labels(d.error).inc()
+                outcome.dead_letter_reasons.append(d.error)
         events = [d.event for d in decoded if d.event is not None]
         new_ids = await claim_new(conn, consumer=POINTS_CONSUMER, event_ids=[e.event_id for e in events])
         fresh = []
