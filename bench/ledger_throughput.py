@@ -7,8 +7,8 @@ transaction per message.
 Pre-loads N PurchaseRecorded envelopes into purchases.recorded, then starts the ledger as a
 process (`python -m services.ledger`) and counts PointsEarned on points.events: the figure is
 end to end (consume, rules, one transaction per batch, outbox, relay, publish). The naive run
-is the same service with LEDGER_CONSUMER_BATCH_MAX_RECORDS=1: one record per transaction, one
-offset commit per record. Prints both figures and a JSON line.
+is the same service with LEDGER_CONSUMER_BATCH_MAX_RECORDS=1 and one consumer: one record per
+transaction, one offset commit per record. Prints both figures and a JSON line.
 """
 
 import argparse
@@ -137,13 +137,30 @@ def start_ledger(env: dict[str, str], log_path: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def ledger_env(bootstrap: str, dsn: str, prefix: str, port: int, batch: int) -> dict[str, str]:
+def batch_figures(port: int) -> dict[str, float]:
+    """Mean batch size and mean time per batch, from the ledger's own /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("ledger_batch_size_sum", "ledger_batch_size_count", "ledger_batch_processing_seconds_sum"):
+            if line.startswith(name + '{stream="purchases"}'):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    count = values.get("ledger_batch_size_count") or 1
+    return {"mean_batch_size": values.get("ledger_batch_size_sum", 0) / count,
+            "mean_batch_ms": 1000 * values.get("ledger_batch_processing_seconds_sum", 0) / count,
+            "batches": count}
+
+
+def ledger_env(bootstrap: str, dsn: str, prefix: str, port: int, batch: int, consumers: int) -> dict[str, str]:
     return {
         "LEDGER_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "LEDGER_DATABASE_URL": dsn, "LEDGER_TOPIC_PREFIX": prefix,
         "LEDGER_TOPIC_PARTITIONS": str(PARTITIONS), "LEDGER_CONSUMER_GROUP_PREFIX": prefix.rstrip("."),
         "LEDGER_CONSUMER_SESSION_TIMEOUT_MS": "6000", "LEDGER_CONSUMER_HEARTBEAT_INTERVAL_MS": "1000",
         "LEDGER_CONSUMER_BATCH_MAX_RECORDS": str(batch), "LEDGER_HTTP_PORT": str(port), "LEDGER_LOG_LEVEL": "WARNING",
         "LEDGER_SCHEDULER_INTERVAL_S": "3600", "LEDGER_OUTBOX_BATCH_SIZE": "5000",
+        "LEDGER_PURCHASES_CONSUMERS": str(consumers),
     }
 
 
@@ -152,6 +169,8 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=2000, help="LEDGER_CONSUMER_BATCH_MAX_RECORDS of the ledger")
+    parser.add_argument("--consumers", type=int, default=2,
+                        help="LEDGER_PURCHASES_CONSUMERS of the ledger (the naive run has one)")
     parser.add_argument("--naive-seconds", type=float, default=20.0, help="how long to measure the naive consumer")
     parser.add_argument("--durable", action="store_true",
                         help="PostgreSQL with fsync and synchronous_commit on (default: off, as in the tests)")
@@ -179,17 +198,21 @@ async def main() -> None:
 
         # the ledger, micro-batches
         started = time.monotonic()
-        procs.append(start_ledger(ledger_env(bootstrap, cluster.dsn("bench_batch"), batch_prefix, free_port(),
-                                             args.batch), workdir / "ledger-batch.log"))
+        port = free_port()
+        procs.append(start_ledger(ledger_env(bootstrap, cluster.dsn("bench_batch"), batch_prefix, port,
+                                             args.batch, args.consumers), workdir / "ledger-batch.log"))
         batch = EarnedCounter(bootstrap, batch_prefix + POINTS_EVENTS)
         await batch.run_until(args.events, deadline_s=600, proc=procs[-1])
         wall_s = time.monotonic() - started
+        figures = batch_figures(port)
         stop_process_group(procs[-1].pid)
-        print(f"ledger (batches of up to {args.batch}): {batch.count:,} PointsEarned, "
-              f"sustained {batch.rate:,.0f} events/s (first to last event), {wall_s:.1f} s from process start")
+        print(f"ledger ({args.consumers} consumers, batches of up to {args.batch}): {batch.count:,} PointsEarned, "
+              f"sustained {batch.rate:,.0f} events/s (first to last event), {wall_s:.1f} s from process start; "
+              f"{figures['batches']:.0f} batches, mean {figures['mean_batch_size']:.0f} records, "
+              f"{figures['mean_batch_ms']:.0f} ms per batch transaction")
 
         # the naive consumer: one transaction and one commit per message
-        procs.append(start_ledger(ledger_env(bootstrap, cluster.dsn("bench_naive"), naive_prefix, free_port(), 1),
+        procs.append(start_ledger(ledger_env(bootstrap, cluster.dsn("bench_naive"), naive_prefix, free_port(), 1, 1),
                                   workdir / "ledger-naive.log"))
         naive = EarnedCounter(bootstrap, naive_prefix + POINTS_EVENTS)
         await naive.run_until(naive_events, deadline_s=120 + args.naive_seconds, window_s=args.naive_seconds,
@@ -200,9 +223,10 @@ async def main() -> None:
         speedup = batch.rate / naive.rate if naive.rate else float("inf")
         print(f"speed-up: x{speedup:.1f}; goal 10,000 events/s: {'met' if batch.rate >= 10_000 else 'NOT met'}")
         print(json.dumps({
-            "benchmark": "ledger_throughput", "events": args.events, "batch_max_records": args.batch,
+            "benchmark": "ledger_throughput", "events": args.events, "batch_max_records": args.batch, "consumers": args.consumers,
             "durable_postgres": args.durable, "cpus": os.cpu_count(),
-            "batched_events_per_s": round(batch.rate), "batched_earned": batch.count, "batched_wall_s": round(wall_s, 1),
+            "batched_events_per_s": round(batch.rate), "mean_batch_size": round(figures["mean_batch_size"]),
+            "mean_batch_ms": round(figures["mean_batch_ms"]), "batched_earned": batch.count, "batched_wall_s": round(wall_s, 1),
             "naive_events_per_s": round(naive.rate), "naive_earned": naive.count, "speedup": round(speedup, 1),
         }))
     finally:

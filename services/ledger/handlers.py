@@ -110,14 +110,23 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
     rewards = BatchConsumer(stream="rewards", consumer=REWARDS_CONSUMER, apply=apply_rewards, ledger=ledger,
                             pool_getter=pool_getter, on_committed=on_committed)
 
-    @broker.subscriber(
-        settings.topic(PURCHASES_RECORDED), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
-        title="purchases.recorded",
-        description="Sales, returns and claims: earn, reverse, earn on claim",
-        **consumer_options(settings, service="ledger", purpose="purchases"),
-    )
-    async def on_purchases(body: Any, message: KafkaMessage = Context("message")) -> None:
-        await purchases(message)
+    # Several consumers of purchases.recorded in one group and one process: each owns some
+    # partitions (so, some customers), and while one batch waits for PostgreSQL another is
+    # computed, which keeps both the interpreter and the database busy. A batch subscriber
+    # cannot do this by itself (FastStream's max_workers does not apply to batches).
+    for n in range(settings.purchases_consumers):
+        def make_handler() -> Callable[..., Any]:
+            async def on_purchases(body: Any, message: KafkaMessage = Context("message")) -> None:
+                await purchases(message)
+            on_purchases.__name__ = on_purchases.__qualname__ = f"on_purchases_{n}"
+            return on_purchases
+
+        broker.subscriber(
+            settings.topic(PURCHASES_RECORDED), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+            title=f"purchases.recorded#{n}",
+            description="Sales, returns and claims: earn, reverse, earn on claim",
+            **consumer_options(settings, service="ledger", purpose="purchases"),
+        )(make_handler())
 
     @broker.subscriber(
         settings.topic(REWARDS_EVENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,

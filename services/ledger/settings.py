@@ -26,6 +26,8 @@ class LedgerSettings(ServiceSettings):
     max_hold_timeout_s: int = Field(default=3600, gt=0)
     # PointsWillExpire goes out this many days before points expire.
     expiry_reminder_days: int = Field(default=30, ge=0)
+    # Consumers of purchases.recorded in this process (same group; at most the partition count).
+    purchases_consumers: int = Field(default=2, ge=1)
     # How often the scheduler matures, expires, reminds and voids timed-out holds.
     scheduler_interval_s: float = Field(default=60.0, gt=0)
     scheduler_batch_customers: int = Field(default=500, gt=0)

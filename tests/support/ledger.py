@@ -76,7 +76,8 @@ def redemption(type_: str, customer_id: str, redemption_id: uuid.UUID, cost_poin
 
 def ledger_settings(base_env: dict[str, str], **overrides: Any) -> LedgerSettings:
     values: dict[str, Any] = {k.lower(): v for k, v in base_env.items()}
-    values.update(admin_api_key=ADMIN_KEY, scheduler_interval_s=3600, metrics_interval_s=3600)
+    # One purchases consumer: each group join costs a second at start (the e2e test runs the default two).
+    values.update(admin_api_key=ADMIN_KEY, scheduler_interval_s=3600, metrics_interval_s=3600, purchases_consumers=1)
     values.update(overrides)
     return LedgerSettings(**values)
 
