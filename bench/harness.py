@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from deploy.local.infra import PgCluster, free_port, pid_alive, start_broker, stop_process_group
+from deploy.local.infra import PgCluster, _as_pg_user, free_port, pg_bindir, pid_alive, start_broker, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,3 +179,134 @@ def progress(text: str) -> None:
 def progress_done() -> None:
     sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+# ---- faults: pausing and restarting the infrastructure ----------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (found through /proc's parent pids), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # The command name may contain spaces: the fields after its closing parenthesis.
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def signal_pids(pids: list[int], sig: signal.Signals) -> int:
+    """Send `sig` to each pid that still exists; returns how many got it."""
+    sent = 0
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            sent += 1
+        except ProcessLookupError:
+            pass
+    return sent
+
+
+def pg_processes(pg: PgCluster) -> list[int]:
+    """The postmaster and every backend and auxiliary process it forked."""
+    pid = pg.postmaster_pid()
+    return process_tree(pid) if pid is not None else []
+
+
+@contextlib.asynccontextmanager
+async def paused(pids: list[int]):
+    """SIGSTOP `pids` for the duration of the block, SIGCONT on the way out (also on error).
+    A process forked while the parent is stopped cannot exist: the stopped parent forks nothing."""
+    signal_pids(pids, signal.SIGSTOP)
+    try:
+        yield len(pids)
+    finally:
+        signal_pids(pids, signal.SIGCONT)
+
+
+def pg_restart(pg: PgCluster, *, mode: str = "fast") -> None:
+    """pg_ctl restart: every connection is dropped and the cluster comes back with the same
+    options (pg_ctl reuses postmaster.opts)."""
+    subprocess.run(
+        _as_pg_user([str(pg_bindir() / "pg_ctl"), "restart", "-w", "-t", "60", "-m", mode, "-D", str(pg.datadir),
+                     "-l", str(pg.log_path)]),
+        check=True, capture_output=True,
+    )
+
+
+# ---- consumer lag -------------------------------------------------------------------------------
+
+
+async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """The next offset to be written, per partition. The embedded broker's ListOffsets can
+    lag behind what a fetch sees after a SIGSTOP (observed: 1741 listed, records up to 1742
+    fetched), so the high watermark of a fetch near the listed end counts too."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        listed = {tp: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, max(listed[tp] - 1, 0))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(consumer.highwater(tp) is None for tp in tps):
+            await consumer.getmany(timeout_ms=200, max_records=10)
+        return {tp.partition: max(listed[tp], consumer.highwater(tp) or 0) for tp in tps}
+    finally:
+        await consumer.stop()
+
+
+async def group_lag(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """Messages not yet committed by `group`, per partition. The partitions are named
+    explicitly: the embedded broker lists a group's offsets only then."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+    finally:
+        await admin.close()
+    ends = await end_offsets(bootstrap, topic, partitions)
+    lag = {}
+    for p, end in ends.items():
+        meta = committed.get(TopicPartition(topic, p))
+        done = meta.offset if meta is not None and meta.offset >= 0 else 0
+        lag[p] = end - done
+    return lag
+
+
+async def read_topic(bootstrap: str, topic: str, partitions: int) -> list:
+    """Every record of `topic` from offset 0 up to its current end, as aiokafka records."""
+    ends = await end_offsets(bootstrap, topic, partitions)
+    records: list = []
+    tps = [TopicPartition(topic, p) for p in range(partitions) if ends.get(p, 0) > 0]
+    if not tps:
+        return records
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        position = {tp.partition: 0 for tp in tps}
+        while any(position[tp.partition] < ends[tp.partition] for tp in tps):
+            batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            for tp, rs in batch.items():
+                for r in rs:
+                    if r.offset < ends[tp.partition]:
+                        records.append(r)
+                    position[tp.partition] = r.offset + 1
+    finally:
+        await consumer.stop()
+    return records
