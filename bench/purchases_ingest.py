@@ -275,6 +275,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's threads were ready to run but waited for a CPU (schedstat): on a
+    shared machine this tells a slow service from a busy machine."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
 def children_of(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -318,7 +330,8 @@ class Infra:
 
 
 def start_service(infra: Infra, *, bootstrap: str, dsn: str, http_port: int, args: argparse.Namespace) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The project first; an outer PYTHONPATH is kept (e.g. a sitecustomize that tries a patch).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.update({
         "PURCHASES_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "PURCHASES_DATABASE_URL": dsn,
@@ -379,6 +392,7 @@ async def measure(infra: Infra, *, bootstrap: str, dsn: str, workload: Workload,
         cluster = infra.cluster
         pg_pids = lambda: children_of(cluster.postmaster_pid() or -1)  # noqa: E731
         cpu0 = {"service": cpu_seconds([infra.service.pid]), "broker": cpu_seconds([infra.broker.pid])}
+        waits: dict[str, float] = {}  # the service's run-queue wait when it took its first and last input
         pg_cpu0 = {pid: cpu_seconds([pid]) for pid in pg_pids()}
         t: dict[str, float] = {}  # ready, first, inputs, recorded, dlq: when each was first seen
         counts: Counter = Counter()
@@ -404,8 +418,12 @@ async def measure(infra: Infra, *, bootstrap: str, dsn: str, workload: Workload,
                         start_profiler(infra, Path(args.profile))
                 if "first" not in t and counts["received"] > 0:
                     t["first"] = now
+                    waits["first"] = runqueue_wait_seconds(infra.service.pid)
+                    cpu0["service_at_first"] = cpu_seconds([infra.service.pid])
                 if "inputs" not in t and counts["received"] >= n:
                     t["inputs"] = now
+                    waits["inputs"] = runqueue_wait_seconds(infra.service.pid)
+                    cpu0["service_at_inputs"] = cpu_seconds([infra.service.pid])
                     if args.profile:
                         stop_profiler(infra)
                 sizes = {topic: reader.distinct(topic) for topic in (recorded_topic, dlq_topic)}
@@ -464,6 +482,12 @@ async def measure(infra: Infra, *, bootstrap: str, dsn: str, workload: Workload,
         "audit": audit,
         "db_rows": rows,
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
+        # While ingesting (first to last input): the service's own CPU per input, and how long
+        # it was runnable but waiting for a CPU taken by other processes.
+        "service_cpu_us_per_input": round((cpu0["service_at_inputs"] - cpu0["service_at_first"]) / n * 1e6),
+        "service_cpu_share_while_ingesting": round((cpu0["service_at_inputs"] - cpu0["service_at_first"]) / busy_s, 2),
+        "service_runqueue_wait_s": round(waits["inputs"] - waits["first"], 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "poll_resolution_s": 0.25,
     }
 
@@ -541,6 +565,9 @@ def print_table(f: dict, problems: list[str]) -> None:
                                f"{f['audit']['recorded']['distinct']:,} distinct, dlq {f['audit']['dlq']['messages']:,} / "
                                f"{f['audit']['dlq']['distinct']:,}"),
         ("CPU seconds (whole run)", ", ".join(f"{k} {v}" for k, v in f["cpu_s"].items())),
+        ("service while ingesting", f"{f['service_cpu_us_per_input']} us CPU per input, on a CPU "
+                                    f"{f['service_cpu_share_while_ingesting']:.0%} of the time, waited "
+                                    f"{f['service_runqueue_wait_s']} s for one (load average {f['load_average_1m']})"),
         ("check", "all inputs accounted for exactly" if not problems else "FAILED: " + "; ".join(problems)),
     ]
     width = max(len(k) for k, _ in rows)
