@@ -440,6 +440,11 @@ class Decoded:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
+# Failures that say nothing about the records: never a reason to dead-letter them.
+_DATABASE_AWAY = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                  asyncpg.TooManyConnectionsError, ConnectionError, OSError)
+
+
 def decode_points_record(record: RawRecord) -> Decoded:
     """Parse one record. Bad input is reported (for the dead-letter topic), never raised."""
     try:
@@ -502,7 +507,7 @@ async def apply_points_records(ctx: RewardsContext, records: Sequence[RawRecord]
             outcome = await _apply_decoded(ctx, decoded)
             _after_commit(ctx, outcome)
             return outcome
-        except (asyncpg.PostgresConnectionStatusError, ConnectionError, OSError):
+        except _DATABASE_AWAY:
             raise  # the database is away: let the broker redeliver, nothing is wrong with the batch
         except Exception as exc:  # noqa: BLE001 - any failure of the batch is retried, then isolated
             last_error = exc
@@ -524,6 +529,8 @@ async def _apply_one_or_dead_letter(ctx: RewardsContext, d: Decoded, *, attempts
     for attempt in range(attempts):
         try:
             return await _apply_decoded(ctx, [d])
+        except _DATABASE_AWAY:
+            raise
         except Exception as exc:  # noqa: BLE001
             error = exc
             await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
