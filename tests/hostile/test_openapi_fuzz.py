@@ -1,0 +1,117 @@
+"""Schemathesis against each service's OpenAPI document (positive and negative cases, valid
+credentials): no 5xx, responses in the documented content type and schema, invalid data
+refused, and no status code the document does not declare. Cases are generated before the
+service starts (derandomized: the same cases every run), then sent to it in-process.
+
+KNOWN_GAPS lists (operation, status) pairs the services answer but do not document (or
+document with another body): reported to the owners; exempt here so that anything new
+fails. EXCLUDED operations crash on some generated input (reported with a reproduction);
+they come back once fixed."""
+
+import pytest
+
+from services.ledger.main import create_app as create_ledger
+from services.purchases import repository as purchases_repository
+from services.purchases.main import create_app as create_purchases
+from services.rewards.main import create_app as create_rewards
+from tests.support.hostile import FuzzReport, fuzz, max_examples, openapi_cases, serving
+from tests.support.ledger import ADMIN as LEDGER_ADMIN
+from tests.support.ledger import ledger_settings
+from tests.support.purchases import purchases_settings
+from tests.support.rewards import ADMIN as REWARDS_ADMIN
+from tests.support.rewards import bearer, rewards_settings
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+# FastAPI answers 400 {"detail": "There was an error parsing the body"} to a JSON body that
+# is not UTF-8 (or nests too deep); no service documents it.
+BODY_400 = 400
+
+PURCHASES_GAPS = {
+    ("POST /v1/purchases", 403), ("POST /v1/purchases", 413), ("POST /v1/purchases", BODY_400),
+    ("POST /v1/purchases/batch", 401), ("POST /v1/purchases/batch", 413), ("POST /v1/purchases/batch", BODY_400),
+    ("POST /v1/purchases/{purchase_id}/claim", 401), ("POST /v1/purchases/{purchase_id}/claim", BODY_400),
+    ("POST /v1/webhooks/shopify", 401), ("POST /v1/webhooks/shopify", 201), ("POST /v1/webhooks/shopify", 202),
+    ("POST /v1/webhooks/shopify", 409), ("POST /v1/webhooks/shopify", 503),
+    ("POST /v1/webhooks/woocommerce", 401), ("POST /v1/webhooks/woocommerce", 201),
+    ("POST /v1/webhooks/woocommerce", 202), ("POST /v1/webhooks/woocommerce", 409),
+    ("POST /v1/webhooks/woocommerce", 503),
+}
+PURCHASES_EXCLUDED = {"POST /v1/purchases/{purchase_id}/claim"}  # NUL in purchase_id/source: 500
+# The raw body is the webhook's (not in the schema); its headers are free strings.
+PURCHASES_POSITIVE_ONLY = {"POST /v1/webhooks/shopify", "POST /v1/webhooks/woocommerce"}
+
+LEDGER_GAPS = {
+    ("POST /v1/rules/simulate", BODY_400), ("PUT /v1/admin/program", BODY_400),
+    ("POST /v1/admin/adjustments", BODY_400),
+    ("GET /v1/admin/program", 401), ("PUT /v1/admin/program", 401), ("POST /v1/admin/adjustments", 401),
+}
+# cursor beyond int8 and amount_points beyond int8: 500
+LEDGER_EXCLUDED = {"GET /v1/customers/{customer_id}/transactions", "POST /v1/admin/adjustments"}
+
+REWARDS_GAPS = {
+    ("GET /v1/rewards", 401), ("GET /v1/redemptions", 401), ("GET /v1/redemptions/{redemption_id}", 401),
+    ("POST /v1/redemptions/{redemption_id}/cancel", 401), ("POST /v1/redemptions", 401),
+    ("GET /v1/redemptions/{redemption_id}", 404), ("POST /v1/redemptions/{redemption_id}/cancel", 404),
+    ("POST /v1/redemptions/{redemption_id}/cancel", 409), ("POST /v1/redemptions", 403),
+    ("POST /v1/redemptions", 404), ("POST /v1/redemptions", 409), ("POST /v1/redemptions", BODY_400),
+    # domain refusals are 422 {"error", "detail"}, documented as FastAPI's validation body
+    ("POST /v1/redemptions", 422), ("POST /v1/admin/rewards", 422), ("PATCH /v1/admin/rewards/{reward_id}", 422),
+    ("POST /v1/admin/rewards/{reward_id}/coupons", 422),
+    ("POST /v1/admin/rewards", BODY_400), ("PATCH /v1/admin/rewards/{reward_id}", BODY_400),
+    ("POST /v1/admin/rewards/{reward_id}/coupons", BODY_400),
+    ("GET /v1/admin/rewards/{reward_id}", 404), ("PATCH /v1/admin/rewards/{reward_id}", 404),
+    ("POST /v1/admin/rewards/{reward_id}/coupons", 404), ("POST /v1/admin/rewards/{reward_id}/coupons", 409),
+}
+# cost_points / stock / per_customer_limit beyond int8: 500
+REWARDS_EXCLUDED = {"POST /v1/admin/rewards", "PATCH /v1/admin/rewards/{reward_id}"}
+# ?before= takes a number as a Unix time although the document says date-time
+REWARDS_LENIENT = {"GET /v1/redemptions"}
+
+
+def check(report: FuzzReport, cases: list) -> None:
+    print(report.summary())
+    detail = "\n".join([report.summary(), *report.failures,
+                        *(f"undocumented {op} -> {status}: {body}" for (op, status), body in report.undocumented.items())])
+    # nearly every case reaches the service (a few have header values HTTP cannot carry)
+    assert len(cases) >= 50 and report.sent >= 0.9 * len(cases), detail
+    assert not report.failures, detail
+    assert not report.undocumented, detail
+
+
+async def test_purchases_answers_every_generated_request_as_its_openapi_document_says(base_env):
+    settings = purchases_settings(base_env)
+    app = create_purchases(settings)
+    cases = openapi_cases(app, max_examples_per_mode=max_examples(), skip=PURCHASES_EXCLUDED,
+                          positive_only=PURCHASES_POSITIVE_ONLY)
+    async with serving(app, "http://purchases") as client:
+        await purchases_repository.add_api_key(app.state.runtime.pool, key="key-store-1", store_id="store-1")
+        report = await fuzz(client, cases, auth=lambda op: {"X-API-Key": "key-store-1"}, known_gaps=PURCHASES_GAPS)
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    check(report, cases)
+
+
+async def test_ledger_answers_every_generated_request_as_its_openapi_document_says(base_env):
+    settings = ledger_settings(base_env)
+    app = create_ledger(settings)
+    cases = openapi_cases(app, max_examples_per_mode=max_examples(), skip=LEDGER_EXCLUDED)
+    async with serving(app, "http://ledger") as client:
+        report = await fuzz(client, cases, auth=lambda op: LEDGER_ADMIN, known_gaps=LEDGER_GAPS)
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    check(report, cases)
+
+
+async def test_rewards_answers_every_generated_request_as_its_openapi_document_says(base_env):
+    # saga_wait_ms=0: a generated redemption answers 202 at once instead of waiting for a ledger
+    settings = rewards_settings(base_env, saga_wait_ms=0)
+    app = create_rewards(settings)
+    cases = openapi_cases(app, max_examples_per_mode=max_examples(), skip=REWARDS_EXCLUDED)
+    headers = {**REWARDS_ADMIN, **bearer("fuzz-customer", settings)}
+    async with serving(app, "http://rewards") as client:
+        report = await fuzz(client, cases, auth=lambda op: headers, known_gaps=REWARDS_GAPS,
+                            lenient=REWARDS_LENIENT)
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    check(report, cases)
