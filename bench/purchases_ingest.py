@@ -647,7 +647,9 @@ def _terminate(signum, frame):  # noqa: ARG001
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Both, explicitly: a shell starting us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     workdir = Path(tempfile.mkdtemp(prefix="loyalty-bench-purchases-ingest-"))
     os.chmod(workdir, 0o755)  # PostgreSQL runs as another user when we are root
     infra = Infra(workdir=workdir)
@@ -681,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("\ninterrupted; stopping everything this bench started\n")
         return 130
     finally:
+        # A second Ctrl-C must not abandon the clean-up half way.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if infra.service is not None and infra.service.poll() is not None and infra.service.returncode not in (0, -15):
             sys.stderr.write((workdir / "service.log").read_text()[-3000:])
         infra.stop()
