@@ -7,8 +7,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -37,7 +40,36 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
+class ErrorOut(BaseModel):
+    """Every refusal: a stable `error` code, a human `detail`, and context fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    detail: str
+
+
+def _responses(*statuses: int) -> dict[int | str, dict]:
+    text = {400: "The body is not parseable (e.g. not UTF-8)", 401: "Missing or invalid credentials",
+            403: "Not allowed for this customer (e.g. tier too low)", 404: "Not found (or not yours)",
+            409: "Conflicts with the current state (limit reached, not available, not cancellable)",
+            422: "Invalid request: field errors (`errors`) or a refused definition (`field`)",
+            503: "The admin API is disabled (no REWARDS_ADMIN_API_KEY)"}
+    return {status: {"model": ErrorOut, "description": text[status]} for status in statuses}
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str, bytes: lambda b: b.decode("utf-8", "replace")})
+        return JSONResponse({"error": "invalid_request", "detail": "the request does not match the API", "errors": errors},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": "bad_request" if exc.status_code == 400 else "http_error",
+                             "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(domain.RewardsError)
     async def _domain_error(_: Request, exc: domain.RewardsError) -> JSONResponse:
         status = _STATUS.get(type(exc), 400)
@@ -51,23 +83,30 @@ def install_error_handlers(app: FastAPI) -> None:
 # ---- models ----------------------------------------------------------------------------------
 
 RewardId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+RewardIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+# PostgreSQL text cannot hold NUL, and control characters in names only hide things.
+OneLine = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+FreeText = Annotated[str, Field(max_length=4000, pattern=r"^[^\x00]*$")]
+TierName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# int4 columns; a billion is far beyond any sane catalog and leaves room for +1 on restock.
+Count = Annotated[int, Field(gt=0, le=1_000_000_000)]
 
 
 class RewardIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reward_id: RewardId
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=4000)
-    cost_points: int = Field(gt=0)
+    name: OneLine
+    description: FreeText = ""
+    cost_points: Count
     kind: domain.RewardKind
     voucher_value: Decimal | None = Field(default=None, gt=0, max_digits=14, decimal_places=2)
     voucher_currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
-    stock: int | None = Field(default=None, ge=0, description="Units available; null for unlimited")
-    per_customer_limit: int | None = Field(default=None, gt=0)
+    stock: int | None = Field(default=None, ge=0, le=1_000_000_000, description="Units available; null for unlimited")
+    per_customer_limit: Count | None = None
     valid_from: AwareDatetime | None = None
     valid_until: AwareDatetime | None = None
-    min_tier: str | None = None
+    min_tier: TierName | None = None
     active: bool = True
 
     def to_domain(self) -> Reward:
@@ -81,16 +120,16 @@ class RewardPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=4000)
-    cost_points: int | None = Field(default=None, gt=0)
+    name: OneLine | None = None
+    description: FreeText | None = None
+    cost_points: Count | None = None
     voucher_value: Decimal | None = Field(default=None, gt=0, max_digits=14, decimal_places=2)
     voucher_currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
-    stock: int | None = Field(default=None, ge=0)
-    per_customer_limit: int | None = Field(default=None, gt=0)
+    stock: int | None = Field(default=None, ge=0, le=1_000_000_000)
+    per_customer_limit: Count | None = None
     valid_from: AwareDatetime | None = None
     valid_until: AwareDatetime | None = None
-    min_tier: str | None = None
+    min_tier: TierName | None = None
     active: bool | None = None
 
     def changes(self) -> dict:
@@ -148,7 +187,7 @@ class CatalogOut(BaseModel):
 class CouponUploadIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    codes: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^\S+$")]] = Field(
+    codes: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$")]] = Field(
         min_length=1, max_length=50_000
     )
 
@@ -226,7 +265,8 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
 
     customer = APIRouter(prefix="/v1", tags=["customer"])
 
-    @customer.get("/rewards", response_model=CatalogOut, summary="The rewards available to me")
+    @customer.get("/rewards", response_model=CatalogOut, summary="The rewards available to me",
+                  responses=_responses(401))
     async def my_catalog(customer_id: Customer) -> CatalogOut:
         catalog = await service.catalog_for(ctx, customer_id)
         return CatalogOut(
@@ -243,7 +283,8 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         "/redemptions",
         response_model=RedemptionOut,
         summary="Redeem a reward",
-        responses={202: {"description": "Still in progress after the wait: poll status_url"}},
+        responses={202: {"model": RedemptionOut, "description": "Still in progress after the wait: poll status_url"},
+                   **_responses(400, 401, 403, 404, 409, 422)},
         description="Answers 200 with the outcome (fulfilled or failed) when the saga ends within "
         "REWARDS_SAGA_WAIT_MS, else 202 with the status URL. The same Idempotency-Key replayed returns the "
         "same redemption (never a second one).",
@@ -269,13 +310,15 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
             response.headers["Idempotent-Replayed"] = "true"
         return out
 
-    @customer.get("/redemptions/{redemption_id}", response_model=RedemptionOut, summary="One of my redemptions")
+    @customer.get("/redemptions/{redemption_id}", response_model=RedemptionOut, summary="One of my redemptions",
+                  responses=_responses(401, 404, 422))
     async def my_redemption(redemption_id: uuid.UUID, customer_id: Customer) -> RedemptionOut:
         return RedemptionOut.of(
             await service.get_customer_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
         )
 
-    @customer.get("/redemptions", response_model=RedemptionListOut, summary="My redemptions, newest first")
+    @customer.get("/redemptions", response_model=RedemptionListOut, summary="My redemptions, newest first",
+                  responses=_responses(401, 422))
     async def my_redemptions(
         customer_id: Customer,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -288,15 +331,18 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         )
 
     @customer.post("/redemptions/{redemption_id}/cancel", response_model=RedemptionOut,
-                   summary="Cancel a fulfilled redemption within the window: the points are refunded")
+                   summary="Cancel a fulfilled redemption within the window: the points are refunded",
+                   responses=_responses(401, 404, 409, 422))
     async def cancel(redemption_id: uuid.UUID, customer_id: Customer) -> RedemptionOut:
         return RedemptionOut.of(
             await service.cancel_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
         )
 
-    admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
+    admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)],
+                             responses=_responses(401, 422, 503))
 
-    @admin_router.post("/rewards", response_model=RewardOut, status_code=201, summary="Add a reward")
+    @admin_router.post("/rewards", response_model=RewardOut, status_code=201, summary="Add a reward",
+                       responses=_responses(400))
     async def create(body: RewardIn) -> RewardOut:
         return RewardOut.of(await service.create_reward(ctx, body.to_domain()))
 
@@ -304,17 +350,19 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
     async def catalog(active_only: bool = False) -> list[RewardOut]:
         return [RewardOut.of(r) for r in await service.list_rewards(ctx, active_only=active_only)]
 
-    @admin_router.get("/rewards/{reward_id}", response_model=RewardOut)
-    async def one(reward_id: str) -> RewardOut:
+    @admin_router.get("/rewards/{reward_id}", response_model=RewardOut, responses=_responses(404))
+    async def one(reward_id: RewardIdPath) -> RewardOut:
         return RewardOut.of(await service.get_reward(ctx, reward_id))
 
-    @admin_router.patch("/rewards/{reward_id}", response_model=RewardOut, summary="Change a reward")
-    async def patch(reward_id: str, body: RewardPatch) -> RewardOut:
+    @admin_router.patch("/rewards/{reward_id}", response_model=RewardOut, summary="Change a reward",
+                        responses=_responses(400, 404))
+    async def patch(reward_id: RewardIdPath, body: RewardPatch) -> RewardOut:
         return RewardOut.of(await service.update_reward(ctx, reward_id, body.changes()))
 
     @admin_router.post("/rewards/{reward_id}/coupons", response_model=CouponUploadOut,
-                       summary="Upload coupon codes to a coupon reward's pool (duplicates are skipped)")
-    async def upload(reward_id: str, body: CouponUploadIn) -> CouponUploadOut:
+                       summary="Upload coupon codes to a coupon reward's pool (duplicates are skipped)",
+                       responses=_responses(400, 404))
+    async def upload(reward_id: RewardIdPath, body: CouponUploadIn) -> CouponUploadOut:
         codes = list(dict.fromkeys(body.codes))
         added, reward = await service.upload_coupon_codes(ctx, reward_id, codes)
         return CouponUploadOut(reward_id=reward_id, added=added, already_in_pool=len(body.codes) - added,

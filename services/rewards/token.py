@@ -71,7 +71,8 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             raise InvalidToken("token invalid") from None
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject.strip() or len(subject) > 128:
+        if (not isinstance(subject, str) or not subject.strip() or len(subject) > 128
+                or any(ord(c) < 32 or ord(c) == 127 for c in subject)):
             raise InvalidToken("token subject invalid")
         return subject
 

@@ -20,6 +20,7 @@ from tests.support.rewards import (
     bearer,
     eventually,
     fake_ledger,
+    outcome,
     rewards_settings,
     running_rewards,
 )
@@ -84,6 +85,10 @@ async def settled(ledger, *customers: str) -> None:
     await eventually(no_holds)
 
 
+async def redeem_outcome(client, headers, reward_id: str, key: str | None = None) -> dict:
+    return await outcome(client, headers, await redeem(client, headers, reward_id, key))
+
+
 async def redeem(client, headers, reward_id: str, key: str | None = None):
     return await client.post("/v1/redemptions", json={"reward_id": reward_id},
                              headers=headers | {"Idempotency-Key": key or unique("k-")})
@@ -121,8 +126,7 @@ async def test_a_coupon_redemption_is_fulfilled_with_a_pool_code_and_the_points_
 
     response = await redeem(client, headers, reward["reward_id"])
 
-    assert response.status_code == 200, response.text
-    body = response.json()
+    body = await outcome(client, headers, response)
     assert body["status"] == "fulfilled" and body["code"] in {"COUPON-A", "COUPON-B"}
     assert response.headers["Location"] == f"/v1/redemptions/{body['redemption_id']}"
     await ledger_status(client, headers, body["redemption_id"], "redeemed")
@@ -143,8 +147,8 @@ async def test_a_voucher_gets_a_generated_code_and_a_physical_item_takes_stock(r
     item = await add_reward(client, kind="physical", stock=2)
     _, headers = await funded_customer(client, ledger, settings, 1000)
 
-    v = (await redeem(client, headers, voucher["reward_id"])).json()
-    i = (await redeem(client, headers, item["reward_id"])).json()
+    v = await redeem_outcome(client, headers, voucher["reward_id"])
+    i = await redeem_outcome(client, headers, item["reward_id"])
 
     assert v["status"] == "fulfilled" and v["code"].startswith("V-") and len(v["code"]) == 21
     assert i["status"] == "fulfilled" and i["code"] is None
@@ -158,7 +162,7 @@ async def test_without_enough_points_the_hold_is_rejected_and_nothing_is_reserve
     listed = {r["reward_id"]: r for r in (await client.get("/v1/rewards", headers=headers)).json()["rewards"]}
     assert listed[reward["reward_id"]]["affordable_now"] is False
 
-    body = (await redeem(client, headers, reward["reward_id"])).json()
+    body = await redeem_outcome(client, headers, reward["reward_id"])
 
     assert body["status"] == "failed" and body["failure_reason"] == "insufficient_points"
     assert body["ledger_status"] == "rejected" and body["code"] is None
@@ -172,8 +176,7 @@ async def test_the_last_unit_goes_to_exactly_one_of_many_racing_customers(reward
 
     responses = await asyncio.gather(*(redeem(client, h, reward["reward_id"]) for _, h in customers))
 
-    bodies = [r.json() for r in responses]
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    bodies = [await outcome(client, h, r) for (_, h), r in zip(customers, responses)]
     assert sorted(b["status"] for b in bodies).count("fulfilled") == 1
     assert {b["failure_reason"] for b in bodies if b["status"] == "failed"} == {"out_of_stock"}
     for (customer, headers), body in zip(customers, bodies):
@@ -191,10 +194,10 @@ async def test_one_customer_firing_many_redemptions_gets_only_what_the_points_pa
 
     responses = await asyncio.gather(*(redeem(client, headers, reward["reward_id"]) for _ in range(12)))
 
-    statuses = [r.json()["status"] for r in responses]
+    bodies = [await outcome(client, headers, r) for r in responses]
+    statuses = [b["status"] for b in bodies]
     assert statuses.count("fulfilled") == 5 and statuses.count("failed") == 7
-    assert {r.json()["failure_reason"] for r in responses if r.json()["status"] == "failed"} == {
-        "insufficient_points"}
+    assert {b["failure_reason"] for b in bodies if b["status"] == "failed"} == {"insufficient_points"}
     await settled(ledger, customer)
     assert ledger.available[customer] == 0
 
@@ -206,7 +209,7 @@ async def test_the_per_customer_limit_holds_under_concurrent_requests(rewards, s
 
     responses = await asyncio.gather(*(redeem(client, headers, reward["reward_id"]) for _ in range(6)))
 
-    codes = sorted(r.status_code for r in responses)
+    codes = sorted(200 if r.status_code == 202 else r.status_code for r in responses)  # 202: still in the saga
     assert codes == [200, 200, 409, 409, 409, 409]
     assert {r.json()["error"] for r in responses if r.status_code == 409} == {"customer_limit_reached"}
     listed = {r["reward_id"]: r for r in (await client.get("/v1/rewards", headers=headers)).json()["rewards"]}
@@ -227,8 +230,9 @@ async def test_an_idempotency_key_replayed_returns_the_same_redemption(rewards, 
 
     ids = {r.json()["redemption_id"] for r in (first, concurrent_a, concurrent_b, later)}
     assert len(ids) == 1
-    assert {r.status_code for r in (first, concurrent_a, concurrent_b, later)} == {200}
-    assert later.json() == first.json() and later.headers["Idempotent-Replayed"] == "true"
+    finals = [await outcome(client, headers, r) for r in (first, concurrent_a, concurrent_b, later)]
+    assert all(f == finals[0] for f in finals) and finals[0]["status"] == "fulfilled"
+    assert later.headers["Idempotent-Replayed"] == "true"
     assert misuse.status_code == 422 and misuse.json()["error"] == "idempotency_key_reused"
     await settled(ledger, customer)
     assert ledger.available[customer] == 90
@@ -240,7 +244,7 @@ async def test_a_customer_cannot_read_or_act_on_another_customers_redemption(rew
     reward = await add_reward(client, cost_points=10)
     alice, alice_headers = await funded_customer(client, ledger, settings, 100)
     _, bob_headers = await funded_customer(client, ledger, settings, 100)
-    mine = (await redeem(client, alice_headers, reward["reward_id"], key="k1")).json()
+    mine = await redeem_outcome(client, alice_headers, reward["reward_id"], key="k1")
     rid = mine["redemption_id"]
 
     read = await client.get(f"/v1/redemptions/{rid}", headers=bob_headers)
@@ -262,7 +266,7 @@ async def test_missing_expired_tampered_and_alg_none_tokens_are_refused_everywhe
     _, client, ledger = rewards
     reward = await add_reward(client, cost_points=10)
     victim, headers = await funded_customer(client, ledger, settings, 100)
-    mine = (await redeem(client, headers, reward["reward_id"])).json()
+    mine = await redeem_outcome(client, headers, reward["reward_id"])
 
     await assert_bad_tokens_refused(client, settings, victim=victim, redemption_id=mine["redemption_id"],
                                     reward_id=reward["reward_id"])
@@ -276,8 +280,8 @@ async def test_cancellation_within_the_window_refunds_and_restocks_after_it_is_r
     _, client, ledger = rewards
     reward = await add_reward(client, cost_points=40, stock=3)
     customer, headers = await funded_customer(client, ledger, settings, 100)
-    first = (await redeem(client, headers, reward["reward_id"])).json()
-    second = (await redeem(client, headers, reward["reward_id"])).json()
+    first = await redeem_outcome(client, headers, reward["reward_id"])
+    second = await redeem_outcome(client, headers, reward["reward_id"])
     await ledger_status(client, headers, first["redemption_id"], "redeemed")
     await ledger_status(client, headers, second["redemption_id"], "redeemed")
     assert ledger.available[customer] == 20
@@ -366,7 +370,7 @@ async def test_bad_points_events_go_to_the_dead_letter_topic_and_the_consumer_go
     reward = await add_reward(client, cost_points=10)
     _, headers = await funded_customer(client, ledger, settings, 10)
 
-    after = (await redeem(client, headers, reward["reward_id"])).json()
+    after = await redeem_outcome(client, headers, reward["reward_id"])
     dead = await consume(kafka_bootstrap, settings.topic(REWARDS_DLQ), count=3, timeout_s=10)
 
     assert after["status"] == "fulfilled"
@@ -388,7 +392,7 @@ async def test_minimum_tier_and_validity_window_are_enforced(rewards, settings):
     listed = {r["reward_id"]: r for r in (await client.get("/v1/rewards", headers=bronze)).json()["rewards"]}
 
     assert refused.status_code == 403 and refused.json()["error"] == "tier_too_low"
-    assert allowed.json()["status"] == "fulfilled"
+    assert (await outcome(client, gold, allowed))["status"] == "fulfilled"
     assert expired.status_code == 409 and expired.json()["reason"] == "expired"
     assert listed[gold_only["reward_id"]]["ineligible_reason"] == "tier_too_low"
     assert ended["reward_id"] not in listed
@@ -422,7 +426,7 @@ async def test_metrics_report_outcomes_latency_and_stock(rewards, settings):
     _, client, ledger = rewards
     reward = await add_reward(client, cost_points=10, stock=7)
     _, headers = await funded_customer(client, ledger, settings, 10)
-    assert (await redeem(client, headers, reward["reward_id"])).json()["status"] == "fulfilled"
+    assert (await redeem_outcome(client, headers, reward["reward_id"]))["status"] == "fulfilled"
 
     async def sampled():
         text = (await client.get("/metrics")).text
@@ -438,7 +442,7 @@ async def test_a_waiter_learns_an_outcome_committed_elsewhere_from_the_database(
     app, client, ledger = rewards
     reward = await add_reward(client, cost_points=10)
     _, headers = await funded_customer(client, ledger, settings, 10)
-    done = (await redeem(client, headers, reward["reward_id"])).json()
+    done = await redeem_outcome(client, headers, reward["reward_id"])
     waiters = service.OutcomeWaiters()
     fut = waiters.register(uuid.UUID(done["redemption_id"]))
     pending = waiters.register(uuid.uuid4())  # unknown to the database: stays unresolved

@@ -15,6 +15,7 @@ from tests.support.rewards import (
     assert_bad_tokens_refused,
     bearer,
     eventually,
+    outcome,
     rewards_settings,
     running_rewards,
 )
@@ -89,6 +90,10 @@ async def add_reward(client, **fields) -> dict:
     return response.json()
 
 
+async def redeem_outcome(client, headers, reward_id: str, key: str | None = None) -> dict:
+    return await outcome(client, headers, await redeem(client, headers, reward_id, key))
+
+
 async def redeem(client, headers, reward_id: str, key: str | None = None):
     return await client.post("/v1/redemptions", json={"reward_id": reward_id},
                              headers=headers | {"Idempotency-Key": key or unique("k-")})
@@ -101,8 +106,7 @@ async def test_100_customers_racing_for_the_last_unit_give_one_fulfilment_and_99
 
     responses = await asyncio.gather(*(redeem(client, h, reward["reward_id"]) for _, h in customers))
 
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-    bodies = [r.json() for r in responses]
+    bodies = [await outcome(client, h, r) for (_, h), r in zip(customers, responses)]
     winners = [c for (c, _), b in zip(customers, bodies) if b["status"] == "fulfilled"]
     assert len(winners) == 1
     assert [b["failure_reason"] for b in bodies if b["status"] == "failed"] == ["out_of_stock"] * 99
@@ -127,7 +131,7 @@ async def test_one_customer_firing_50_redemptions_with_points_for_10_gets_exactl
 
     responses = await asyncio.gather(*(redeem(client, headers, reward["reward_id"]) for _ in range(50)))
 
-    bodies = [r.json() for r in responses]
+    bodies = [await outcome(client, headers, r) for r in responses]
     fulfilled = [b for b in bodies if b["status"] == "fulfilled"]
     assert len(fulfilled) == 10 and len({b["code"] for b in fulfilled}) == 10
     assert {b["failure_reason"] for b in bodies if b["status"] == "failed"} == {"insufficient_points"}
@@ -143,8 +147,11 @@ async def test_an_idempotency_key_replayed_holds_the_points_once(services, setti
     first = await redeem(client, headers, reward["reward_id"], key="once")
     replays = await asyncio.gather(*(redeem(client, headers, reward["reward_id"], key="once") for _ in range(5)))
 
-    assert first.json()["status"] == "fulfilled"
-    assert all(r.json() == first.json() for r in replays)
+    final = await outcome(client, headers, first)
+    assert final["status"] == "fulfilled"
+    assert all(r.json()["redemption_id"] == final["redemption_id"] for r in replays)
+    replay_finals = [await outcome(client, headers, r) for r in replays]
+    assert all(f == final for f in replay_finals)
     balances = await settled_balances(ledger_client, [customer])
     assert balances[customer]["available_points"] == 70
 
@@ -153,7 +160,7 @@ async def test_cancellation_gives_the_points_back_through_the_ledger(services, s
     client, ledger_client = services
     reward = await add_reward(client, cost_points=40, stock=1)
     [(customer, headers)] = await fund(ledger_client, client, settings, 100, count=1)
-    body = (await redeem(client, headers, reward["reward_id"])).json()
+    body = await redeem_outcome(client, headers, reward["reward_id"])
     assert body["status"] == "fulfilled"
     assert (await settled_balances(ledger_client, [customer]))[customer]["available_points"] == 60
 
@@ -184,7 +191,7 @@ async def test_customer_a_cannot_read_redeem_or_cancel_on_customer_b(services, s
     client, ledger_client = services
     reward = await add_reward(client, cost_points=10)
     [(alice, alice_h), (bob, bob_h)] = await fund(ledger_client, client, settings, 100, count=2)
-    mine = (await redeem(client, alice_h, reward["reward_id"], key="shared-key")).json()
+    mine = await redeem_outcome(client, alice_h, reward["reward_id"], key="shared-key")
     assert mine["status"] == "fulfilled"
     rid = mine["redemption_id"]
 
@@ -193,7 +200,7 @@ async def test_customer_a_cannot_read_redeem_or_cancel_on_customer_b(services, s
     listing = await client.get("/v1/redemptions", headers=bob_h)
     catalog = await client.get("/v1/rewards", headers=bob_h)
     # Bob replaying Alice's key creates Bob's own redemption, paid with Bob's points.
-    bobs_own = (await redeem(client, bob_h, reward["reward_id"], key="shared-key")).json()
+    bobs_own = await redeem_outcome(client, bob_h, reward["reward_id"], key="shared-key")
 
     assert read.status_code == 404 and cancel.status_code == 404
     assert listing.json()["redemptions"] == []
@@ -209,7 +216,7 @@ async def test_expired_tampered_and_alg_none_tokens_are_refused_on_every_endpoin
     client, ledger_client = services
     reward = await add_reward(client, cost_points=10)
     [(victim, headers)] = await fund(ledger_client, client, settings, 100, count=1)
-    mine = (await redeem(client, headers, reward["reward_id"])).json()
+    mine = await redeem_outcome(client, headers, reward["reward_id"])
     assert mine["status"] == "fulfilled"
 
     await assert_bad_tokens_refused(client, settings, victim=victim, redemption_id=mine["redemption_id"],

@@ -238,6 +238,23 @@ async def assert_bad_tokens_refused(client: httpx.AsyncClient, settings: Rewards
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+async def outcome(client: httpx.AsyncClient, headers: dict[str, str], response: httpx.Response,
+                  *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """The redemption a POST /v1/redemptions answered, once it is no longer in flight: a 200
+    carries it; a 202 (the saga outlasted the wait, e.g. on a busy machine) is followed to
+    its status URL."""
+    assert response.status_code in (200, 202), response.text
+    body = response.json()
+    if body["status"] != "requested":
+        return body
+
+    async def finished():
+        current = (await client.get(response.headers["Location"], headers=headers)).json()
+        return current if current["status"] != "requested" else None
+
+    return await eventually(finished, timeout_s=timeout_s)
+
+
 async def eventually(predicate, *, timeout_s: float = 10.0, interval_s: float = 0.05):
     """Poll an async predicate until it returns a truthy value (returned) or time runs out."""
     deadline = asyncio.get_running_loop().time() + timeout_s
