@@ -55,6 +55,12 @@ class UnknownCurrency(LedgerError):
     reason = "unknown_currency"
 
 
+# No hold or adjustment may exceed this: far beyond any real use, well inside the integer
+# columns, so an absurd request is refused with a reason. (An absurd purchase fails its
+# batch and, after the bounded retries, is dead-lettered alone as processing_failed.)
+MAX_POINTS_PER_POSTING = 1_000_000_000
+
+
 class InsufficientPoints(LedgerError):
     reason = "insufficient_points"
 
@@ -708,8 +714,8 @@ def hold(
     """Reserve points for a redemption (a pending transfer to the redemption account),
     taking them from the lots that expire first. Raises InvalidAmount, InsufficientPoints.
     The book must hold every available lot of the customer."""
-    if amount_points <= 0:
-        raise InvalidAmount(f"cost {amount_points} is not a positive number of points")
+    if amount_points <= 0 or amount_points > MAX_POINTS_PER_POSTING:
+        raise InvalidAmount(f"cost {amount_points} is not a positive number of points within range")
     if amount_points > book.available_points:
         raise InsufficientPoints(f"needs {amount_points}, {book.available_points} available")
     allocations = _take_from_lots(book, amount_points)
@@ -796,8 +802,8 @@ def adjust(
     """A manual correction. A credit is a new available lot (debt paid first); a debit takes
     points from the lots that expire first and never overdraws. Raises InvalidAmount,
     InsufficientPoints. Returns the new lot of a credit."""
-    if amount_points == 0:
-        raise InvalidAmount("an adjustment must move a non-zero number of points")
+    if amount_points == 0 or abs(amount_points) > MAX_POINTS_PER_POSTING:
+        raise InvalidAmount(f"an adjustment must move a non-zero number of points, at most {MAX_POINTS_PER_POSTING}")
     ref = str(adjustment_id)
     transfer_id = derived_event_id("ledger", "adjust", ref)
     if amount_points < 0:

@@ -207,7 +207,9 @@ def _dead_letter(ledger: Ledger, item: Decoded, now: datetime) -> OutboxMessage:
     dl = DeadLetter(
         dead_letter_id=derived_event_id("ledger", "dlq", str(item.inbox_id)),
         door="kafka", reason=item.reason or "unprocessable", errors=item.errors,
-        original=r.value.decode("utf-8", errors="replace"), original_key=r.key.decode(errors="replace") if r.key else None,
+        original=r.value.decode("utf-8", errors="replace"),
+        # The key becomes an outbox text column: NUL (which PostgreSQL text refuses) is replaced.
+        original_key=r.key.decode(errors="replace").replace("\x00", "\ufffd") if r.key else None,
         original_topic=r.topic or None, original_partition=r.partition if r.partition >= 0 else None,
         original_offset=r.offset if r.offset >= 0 else None, producer=PRODUCER, recorded_at=now,
     )
@@ -459,9 +461,8 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                 else:
                     outcomes = d.earn(uow.books[cid], uow.journal, program, version, purchase=p, now=now)
                     earned.add(p.purchase_id)
-            except d.UnknownCurrency as exc:
-                item.reason, item.errors = exc.reason, [{"loc": ["payload", "currency"], "msg": str(exc),
-                                                         "type": exc.reason}]
+            except d.LedgerError as exc:  # unknown currency, points out of range
+                item.reason, item.errors = exc.reason, [{"loc": ["payload"], "msg": str(exc), "type": exc.reason}]
                 out.messages.append(_dead_letter(ledger, item, now))
                 result.dead_lettered += 1
                 continue
@@ -641,6 +642,9 @@ async def apply_one_by_one(pool: asyncpg.Pool, ledger: Ledger, records: Sequence
 # ---- the scheduler ------------------------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 @dataclass
 class SchedulerRun:
     customers: int = 0
@@ -665,7 +669,7 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
     # (a persisted mark); re-tiering twice changes nothing, so a crash mid-run costs nothing.
     aged_out_until = now - window
     async with pool.acquire() as conn:
-        aged_out_from = await repo.scheduler_mark(conn, name="aged_out_until") or aged_out_until - timedelta(days=1)
+        aged_out_from = await repo.scheduler_mark(conn, name="aged_out_until") or _EPOCH
     run = SchedulerRun()
     after = ""
     while True:
@@ -679,8 +683,9 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
             after = chunk[-1]
             async with conn.transaction():
                 await _schedule_chunk(conn, ledger, chunk, now, run)
-    async with pool.acquire() as conn:
-        await repo.set_scheduler_mark(conn, name="aged_out_until", value=aged_out_until)
+    if run.customers:  # a ledger at rest writes nothing
+        async with pool.acquire() as conn:
+            await repo.set_scheduler_mark(conn, name="aged_out_until", value=aged_out_until)
     metrics.SCHEDULER_SECONDS.observe(time.perf_counter() - started)
     return run
 
