@@ -530,12 +530,13 @@ def earn(
 ) -> list[Earned | TierMoved]:
     """Credit a sale as a new lot: pending inside the return window, then available.
     Raises UnknownCurrency. The caller makes sure the purchase has no lot yet."""
-    day = utc_day(purchase.occurred_at)
+    capped = program.daily_cap_points is not None  # the per-day tally is kept only for a cap
+    day = utc_day(purchase.occurred_at) if capped else None
     earning = calculate_earning(
         program, purchase,
         tier=program.tier_named(book.tier),
         first_purchase=not book.has_purchased,
-        earned_today_points=book.earned_by_day.get(day, 0),
+        earned_today_points=book.earned_by_day.get(day, 0) if capped else 0,
     )
     matures_at = purchase.occurred_at + timedelta(days=program.pending_days)
     pending = matures_at > now
@@ -562,7 +563,8 @@ def earn(
     book.lots[lot.lot_id] = lot
     book.has_purchased = True
     book.changed = True
-    book.earned_by_day[day] = book.earned_by_day.get(day, 0) + earning.points
+    if capped:
+        book.earned_by_day[day] = book.earned_by_day.get(day, 0) + earning.points
     target = book.pending if pending else book.available
     paid = 0
     if earning.points > 0:
@@ -571,7 +573,9 @@ def earn(
             Code.EARN, book.customer_id, purchase.purchase_id, lot_id=lot.lot_id, rule_version=rule_version,
             occurred_at=purchase.occurred_at,
         ))
-        paid = _pay_debt(book, journal, source=target, amount=earning.points, cause=f"earn:{purchase.purchase_id}", lot=lot)
+        if book.debt.debits_posted > book.debt.credits_posted:
+            paid = _pay_debt(book, journal, source=target, amount=earning.points,
+                             cause=f"earn:{purchase.purchase_id}", lot=lot)
     if in_tier_window(program, purchase.occurred_at, now):
         book.qualifying_points += earning.points
     out: list[Earned | TierMoved] = [Earned(book.customer_id, lot, earning, paid, book.balance())]

@@ -36,8 +36,6 @@ from shared.events.points import (
     BalanceAfter,
     PointsAdjusted,
     PointsAdjustedPayload,
-    PointsEarned,
-    PointsEarnedPayload,
     PointsExpired,
     PointsExpiredPayload,
     PointsHeld,
@@ -469,7 +467,6 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             for o in outcomes:
                 if isinstance(o, d.Earned):
                     lots_by_purchase[p.purchase_id] = o.lot
-                    e = o.earning
                     out.emit_json("PointsEarned", points_earned_payload(o, p, version), customer_id=o.customer_id,
                                   cause=f"earn:{p.purchase_id}", correlation_id=event.correlation_id,
                                   causation_id=cause)
@@ -809,7 +806,6 @@ class BalanceView:
 
 
 async def balance_of(conn: asyncpg.Connection, ledger: Ledger, customer_id: str) -> BalanceView | None:
-    now = ledger.clock()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         book = await repo.read_customer(conn, customer_id=customer_id)
         if book is None:
