@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from datetime import datetime, timezone
 from decimal import Decimal
 import tempfile
@@ -151,12 +152,31 @@ async def outbox_rows(pool: asyncpg.Pool) -> int:
     return await pool.fetchval("SELECT count(*) FROM outbox")
 
 
-async def topic_contents(bootstrap: str, topic: str, *, at_least: int) -> list[dict]:
-    """Everything on the topic: wait for `at_least`, then read until it goes quiet, so that
-    any extra (duplicate) message is seen too."""
-    first = await consume(bootstrap, topic, count=at_least, timeout_s=20)
-    assert len(first) >= at_least, f"only {len(first)} of {at_least} messages arrived"
-    return await consume(bootstrap, topic, idle_s=0.5, timeout_s=20)
+async def topic_contents(bootstrap: str, topic: str, *, at_least: int, quiet_s: float = 0.5) -> list[dict]:
+    """Everything on the topic: read until `at_least` arrived and then nothing more for
+    `quiet_s`, so that an extra (duplicate) message is seen too."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[dict] = []
+        deadline = time.monotonic() + 20
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=100)
+            for records in batch.values():
+                out += [{**json.loads(r.value), "_key": r.key.decode() if r.key else None} for r in records]
+            if any(batch.values()):
+                last_new = time.monotonic()
+            elif len(out) >= at_least and time.monotonic() - last_new > quiet_s:
+                break
+        assert len(out) >= at_least, f"only {len(out)} of {at_least} messages arrived"
+        return out
+    finally:
+        await consumer.stop()
 
 
 def seqs_per_key(events: list[dict], *, first_occurrence: bool = False) -> dict[str, list[int]]:
