@@ -90,7 +90,6 @@ INSERT INTO redemptions (redemption_id, customer_id, reward_id, idempotency_key,
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
 """
 
-SELECT_BY_IDEMPOTENCY_KEY = f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE customer_id = $1 AND idempotency_key = $2"
 SELECT_REDEMPTION = f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE redemption_id = $1"
 SELECT_CUSTOMER_REDEMPTION = SELECT_REDEMPTION + " AND customer_id = $2"
 SELECT_CUSTOMER_REDEMPTION_FOR_UPDATE = SELECT_CUSTOMER_REDEMPTION + " FOR UPDATE"
@@ -106,31 +105,45 @@ WHERE customer_id = $1 AND ($2::timestamptz IS NULL OR requested_at < $2)
 ORDER BY requested_at DESC
 LIMIT $3
 """
-COUNT_FOR_LIMIT = """
-SELECT count(*) FROM redemptions
-WHERE customer_id = $1 AND reward_id = $2 AND status = ANY($3::text[])
-"""
 COUNT_FOR_LIMIT_BY_REWARD = """
 SELECT reward_id, count(*) AS n FROM redemptions
 WHERE customer_id = $1 AND status = ANY($2::text[])
 GROUP BY reward_id
 """
 
-MARK_FULFILLED = """
+# Each state change returns the row as it is now: no second round trip to read it back.
+# Everything a redemption request is decided on, in one round trip (after the customer lock).
+REQUEST_CONTEXT = """
+SELECT e.redemption_id AS existing_id,
+       r.reward_id, r.name, r.description, r.cost_points, r.kind, r.active, r.voucher_value, r.voucher_currency,
+       r.stock_remaining, r.per_customer_limit, r.valid_from, r.valid_until, r.min_tier,
+       s.available_points, s.tier,
+       (SELECT count(*) FROM redemptions c
+        WHERE c.customer_id = $1 AND c.reward_id = $3 AND c.status = ANY($4::text[])) AS counted
+FROM (SELECT 1) AS one
+LEFT JOIN redemptions e ON e.customer_id = $1 AND e.idempotency_key = $2
+LEFT JOIN rewards r ON r.reward_id = $3
+LEFT JOIN customer_standing s ON s.customer_id = $1
+"""
+
+MARK_FULFILLED = f"""
 UPDATE redemptions SET status = 'fulfilled', ledger_status = 'held', code = $2, hold_expires_at = $3,
     fulfilled_at = $4, finished_at = $4
 WHERE redemption_id = $1
+RETURNING {_REDEMPTION_COLUMNS}
 """
-MARK_FAILED = """
+MARK_FAILED = f"""
 UPDATE redemptions SET status = 'failed', failure_reason = $2, ledger_status = $3,
     hold_expires_at = COALESCE($4, hold_expires_at), finished_at = $5
 WHERE redemption_id = $1
+RETURNING {_REDEMPTION_COLUMNS}
 """
-MARK_CANCELLED = """
+MARK_CANCELLED = f"""
 UPDATE redemptions SET status = 'cancelled', failure_reason = $2, finished_at = $3
 WHERE redemption_id = $1
+RETURNING {_REDEMPTION_COLUMNS}
 """
-SET_LEDGER_STATUS = "UPDATE redemptions SET ledger_status = $2 WHERE redemption_id = $1"
+SET_LEDGER_STATUS = f"UPDATE redemptions SET ledger_status = $2 WHERE redemption_id = $1 RETURNING {_REDEMPTION_COLUMNS}"
 
 # Recovery: requests the ledger has not answered yet. SKIP LOCKED lets several instances
 # share the work, and skips a row whose answer is being applied right now.
@@ -171,11 +184,25 @@ class StandingRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestContext:
+    existing_id: uuid.UUID | None
+    reward: Reward | None
+    standing: CustomerStanding
+    counted_redemptions: int
+
+
+@dataclass(frozen=True, slots=True)
 class StockLevel:
     reward_id: str
     kind: str
     stock_remaining: int | None
     coupons_available: int
+
+
+_REQUEST_REWARD_FIELDS = (
+    "reward_id", "name", "description", "cost_points", "kind", "active", "voucher_value", "voucher_currency",
+    "stock_remaining", "per_customer_limit", "valid_from", "valid_until", "min_tier",
+)
 
 
 def _reward(row: asyncpg.Record) -> Reward:
@@ -243,12 +270,17 @@ class RewardsRepository:
     async def lock_customer(self, *, customer_id: str) -> None:
         await self._conn.execute(LOCK_CUSTOMER, customer_id)
 
-    async def find_by_idempotency_key(self, *, customer_id: str, idempotency_key: str) -> Redemption | None:
-        row = await self._conn.fetchrow(SELECT_BY_IDEMPOTENCY_KEY, customer_id, idempotency_key)
-        return _redemption(row) if row else None
-
-    async def count_for_limit(self, *, customer_id: str, reward_id: str) -> int:
-        return await self._conn.fetchval(COUNT_FOR_LIMIT, customer_id, reward_id, list(COUNTED_FOR_LIMIT))
+    async def request_context(self, *, customer_id: str, idempotency_key: str, reward_id: str) -> RequestContext:
+        row = await self._conn.fetchrow(REQUEST_CONTEXT, customer_id, idempotency_key, reward_id,
+                                        list(COUNTED_FOR_LIMIT))
+        reward = None
+        if row["reward_id"] is not None:
+            reward = Reward(**{f: row[f] for f in _REQUEST_REWARD_FIELDS})
+        standing = CustomerStanding()
+        if row["tier"] is not None:
+            standing = CustomerStanding(available_points=row["available_points"], tier=row["tier"], known=True)
+        return RequestContext(existing_id=row["existing_id"], reward=reward, standing=standing,
+                              counted_redemptions=row["counted"])
 
     async def counts_for_limit(self, *, customer_id: str) -> dict[str, int]:
         rows = await self._conn.fetch(COUNT_FOR_LIMIT_BY_REWARD, customer_id, list(COUNTED_FOR_LIMIT))
@@ -291,20 +323,22 @@ class RewardsRepository:
 
     async def mark_fulfilled(
         self, *, redemption_id: uuid.UUID, code: str | None, hold_expires_at: datetime, now: datetime
-    ) -> None:
-        await self._conn.execute(MARK_FULFILLED, redemption_id, code, hold_expires_at, now)
+    ) -> Redemption:
+        return _redemption(await self._conn.fetchrow(MARK_FULFILLED, redemption_id, code, hold_expires_at, now))
 
     async def mark_failed(
         self, *, redemption_id: uuid.UUID, reason: str, ledger_status: str, now: datetime,
         hold_expires_at: datetime | None = None,
-    ) -> None:
-        await self._conn.execute(MARK_FAILED, redemption_id, reason, ledger_status, hold_expires_at, now)
+    ) -> Redemption:
+        return _redemption(
+            await self._conn.fetchrow(MARK_FAILED, redemption_id, reason, ledger_status, hold_expires_at, now)
+        )
 
-    async def mark_cancelled(self, *, redemption_id: uuid.UUID, reason: str, now: datetime) -> None:
-        await self._conn.execute(MARK_CANCELLED, redemption_id, reason, now)
+    async def mark_cancelled(self, *, redemption_id: uuid.UUID, reason: str, now: datetime) -> Redemption:
+        return _redemption(await self._conn.fetchrow(MARK_CANCELLED, redemption_id, reason, now))
 
-    async def set_ledger_status(self, *, redemption_id: uuid.UUID, ledger_status: str) -> None:
-        await self._conn.execute(SET_LEDGER_STATUS, redemption_id, ledger_status)
+    async def set_ledger_status(self, *, redemption_id: uuid.UUID, ledger_status: str) -> Redemption:
+        return _redemption(await self._conn.fetchrow(SET_LEDGER_STATUS, redemption_id, ledger_status))
 
     async def lock_unanswered(self, *, requested_before: datetime, limit: int) -> list[tuple[Redemption, int]]:
         rows = await self._conn.fetch(SELECT_UNANSWERED, requested_before, limit)

@@ -63,14 +63,16 @@ class OutcomeWaiters:
     waiters, however many) also resolves the ones whose outcome is in the database."""
 
     def __init__(self) -> None:
-        self._futures: dict[uuid.UUID, set[asyncio.Future[None]]] = {}
+        # The result is the finished redemption when the resolver has it (no re-read needed),
+        # or None when only its status is known.
+        self._futures: dict[uuid.UUID, set[asyncio.Future[Redemption | None]]] = {}
 
-    def register(self, redemption_id: uuid.UUID) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def register(self, redemption_id: uuid.UUID) -> asyncio.Future[Redemption | None]:
+        fut: asyncio.Future[Redemption | None] = asyncio.get_running_loop().create_future()
         self._futures.setdefault(redemption_id, set()).add(fut)
         return fut
 
-    def discard(self, redemption_id: uuid.UUID, fut: asyncio.Future[None]) -> None:
+    def discard(self, redemption_id: uuid.UUID, fut: asyncio.Future[Redemption | None]) -> None:
         futs = self._futures.get(redemption_id)
         if futs is not None:
             futs.discard(fut)
@@ -82,6 +84,12 @@ class OutcomeWaiters:
             for fut in self._futures.pop(rid, ()):
                 if not fut.done():
                     fut.set_result(None)
+
+    def finish(self, redemptions: Sequence[Redemption]) -> None:
+        for r in redemptions:
+            for fut in self._futures.pop(r.redemption_id, ()):
+                if not fut.done():
+                    fut.set_result(r)
 
     def waiting(self) -> list[uuid.UUID]:
         return list(self._futures)
@@ -324,18 +332,18 @@ async def request_redemption(
     async with ctx.pool.acquire() as conn, conn.transaction():
         repo = RewardsRepository(conn)
         await repo.lock_customer(customer_id=customer_id)
-        existing = await repo.find_by_idempotency_key(customer_id=customer_id, idempotency_key=idempotency_key)
-        if existing is not None:
+        context = await repo.request_context(customer_id=customer_id, idempotency_key=idempotency_key,
+                                             reward_id=reward_id)
+        if context.existing_id is not None:
+            existing = await repo.get_redemption(redemption_id=context.existing_id)
+            assert existing is not None
             domain.check_same_request(existing, reward_id=reward_id)
             return RequestResult(existing, replayed=True)
-        reward = await repo.get_reward(reward_id=reward_id)
+        reward = context.reward
         if reward is None:
             raise domain.RewardNotFound(f"reward {reward_id} not found")
         domain.check_redeemable(
-            reward,
-            standing=await repo.get_standing(customer_id=customer_id),
-            counted_redemptions=await repo.count_for_limit(customer_id=customer_id, reward_id=reward_id),
-            now=now,
+            reward, standing=context.standing, counted_redemptions=context.counted_redemptions, now=now,
             tier_order=ctx.settings.tiers(),
         )
         redemption = Redemption(
@@ -356,15 +364,20 @@ async def wait_for_outcome(ctx: RewardsContext, redemption: Redemption) -> Redem
     if redemption.status not in domain.IN_FLIGHT:
         return redemption
     fut = ctx.waiters.register(redemption.redemption_id)
+    finished: Redemption | None = None
     try:
-        await asyncio.wait_for(fut, timeout=ctx.settings.saga_wait_ms / 1000)
+        finished = await asyncio.wait_for(fut, timeout=ctx.settings.saga_wait_ms / 1000)
     except asyncio.TimeoutError:
         pass
     finally:
         ctx.waiters.discard(redemption.redemption_id, fut)
-    async with ctx.pool.acquire() as conn:
-        current = await RewardsRepository(conn).get_redemption(redemption_id=redemption.redemption_id)
-    assert current is not None
+    if finished is not None:
+        current = finished  # handed over by the commit that finished it: no second read
+    else:
+        async with ctx.pool.acquire() as conn:
+            got = await RewardsRepository(conn).get_redemption(redemption_id=redemption.redemption_id)
+        assert got is not None
+        current = got
     metrics.SAGA_WAIT.labels("accepted" if current.status in domain.IN_FLIGHT else "answered").inc()
     return current
 
@@ -395,14 +408,12 @@ async def cancel_redemption(
         if r is None:
             raise domain.RedemptionNotFound(f"redemption {redemption_id} not found")
         domain.check_cancellable(r, now=now, window_s=ctx.settings.cancellation_window_s)
-        await repo.mark_cancelled(redemption_id=redemption_id, reason=reason, now=now)
+        cancelled = await repo.mark_cancelled(redemption_id=redemption_id, reason=reason, now=now)
         if domain.restocks_on_cancel(r.kind):
             await repo.return_stock(reward_id=r.reward_id)
         await enqueue(conn, [_cancelled_event(ctx, r, reason=reason, now=now)])
-        cancelled = await repo.get_redemption(redemption_id=redemption_id)
     ctx.wake_relay()
     metrics.record_outcome("cancelled", reason)
-    assert cancelled is not None
     return cancelled
 
 
@@ -551,7 +562,7 @@ def _after_commit(ctx: RewardsContext, outcome: BatchOutcome) -> None:
         metrics.REDEMPTION_LATENCY.labels(r.status).observe(max((now - r.requested_at).total_seconds(), 0.0))
     for reason in outcome.dead_letter_reasons:
         metrics.POINTS_EVENTS_DEAD_LETTERED.labels(reason).inc()
-    ctx.waiters.resolve([r.redemption_id for r in outcome.finished])
+    ctx.waiters.finish(outcome.finished)
     if outcome.finished or outcome.dead_lettered:
         ctx.wake_relay()
 
@@ -582,6 +593,8 @@ async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> Bat
         await repo.upsert_standings(rows=_latest_standings(fresh))
         saga = [e for e in fresh if isinstance(e, (PointsHeld, PointsHoldRejected, PointsRedeemed, PointsReleased))]
         locked = await repo.lock_redemptions(redemption_ids=[e.payload.redemption_id for e in saga])
+        # Catalog rows read once per batch: a burst of redemptions is mostly of a few rewards.
+        rewards: dict[str, Reward | None] = {}
         for event in saga:
             redemption = locked.get(event.payload.redemption_id)
             if redemption is None:
@@ -590,7 +603,7 @@ async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> Bat
                 log.warning("ledger answer for an unknown redemption",
                             extra={"redemption_id": str(event.payload.redemption_id), "type": event.type})
                 continue
-            updated, emitted = await _apply_ledger_answer(ctx, repo, redemption, event, now=now)
+            updated, emitted = await _apply_ledger_answer(ctx, repo, redemption, event, now=now, rewards=rewards)
             messages += emitted
             if updated is not None:
                 locked[updated.redemption_id] = updated
@@ -615,7 +628,8 @@ def _latest_standings(events: Sequence[Any]) -> list[StandingRow]:
 
 
 async def _apply_ledger_answer(
-    ctx: RewardsContext, repo: RewardsRepository, r: Redemption, event: Any, *, now: datetime
+    ctx: RewardsContext, repo: RewardsRepository, r: Redemption, event: Any, *, now: datetime,
+    rewards: dict[str, Reward | None],
 ) -> tuple[Redemption | None, list[OutboxMessage]]:
     """One ledger answer applied to one (locked) redemption. Returns the redemption as it is
     now (None if unchanged) and the events to emit."""
@@ -629,66 +643,73 @@ async def _apply_ledger_answer(
             return None, []
         if decision == "refuse":
             assert reason is not None
+            failed = None
             if r.status == "requested":
-                await repo.mark_failed(redemption_id=rid, reason=reason, ledger_status="held", now=now,
-                                       hold_expires_at=event.payload.hold_expires_at)
-            return await repo.get_redemption(redemption_id=rid), [_failed_event(ctx, r, reason=reason, now=now,
-                                                                                  cause=cause)]
+                failed = await repo.mark_failed(redemption_id=rid, reason=reason, ledger_status="held", now=now,
+                                                hold_expires_at=event.payload.hold_expires_at)
+            return failed, [_failed_event(ctx, r, reason=reason, now=now, cause=cause)]
         return await _reserve_and_finish(ctx, repo, r, hold_expires_at=event.payload.hold_expires_at, now=now,
-                                         cause=cause)
+                                         cause=cause, rewards=rewards)
     if isinstance(event, PointsHoldRejected):
         if not domain.on_hold_rejected(r, reason=event.payload.reason):
             return None, []
-        await repo.mark_failed(redemption_id=rid, reason=str(event.payload.reason), ledger_status="rejected", now=now)
-        return await repo.get_redemption(redemption_id=rid), []
+        return await repo.mark_failed(redemption_id=rid, reason=str(event.payload.reason), ledger_status="rejected",
+                                      now=now), []
     if isinstance(event, PointsRedeemed):
-        await repo.set_ledger_status(redemption_id=rid, ledger_status="redeemed")
-        return await repo.get_redemption(redemption_id=rid), []
+        return await repo.set_ledger_status(redemption_id=rid, ledger_status="redeemed"), []
     if isinstance(event, PointsReleased):
         if r.status == "fulfilled" and event.payload.phase == "void":
             # The ledger voided a hold we fulfilled (it expired first): a reward without
             # points. Kept visible (ledger_status) for reconciliation; never silently fixed.
             log.error("ledger voided the hold of a fulfilled redemption", extra={"redemption_id": str(rid)})
-        await repo.set_ledger_status(redemption_id=rid, ledger_status="released")
-        return await repo.get_redemption(redemption_id=rid), []
+        return await repo.set_ledger_status(redemption_id=rid, ledger_status="released"), []
     return None, []
 
 
 async def _reserve_and_finish(
     ctx: RewardsContext, repo: RewardsRepository, r: Redemption, *, hold_expires_at: datetime, now: datetime,
-    cause: str,
+    cause: str, rewards: dict[str, Reward | None],
 ) -> tuple[Redemption | None, list[OutboxMessage]]:
     """Reserve stock and code for a held redemption: fulfil, or fail so the hold is voided.
     Runs in the same transaction as the inbox claim of the PointsHeld: a crash before the
     commit leaves the redemption requested and the PointsHeld redelivered."""
-    reward = await repo.get_reward(reward_id=r.reward_id)
+    if r.reward_id not in rewards:
+        rewards[r.reward_id] = await repo.get_reward(reward_id=r.reward_id)
+    reward = rewards[r.reward_id]
     failure = domain.reservation_failure(reward, now=now)
     code: str | None = None
     if failure is None:
         assert reward is not None
         try:
-            # A savepoint: a unit of stock taken before the pool turns out empty goes back.
-            async with repo.savepoint():
-                if reward.stock_remaining is not None and not await repo.take_stock(reward_id=r.reward_id):
-                    raise _ReservationFailed("out_of_stock")
-                if reward.kind == "coupon":
-                    code = await repo.take_coupon_code(reward_id=r.reward_id, redemption_id=r.redemption_id, now=now)
-                    if code is None:
-                        raise _ReservationFailed("coupon_pool_empty")
-                elif reward.kind == "voucher":
-                    code = domain.new_voucher_code()
+            if reward.kind == "coupon" and reward.stock_remaining is not None:
+                # Two reservations: a savepoint gives the unit of stock back if the pool is empty.
+                async with repo.savepoint():
+                    code = await _reserve(repo, reward, r, now=now)
+            else:
+                code = await _reserve(repo, reward, r, now=now)
         except _ReservationFailed as exc:
             failure, code = exc.reason, None
     if failure is not None:
-        await repo.mark_failed(redemption_id=r.redemption_id, reason=failure, ledger_status="held", now=now,
-                               hold_expires_at=hold_expires_at)
-        return await repo.get_redemption(redemption_id=r.redemption_id), [
-            _failed_event(ctx, r, reason=failure, now=now, cause=cause)
-        ]
-    await repo.mark_fulfilled(redemption_id=r.redemption_id, code=code, hold_expires_at=hold_expires_at, now=now)
-    return await repo.get_redemption(redemption_id=r.redemption_id), [
-        _fulfilled_event(ctx, r, code=code, now=now, cause=cause)
-    ]
+        failed = await repo.mark_failed(redemption_id=r.redemption_id, reason=failure, ledger_status="held", now=now,
+                                        hold_expires_at=hold_expires_at)
+        return failed, [_failed_event(ctx, r, reason=failure, now=now, cause=cause)]
+    fulfilled = await repo.mark_fulfilled(redemption_id=r.redemption_id, code=code, hold_expires_at=hold_expires_at,
+                                          now=now)
+    return fulfilled, [_fulfilled_event(ctx, r, code=code, now=now, cause=cause)]
+
+
+async def _reserve(repo: RewardsRepository, reward: Reward, r: Redemption, *, now: datetime) -> str | None:
+    """Take a unit of stock (when limited) and the code; _ReservationFailed when out."""
+    if reward.stock_remaining is not None and not await repo.take_stock(reward_id=r.reward_id):
+        raise _ReservationFailed("out_of_stock")
+    if reward.kind == "coupon":
+        code = await repo.take_coupon_code(reward_id=r.reward_id, redemption_id=r.redemption_id, now=now)
+        if code is None:
+            raise _ReservationFailed("coupon_pool_empty")
+        return code
+    if reward.kind == "voucher":
+        return domain.new_voucher_code()
+    return None
 
 
 # ---- recovery --------------------------------------------------------------------------------
@@ -714,12 +735,9 @@ async def recover_unanswered(ctx: RewardsContext, *, limit: int = 500) -> Recove
         repo = RewardsRepository(conn)
         for r, _attempts in await repo.lock_unanswered(requested_before=resend_before, limit=limit):
             if domain.should_give_up(r, now=now, hold_timeout_s=ctx.settings.hold_timeout_s):
-                await repo.mark_failed(redemption_id=r.redemption_id, reason="ledger_timeout",
-                                       ledger_status=r.ledger_status, now=now)
+                finished.append(await repo.mark_failed(redemption_id=r.redemption_id, reason="ledger_timeout",
+                                                       ledger_status=r.ledger_status, now=now))
                 messages.append(_failed_event(ctx, r, reason="ledger_timeout", now=now, cause="gave-up"))
-                updated = await repo.get_redemption(redemption_id=r.redemption_id)
-                assert updated is not None
-                finished.append(updated)
             else:
                 attempt = await repo.mark_requested_again(redemption_id=r.redemption_id, now=now)
                 messages.append(_requested_event(ctx, r, cause=f"resend-{attempt}", now=now))
