@@ -6,8 +6,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.hostile import INJECTION_STRINGS, fetch, table_counts
-from tests.support.ledger import ADMIN, ledger_settings, running_ledger
+from services.ledger.main import create_app
+from tests.support.hostile import INJECTION_STRINGS, fetch, serving, table_counts
+from tests.support.ledger import ADMIN, ledger_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -17,7 +18,7 @@ BAD_ADMIN_KEYS = {"missing": None, "empty": "", "wrong": "ledger-admin-test-kez"
 
 async def test_every_admin_endpoint_refuses_a_missing_or_wrong_admin_key_and_changes_nothing(base_env):
     settings = ledger_settings(base_env)
-    async with running_ledger(settings) as (_, client):
+    async with serving(create_app(settings), "http://ledger") as client:
         program = (await client.get("/v1/admin/program", headers=ADMIN)).json()
         before = await table_counts(settings.database_url, "ledger")
         calls = [("GET", "/v1/admin/program", None),
@@ -43,7 +44,7 @@ async def test_every_admin_endpoint_refuses_a_missing_or_wrong_admin_key_and_cha
 async def test_injection_strings_in_adjustments_and_customer_ids_are_stored_verbatim(base_env):
     settings = ledger_settings(base_env)
     readable = [s for s in INJECTION_STRINGS if "/" not in s]  # "/" cannot be named in a URL path
-    async with running_ledger(settings) as (_, client):
+    async with serving(create_app(settings), "http://ledger") as client:
         made = []
         for s in INJECTION_STRINGS:
             made.append(await client.post("/v1/admin/adjustments", headers=ADMIN, json={
