@@ -16,6 +16,7 @@ Goal: p99 under 100 ms at 200 redemptions/s on this machine.
 import argparse
 import asyncio
 import json
+import os
 import signal
 import time
 import uuid
@@ -138,8 +139,11 @@ async def run(args: argparse.Namespace) -> dict:
                 warm: list[tuple[float, int, str]] = []
                 await fire(pool, tokens, rate=args.rate, seconds=args.warmup_seconds, label="warm-up", results=warm)
                 results: list[tuple[float, int, str]] = []
+                cpu_before = {s.name: cpu_seconds(s.proc.pid) for s in (rewards, ledger)}
                 achieved = await fire(pool, tokens, rate=args.rate, seconds=args.seconds, label="measured",
                                       results=results)
+                cpu_ms = {name: round((cpu_seconds(svc.proc.pid) - cpu_before[name]) * 1000 / max(len(results), 1), 2)
+                          for name, svc in (("rewards", rewards), ("ledger", ledger))}
             finally:
                 await pool.close()
             hops = await hop_breakdown(env.bootstrap, env.dsn())
@@ -152,6 +156,8 @@ async def run(args: argparse.Namespace) -> dict:
         "p50_ms": round(percentile(latencies_ms, 50), 1), "p90_ms": round(percentile(latencies_ms, 90), 1),
         "p99_ms": round(percentile(latencies_ms, 99), 1), "max_ms": round(latencies_ms[-1], 1),
         "partitions": args.partitions, "fsync": not args.no_fsync, "hops_p50_p99_ms": hops,
+        # CPU each service spent per redemption: a busy machine inflates latency, not this.
+        "cpu_ms_per_redemption": cpu_ms, "load_average_1m": os.getloadavg()[0],
     }
 
 
@@ -190,6 +196,13 @@ async def hop_breakdown(bootstrap: str, dsn: str) -> dict[str, list[float]]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def fetch_rows(dsn: str, sql: str) -> list:
     conn = await asyncpg.connect(dsn)
     try:
@@ -205,7 +218,7 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=3.0)
     parser.add_argument("--customers", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--connections", type=int, default=64, help="keep-alive HTTP connections of the client")
+    parser.add_argument("--connections", type=int, default=256, help="keep-alive HTTP connections of the client")
     parser.add_argument("--no-fsync", action="store_true", help="PostgreSQL without fsync (not the real figure)")
     args = parser.parse_args()
 
@@ -223,6 +236,8 @@ def main() -> None:
     hops = report["hops_p50_p99_ms"]
     print(f"  requested -> ledger hold: p50 {hops['requested_to_held'][0]} ms, p99 {hops['requested_to_held'][1]} ms; "
           f"hold -> fulfilled: p50 {hops['held_to_fulfilled'][0]} ms, p99 {hops['held_to_fulfilled'][1]} ms")
+    print(f"  CPU per redemption: rewards {report['cpu_ms_per_redemption']['rewards']} ms, "
+          f"ledger {report['cpu_ms_per_redemption']['ledger']} ms; machine load average {report['load_average_1m']:.1f}")
     print(json.dumps(report | {"wall_s": round(time.perf_counter() - started, 1)}))
 
 
