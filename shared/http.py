@@ -44,3 +44,15 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
         return JSONResponse(asyncapi.to_specification().to_jsonable())
 
     return app
+
+
+def serve(service: str, settings, create_app) -> None:
+    """Run one service process: structured logs, then uvicorn with a graceful shutdown
+    long enough for in-flight batches to commit and the outbox to drain."""
+    import uvicorn
+
+    from shared.logging import configure_logging
+
+    configure_logging(service, level=settings.log_level, json_logs=settings.log_json)
+    uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, log_config=None,
+                timeout_graceful_shutdown=20)
