@@ -130,6 +130,28 @@ class EarnedCounter:
         return self.count / ((self.last_ms - self.first_ms) / 1000)
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and, for the postmaster, of its current children)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    total = own(pid)
+    for child in Path("/proc").iterdir():
+        if child.name.isdigit():
+            try:
+                if int(Path(f"/proc/{child.name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    total += own(int(child.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def start_ledger(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     full = {**os.environ, **env}
     log = open(log_path, "ab")
@@ -197,6 +219,8 @@ async def main() -> None:
         print(f"  produced in {took:.1f} s")
 
         # the ledger, micro-batches
+        postmaster = cluster.postmaster_pid() or 0
+        cpu_before = {"broker": cpu_seconds(broker.pid), "postgres": cpu_seconds(postmaster)}
         started = time.monotonic()
         port = free_port()
         procs.append(start_ledger(ledger_env(bootstrap, cluster.dsn("bench_batch"), batch_prefix, port,
@@ -205,11 +229,21 @@ async def main() -> None:
         await batch.run_until(args.events, deadline_s=600, proc=procs[-1])
         wall_s = time.monotonic() - started
         figures = batch_figures(port)
+        # CPU spent per event by each process: a figure that does not depend on what else runs
+        # on the machine (unlike events/s), and that bounds the rate on idle cores.
+        cpu = {"ledger": cpu_seconds(procs[-1].pid), "broker": cpu_seconds(broker.pid) - cpu_before["broker"],
+               "postgres": cpu_seconds(postmaster) - cpu_before["postgres"]}
+        cpu_us = {k: 1e6 * v / max(batch.count, 1) for k, v in cpu.items()}
         stop_process_group(procs[-1].pid)
         print(f"ledger ({args.consumers} consumers, batches of up to {args.batch}): {batch.count:,} PointsEarned, "
               f"sustained {batch.rate:,.0f} events/s (first to last event), {wall_s:.1f} s from process start; "
               f"{figures['batches']:.0f} batches, mean {figures['mean_batch_size']:.0f} records, "
               f"{figures['mean_batch_ms']:.0f} ms per batch transaction")
+
+        total_us = sum(cpu_us.values())
+        print("  CPU per event: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu_us.items())
+              + f"; {total_us:.0f} us in all -> at most ~{os.cpu_count() * 1e6 / total_us:,.0f} events/s "
+              f"on {os.cpu_count()} idle cores")
 
         # the naive consumer: one transaction and one commit per message
         procs.append(start_ledger(ledger_env(bootstrap, cluster.dsn("bench_naive"), naive_prefix, free_port(), 1, 1),
@@ -226,7 +260,9 @@ async def main() -> None:
             "benchmark": "ledger_throughput", "events": args.events, "batch_max_records": args.batch, "consumers": args.consumers,
             "durable_postgres": args.durable, "cpus": os.cpu_count(),
             "batched_events_per_s": round(batch.rate), "mean_batch_size": round(figures["mean_batch_size"]),
-            "mean_batch_ms": round(figures["mean_batch_ms"]), "batched_earned": batch.count, "batched_wall_s": round(wall_s, 1),
+            "mean_batch_ms": round(figures["mean_batch_ms"]), "batched_earned": batch.count,
+            "cpu_us_per_event": {k: round(v) for k, v in cpu_us.items()},
+            "idle_cores_bound_events_per_s": round(os.cpu_count() * 1e6 / total_us), "batched_wall_s": round(wall_s, 1),
             "naive_events_per_s": round(naive.rate), "naive_earned": naive.count, "speedup": round(speedup, 1),
         }))
     finally:
