@@ -32,7 +32,6 @@ from tests.support.kafka import consume
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-SCHEMA = "boxes"
 CONSUMER = "boxes.test"
 KEYS = ("alice", "bob", "carol", "dave", "erin")
 
@@ -90,16 +89,30 @@ def migrations_dir(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def shared_db(pg_cluster) -> str:
+    """One database for this module (creating one per test costs seconds on a busy machine);
+    every test gets its own schema in it, so tests still never see each other's rows."""
+    name = f"t_boxes_{uuid.uuid4().hex[:10]}"
+    pg_cluster.psql("postgres", f'CREATE DATABASE "{name}"')
+    return pg_cluster.dsn(name)
+
+
 @pytest.fixture
-def settings(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> ServiceSettings:
-    return ServiceSettings(kafka_bootstrap_servers=kafka_bootstrap, database_url=database_url,
+def schema() -> str:
+    return f"boxes_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, shared_db: str, topic_prefix: str) -> ServiceSettings:
+    return ServiceSettings(kafka_bootstrap_servers=kafka_bootstrap, database_url=shared_db,
                            topic_prefix=topic_prefix, topic_partitions=4)
 
 
 @pytest.fixture
-async def pool(settings: ServiceSettings, migrations_dir: Path):
-    await migrate(settings.database_url, schema=SCHEMA, migrations_dir=migrations_dir)
-    pool = await create_pool(settings.database_url, schema=SCHEMA, min_size=1, max_size=4)
+async def pool(settings: ServiceSettings, schema: str, migrations_dir: Path):
+    await migrate(settings.database_url, schema=schema, migrations_dir=migrations_dir)
+    pool = await create_pool(settings.database_url, schema=schema, min_size=1, max_size=4)
     yield pool
     await pool.close()
 
@@ -207,14 +220,14 @@ def ids(messages: Sequence[OutboxMessage]) -> set[str]:
 # ---- outbox and relay ---------------------------------------------------------------------
 
 
-async def test_rows_committed_before_a_crash_are_all_published_by_a_fresh_relay(settings, pool, topic,
+async def test_rows_committed_before_a_crash_are_all_published_by_a_fresh_relay(settings, schema, pool, topic,
                                                                               kafka_bootstrap):
     written = messages_for(topic, 40)
     async with pool.acquire() as conn:
         await apply_and_enqueue(conn, written)
     # The process dies here: committed, never published. A new process starts from scratch.
     await pool.close()
-    fresh_pool = await create_pool(settings.database_url, schema=SCHEMA)
+    fresh_pool = await create_pool(settings.database_url, schema=schema)
     fresh_producer = create_producer(settings, client_id="boxes-outbox-2")
     await fresh_producer.start()
     try:
@@ -282,11 +295,12 @@ async def test_an_unreachable_broker_leaves_the_rows_in_the_outbox_until_a_later
     assert await outbox_rows(pool) == 0
 
 
-async def test_two_relays_at_once_publish_every_row_exactly_once(settings, pool, topic, producer, kafka_bootstrap):
+async def test_two_relays_at_once_publish_every_row_exactly_once(settings, schema, pool, topic, producer,
+                                                                kafka_bootstrap):
     written = messages_for(topic, 1500)
     async with pool.acquire() as conn:
         await apply_and_enqueue(conn, written)
-    other_pool = await create_pool(settings.database_url, schema=SCHEMA)
+    other_pool = await create_pool(settings.database_url, schema=schema)
     other_producer = create_producer(settings, client_id="boxes-outbox-other")
     await other_producer.start()
     try:
@@ -497,51 +511,52 @@ async def recorded_migrations(dsn: str, schema: str) -> list[str]:
         await conn.close()
 
 
-async def test_migrate_applies_shared_then_service_files_in_order_and_records_them(database_url, tmp_path):
+async def test_migrate_applies_shared_then_service_files_in_order_and_records_them(shared_db, schema, tmp_path):
     folder = tmp_path / "m"
     write_service_migrations(folder)
-    applied = await migrate(database_url, schema="svc_a", migrations_dir=folder)
+    applied = await migrate(shared_db, schema=schema, migrations_dir=folder)
     expected = shared_names() + ["0001_accounts.sql", "0002_tier.sql", "0010_views.sql"]
     assert applied == expected
-    assert sorted(await recorded_migrations(database_url, "svc_a")) == sorted(expected)
-    conn = await asyncpg.connect(database_url)
+    assert sorted(await recorded_migrations(shared_db, schema)) == sorted(expected)
+    conn = await asyncpg.connect(shared_db)
     try:
         tables = {r["table_name"] for r in await conn.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'svc_a'")}
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)}
         assert {"inbox", "outbox", "accounts", "account_tiers", "schema_migrations"} <= tables
     finally:
         await conn.close()
 
 
-async def test_a_second_migrate_applies_nothing_and_a_new_file_alone(database_url, tmp_path):
+async def test_a_second_migrate_applies_nothing_and_a_new_file_alone(shared_db, schema, tmp_path):
     folder = tmp_path / "m"
     write_service_migrations(folder)
-    await migrate(database_url, schema="svc_b", migrations_dir=folder)
-    assert await migrate(database_url, schema="svc_b", migrations_dir=folder) == []
+    await migrate(shared_db, schema=schema, migrations_dir=folder)
+    assert await migrate(shared_db, schema=schema, migrations_dir=folder) == []
     (folder / "0011_more.sql").write_text("ALTER TABLE accounts ADD COLUMN note text;")
-    assert await migrate(database_url, schema="svc_b", migrations_dir=folder) == ["0011_more.sql"]
+    assert await migrate(shared_db, schema=schema, migrations_dir=folder) == ["0011_more.sql"]
 
 
-async def test_concurrent_migrations_do_not_fail_and_apply_each_file_once(database_url, tmp_path):
+async def test_concurrent_migrations_do_not_fail_and_apply_each_file_once(shared_db, schema, tmp_path):
     folder = tmp_path / "m"
     write_service_migrations(folder)
-    results = await asyncio.gather(*(migrate(database_url, schema="svc_c", migrations_dir=folder) for _ in range(3)))
+    results = await asyncio.gather(*(migrate(shared_db, schema=schema, migrations_dir=folder) for _ in range(3)))
     expected = shared_names() + ["0001_accounts.sql", "0002_tier.sql", "0010_views.sql"]
     assert sorted(name for applied in results for name in applied) == sorted(expected)
-    assert sorted(await recorded_migrations(database_url, "svc_c")) == sorted(expected)
+    assert sorted(await recorded_migrations(shared_db, schema)) == sorted(expected)
 
 
-async def test_a_failing_migration_is_rolled_back_and_not_recorded(database_url, tmp_path):
+async def test_a_failing_migration_is_rolled_back_and_not_recorded(shared_db, schema, tmp_path):
     folder = tmp_path / "m"
     write_service_migrations(folder)
     (folder / "0011_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\nALTER TABLE no_such_table ADD COLUMN x int;")
     with pytest.raises(asyncpg.UndefinedTableError):
-        await migrate(database_url, schema="svc_d", migrations_dir=folder)
-    names = await recorded_migrations(database_url, "svc_d")
+        await migrate(shared_db, schema=schema, migrations_dir=folder)
+    names = await recorded_migrations(shared_db, schema)
     assert "0011_broken.sql" not in names and "0010_views.sql" in names
-    conn = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(shared_db)
     try:
-        assert await conn.fetchval("SELECT to_regclass('svc_d.half_done')") is None
+        assert await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".half_done') is None
+        assert await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".accounts') is not None
     finally:
         await conn.close()
