@@ -9,7 +9,15 @@ from urllib.parse import quote
 import pytest
 
 from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
-from tests.support.hostile import INJECTION_STRINGS, collect, fetch, mutated_documents, nested, produce_raw
+from tests.support.hostile import (
+    INJECTION_STRINGS,
+    collect,
+    fetch,
+    metric_total,
+    mutated_documents,
+    nested,
+    produce_raw,
+)
 from tests.support.kafka import consume, unique
 from tests.support.ledger import ADMIN, ledger_settings, purchase_recorded, redemption, running_ledger
 
@@ -67,12 +75,15 @@ async def test_hostile_purchase_envelopes_are_dead_lettered_and_the_partition_mo
     probe = purchase_recorded(customer, amounts=("42.00",))
     items = fixed + generated + injected + [("probe", json.dumps(probe).encode())]
     async with running_ledger(settings) as (_, client):
+        counted_before = await metric_total(client, "ledger_dead_letters_total")
         produced = await produce_raw(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), items, key=customer.encode())
         events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), timeout_s=30, idle_s=2.0)
         dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), idle_s=1.0, timeout_s=10)
         ready = await client.get("/readyz")
+        counted = await metric_total(client, "ledger_dead_letters_total") - counted_before
         injected_balances = [await client.get(f"/v1/customers/{quote(s, safe='')}/balance") for s in READABLE]
     assert ready.status_code == 200
+    assert counted == len(dead), "every dead letter is counted"
     earned_by = {e["payload"]["purchase_id"]: e for e in events if e["type"] == "PointsEarned"}
     assert probe["payload"]["purchase_id"] in earned_by, "the valid event after the hostile ones was not applied"
     letters = {(d["original_partition"], d["original_offset"]): d for d in dead}

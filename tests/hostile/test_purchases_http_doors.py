@@ -137,10 +137,12 @@ async def test_mutated_but_validly_signed_webhooks_are_recorded_or_dead_lettered
            ("shopify", "orders/paid", b'{"id": ' + b"[" * 500 + b"]" * 500 + b"}")]
     )
     async with running_purchases(settings) as (_, client):
+        counted_before = sum([await rejected_total(client, door) for door in ("shopify", "woocommerce")])
         _, first = await _post_signed(client, "shopify", base_order)
         assert first.status_code == 201
         outcomes = [(door, *await _post_signed(client, door, d, topic=topic)) for door, topic, d in documents]
         ready = await client.get("/readyz")
+        counted = sum([await rejected_total(client, door) for door in ("shopify", "woocommerce")]) - counted_before
         refused = [(door, body, r) for door, body, r in outcomes if r.status_code in (409, 422)]
         dead = await consume(kafka_bootstrap, settings.topic(PURCHASES_DLQ), count=len(refused), timeout_s=20)
     assert ready.status_code == 200
@@ -154,6 +156,7 @@ async def test_mutated_but_validly_signed_webhooks_are_recorded_or_dead_lettered
             assert response.json()["reason"] == "stale_webhook"  # a mutated timestamp: signed, but old
         recorded += response.status_code == 201
     assert len(dead) == len(refused)
+    assert counted == sum(1 for _, _, r in outcomes if r.status_code in (401, 409, 422)), "every refusal counted"
     by_original = {(d["door"], d["original"]): d for d in dead}
     for door, body, response in refused:
         letter = by_original[(door, body.decode("utf-8", errors="replace"))]

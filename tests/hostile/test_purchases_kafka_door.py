@@ -6,7 +6,15 @@ import json
 import pytest
 
 from shared.topics import PURCHASES_DLQ, PURCHASES_RAW
-from tests.support.hostile import collect, eventually, fetch, kafka_mutations, mutated_purchases, produce_raw
+from tests.support.hostile import (
+    collect,
+    eventually,
+    fetch,
+    kafka_mutations,
+    metric_total,
+    mutated_purchases,
+    produce_raw,
+)
 from tests.support.kafka import consume
 from tests.support.purchases import purchases_settings, running_purchases, sale
 
@@ -38,13 +46,16 @@ async def test_each_hostile_kafka_input_is_recorded_or_dead_lettered_with_a_reas
     items = fixed + [(f"property_{i}", json.dumps(g).encode()) for i, g in enumerate(generated)]
     probe = sale(customer_id="probe")
     async with running_purchases(settings) as (_, client):
+        refused_before = await metric_total(client, "purchases_rejected_total", door="kafka")
         produced = await produce_raw(kafka_bootstrap, settings.topic(PURCHASES_RAW),
                                      items + [("probe", json.dumps(probe).encode())], key=b"hostile")
         await _settle(settings, probe["purchase_id"])
         dead = await consume(kafka_bootstrap, settings.topic(PURCHASES_DLQ), count=len(items), idle_s=1.5,
                              timeout_s=30)
         ready = await client.get("/readyz")
+        refused = await metric_total(client, "purchases_rejected_total", door="kafka") - refused_before
     assert ready.status_code == 200
+    assert refused == len(dead), "every dead letter is counted as a refusal"
     rows = {r["purchase_id"] for r in await fetch(settings.database_url, "SELECT purchase_id FROM purchases.purchases")}
     dead_at = {(d["original_partition"], d["original_offset"]): d for d in dead}
     assert len(dead_at) == len(dead), "one dead letter per refused input"

@@ -10,7 +10,7 @@ import pytest
 from shared.events import envelope, utcnow
 from shared.events.points import BalanceAfter, PointsAdjusted, PointsAdjustedPayload
 from shared.topics import POINTS_EVENTS, REWARDS_DLQ
-from tests.support.hostile import collect, mutated_documents, produce_raw
+from tests.support.hostile import collect, metric_total, mutated_documents, produce_raw
 from tests.support.kafka import consume, unique
 from tests.support.rewards import bearer, eventually, rewards_settings, running_rewards
 
@@ -52,6 +52,7 @@ async def test_hostile_points_events_are_dead_lettered_and_a_later_balance_still
     probe = points_adjusted(probe_customer, 777)
     items = fixed + generated + [("probe", json.dumps(probe).encode())]
     async with running_rewards(settings) as (_, client):
+        counted_before = await metric_total(client, "rewards_points_events_dead_lettered_total")
         produced = await produce_raw(kafka_bootstrap, settings.topic(POINTS_EVENTS), items, key=customer.encode())
         headers = bearer(probe_customer, settings)
 
@@ -62,7 +63,9 @@ async def test_hostile_points_events_are_dead_lettered_and_a_later_balance_still
         dead = await consume(kafka_bootstrap, settings.topic(REWARDS_DLQ), count=len(fixed), idle_s=1.5,
                              timeout_s=20)
         ready = await client.get("/readyz")
+        counted = await metric_total(client, "rewards_points_events_dead_lettered_total") - counted_before
     assert ready.status_code == 200
+    assert counted == len(dead), "every dead letter is counted"
     letters = {(d["original_partition"], d["original_offset"]): d for d in dead}
     assert len(letters) == len(dead)
     for p in produced:

@@ -408,6 +408,15 @@ async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
     return 0.0
 
 
+async def metric_total(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """The sum of every sample of `name` whose labels include `labels` (e.g. all reasons of
+    one door)."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return sum(sample.value for family in text_string_to_metric_families(response.text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
 async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
