@@ -143,3 +143,20 @@ def test_the_token_command_refuses_without_a_secret(monkeypatch, capsys):
     monkeypatch.delenv("REWARDS_JWT_SECRET", raising=False)
     assert main(["cust-cli"]) == 2
     assert "REWARDS_JWT_SECRET" in capsys.readouterr().err
+
+
+def test_a_remembered_token_still_expires():
+    v = verifier()
+    tok = token("cust-1", ttl_s=60)
+    assert v.customer_id(tok) == "cust-1"
+    assert v.customer_id(tok) == "cust-1"  # from the cache
+    v.clock = lambda: time.time() + 3600
+    assert refused(tok, v) == "token expired"
+
+
+def test_a_refused_token_is_not_remembered_as_valid():
+    v = verifier()
+    header, _payload, signature = token("cust-1").split(".")
+    forged = f"{header}.{b64({'sub': 'cust-2', 'iss': ISS, 'aud': AUD, 'exp': int(time.time()) + 60})}.{signature}"
+    for _ in range(2):
+        assert refused(forged, v) == "token signature invalid"
