@@ -1,7 +1,7 @@
 """Throughput of the purchases service's Kafka door, end to end and on its own infrastructure.
 
     python -m bench.purchases_ingest [--events N] [--partitions P] [--batch-max B]
-                                     [--durable] [--profile FILE]
+                                     [--durable] [--profile FILE] [--return-park-s S]
 
 Starts a private Tansu broker and PostgreSQL cluster on free ports, pre-produces N realistic
 inputs to purchases.raw (sales; ~5% partial returns of earlier sales; ~2% exact resends;
@@ -13,6 +13,13 @@ stops everything it started, also on Ctrl-C or SIGTERM.
 
 PostgreSQL runs with fsync and synchronous_commit off unless --durable is given (as the
 test suite does): the figures then show the service's CPU cost, not the disk's.
+Returns of sales that never come are parked by the service for PURCHASES_RETURN_PARK_S
+before they are dead-lettered; the bench sets it to 5 s (--return-park-s).
+
+On a shared machine the wall-clock rate mostly says how busy the machine is. The bench
+therefore also reports the service's CPU time per input and how long it sat runnable
+waiting for a CPU (from /proc): 1e6 / (CPU us per input) is what one process can do on a
+core of its own.
 With --profile FILE, py-spy samples the service process while it ingests and the bench
 prints the hottest functions; FILE gets py-spy's collapsed stacks (flamegraph input).
 """
@@ -29,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -299,10 +306,16 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+_last_progress_line = 0.0
+
+
 def progress(text: str) -> None:
+    """One live line on a terminal; into a log file, a line every few seconds."""
+    global _last_progress_line
     if sys.stderr.isatty():
         sys.stderr.write("\r\x1b[2K" + text)
-    else:
+    elif time.monotonic() - _last_progress_line >= 2:
+        _last_progress_line = time.monotonic()
         sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
@@ -351,8 +364,14 @@ def start_service(infra: Infra, *, bootstrap: str, dsn: str, http_port: int, arg
                                      start_new_session=True)
 
 
+def py_spy_path() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
 def start_profiler(infra: Infra, out: Path) -> None:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    py_spy = py_spy_path()
+    assert py_spy is not None
     assert infra.service is not None
     infra.profiler = subprocess.Popen(
         [py_spy, "record", "--pid", str(infra.service.pid), "--rate", "97", "--nonblocking", "--format", "raw",
@@ -647,6 +666,8 @@ def _terminate(signum, frame):  # noqa: ARG001
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.profile and py_spy_path() is None:
+        sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
     # Both, explicitly: a shell starting us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
