@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.ledger import domain as d
@@ -18,7 +18,21 @@ from services.ledger.service import Ledger, adjust_points, balance_of, simulate
 from shared.events.purchases import PurchaseLine, PurchasePayload
 from shared.runtime import ServiceRuntime
 
-CustomerId = Annotated[str, Field(min_length=1, max_length=128)]
+# PostgreSQL text cannot hold NUL: refused at the door (422) rather than failing in the database.
+NO_NUL = r"^[^\x00]*$"
+CustomerId = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
+PathCustomerId = Annotated[str, Path(min_length=1, max_length=128, pattern=NO_NUL)]
+
+
+class ErrorOut(BaseModel):
+    detail: Any
+
+
+# Answers every route may give besides its own, documented so that clients (and the OpenAPI
+# fuzzing in tests/hostile) know them.
+BODY_ERRORS = {400: {"model": ErrorOut, "description": "The body could not be parsed"}}
+ADMIN_ERRORS = {401: {"model": ErrorOut, "description": "Missing or wrong X-Admin-Key header"},
+                503: {"model": ErrorOut, "description": "The admin API is disabled (LEDGER_ADMIN_API_KEY unset)"}}
 
 
 class BalanceOut(BaseModel):
@@ -60,10 +74,11 @@ class AdjustmentIn(BaseModel):
 
     adjustment_id: uuid.UUID | None = Field(None, description="Idempotency key: the same id never adjusts twice")
     customer_id: CustomerId
-    amount_points: int = Field(description="Positive credits, negative debits; never 0")
+    amount_points: int = Field(ge=-d.MAX_POINTS_PER_POSTING, le=d.MAX_POINTS_PER_POSTING,
+                               description="Positive credits, negative debits; never 0")
     reason_code: Literal["goodwill", "correction", "service_recovery", "fraud", "migration", "other"]
-    actor: str = Field(min_length=1, max_length=200, description="Who made the adjustment (audited)")
-    note: str | None = Field(None, max_length=2000)
+    actor: str = Field(min_length=1, max_length=200, pattern=NO_NUL, description="Who made the adjustment (audited)")
+    note: str | None = Field(None, max_length=2000, pattern=NO_NUL)
 
 
 class AdjustmentOut(BaseModel):
@@ -91,7 +106,7 @@ class SimulateIn(BaseModel):
 
     purchase: SimulatedPurchase
     customer_id: CustomerId | None = Field(None, description="Use this customer's tier, first purchase and daily cap")
-    tier: str | None = Field(None, description="Simulate for this tier instead")
+    tier: str | None = Field(None, max_length=100, description="Simulate for this tier instead")
     first_purchase: bool | None = None
 
 
@@ -121,6 +136,16 @@ def _balance_json(b: d.Balance) -> dict[str, Any]:
             "debt_points": b.debt_points, "tier": b.tier, "qualifying_points": b.qualifying_points}
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def _kind(account_id: str) -> str:
     return account_id.rsplit(":", 1)[-1]
 
@@ -144,7 +169,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
     @router.get("/v1/customers/{customer_id}/balance", response_model=BalanceOut, tags=["customers"],
                 summary="Available, pending, held, debt, tier, qualifying points and the next expiry",
                 responses={404: {"description": "The ledger has no account for this customer"}})
-    async def get_balance(customer_id: str, conn: Conn) -> BalanceOut:
+    async def get_balance(customer_id: PathCustomerId, conn: Conn) -> BalanceOut:
         view = await balance_of(conn, ledger, customer_id)
         if view is None:
             raise HTTPException(404, detail=f"no points account for customer {customer_id}")
@@ -154,8 +179,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
     @router.get("/v1/customers/{customer_id}/transactions", response_model=TransactionsPage, tags=["customers"],
                 summary="The customer's transfers, newest first, with the rule that earned each credit")
     async def get_transactions(
-        customer_id: str, conn: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(pattern=r"^\d+$", description="next_cursor of the previous page")] = None,
+        customer_id: PathCustomerId, conn: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$", description="next_cursor of the previous page")] = None,
     ) -> TransactionsPage:
         rows = await repo.transfers_of(conn, customer_id=customer_id, before_seq=int(cursor) if cursor else None,
                                        limit=limit + 1)
@@ -170,7 +195,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     @router.post("/v1/rules/simulate", response_model=SimulateOut, tags=["rules"],
                  summary="What a purchase would earn now, and why, rule by rule",
-                 responses={422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
+                 responses={**BODY_ERRORS,
+                            422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
     async def post_simulate(body: SimulateIn, conn: Conn) -> SimulateOut:
         if body.tier is not None and body.tier not in {t.name for t in ledger.programs.program.tiers}:
             raise HTTPException(422, detail=f"unknown tier {body.tier!r}")
@@ -195,7 +221,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
         )
 
     @router.get("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
-                summary="The program in force, and every version")
+                summary="The program in force, and every version", responses=ADMIN_ERRORS)
     async def get_program(conn: Conn) -> ProgramOut:
         await ledger.programs.ensure_loaded(conn)
         await ledger.programs.refresh(conn)
@@ -203,9 +229,12 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
         return ProgramOut(version=ledger.programs.version, program=ledger.programs.program, versions=versions)
 
     @router.put("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
-                summary="Replace the program: stored as a new version; postings from now on record it")
+                summary="Replace the program: stored as a new version; postings from now on record it",
+                responses={**ADMIN_ERRORS, **BODY_ERRORS, 422: {"model": ErrorOut, "description": "Invalid program"}})
     async def put_program(body: dict[str, Any], conn: Conn,
                           x_actor: Annotated[str | None, Header(max_length=200)] = None) -> ProgramOut:
+        if _has_nul(body):
+            raise HTTPException(422, detail="the program contains a NUL character")
         try:
             program = Program.model_validate(body)
         except ValidationError as exc:
@@ -217,7 +246,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     @router.post("/v1/admin/adjustments", response_model=AdjustmentOut, status_code=201, tags=["admin"],
                  dependencies=[Depends(admin)], summary="Credit or debit a customer by hand, with a reason (audited)",
-                 responses={200: {"description": "This adjustment_id was already applied; nothing changed"},
+                 responses={**ADMIN_ERRORS, **BODY_ERRORS,
+                            200: {"description": "This adjustment_id was already applied; nothing changed"},
                             409: {"description": "A debit larger than the available points"},
                             422: {"description": "Invalid adjustment (e.g. 0 points)"}})
     async def post_adjustment(body: AdjustmentIn, conn: Conn, response: Response) -> AdjustmentOut:
