@@ -56,13 +56,22 @@ class HttpPool:
 
     async def post(self, path: str, body: dict, headers: dict[str, str]) -> tuple[int, dict]:
         reader, writer = await self._idle.get()
+        data = json.dumps(body).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(data)}\r\n{head}\r\n").encode() + data
         try:
-            data = json.dumps(body).encode()
-            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\n{head}\r\n".encode() + data)
-            await writer.drain()
-            status_line = await reader.readline()
+            for _attempt in range(2):
+                writer.write(request)
+                await writer.drain()
+                status_line = await reader.readline()
+                if status_line:
+                    break
+                # The server closed this idle keep-alive connection (uvicorn: after 5 s): reconnect.
+                writer.close()
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            else:
+                raise ConnectionResetError("connection closed twice")
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode().partition(":")
