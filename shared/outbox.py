@@ -6,6 +6,11 @@ never skip one the way "id > last id" does when transactions commit out of order
 them, waits for the broker's acknowledgement, then deletes them in the same transaction.
 A crash after the send and before the delete re-sends those rows: consumers de-duplicate by
 event_id, so that costs nothing but a duplicate delivery.
+
+One relay publishes at a time per schema (a transaction-level advisory lock): with two
+service instances, two relays publishing in parallel would let a customer's later event
+overtake an earlier one. A row the broker can never accept (too large) is moved to
+`outbox_failed` with the error instead of blocking every row behind it.
 """
 
 import asyncio
@@ -15,7 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
+from collections import Counter as Counter_
+
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
 
@@ -27,6 +35,8 @@ OUTBOX_BATCH = Histogram(
 )
 OUTBOX_PENDING = Gauge("outbox_pending_rows", "Outbox rows not yet published (sampled by the relay)")
 OUTBOX_ERRORS = Counter("outbox_relay_errors_total", "Relay rounds that failed and will be retried")
+OUTBOX_FAILED = Counter("outbox_failed_total", "Outbox rows the broker refused for good, moved to outbox_failed",
+                        ["topic"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,19 @@ async def enqueue(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -
         [json.dumps(m.headers) for m in messages],
     )
 
+
+# Errors that sending the same row again can never cure. Anything else (timeouts, broker
+# away) fails the round, which is retried with every row still in the outbox.
+NEVER_ACCEPTED = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, InvalidTopicError)
+
+# One publisher per schema at a time keeps each key's events in order.
+_ONE_RELAY = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox-relay'))"
+
+_MOVE_FAILED = """
+WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+INSERT INTO outbox_failed (id, topic, key, value, headers, created_at, error)
+SELECT id, topic, key, value, headers, created_at, $2 FROM moved
+"""
 
 _CLAIM = """
 SELECT id, topic, key, value, headers FROM outbox
@@ -110,18 +133,40 @@ class OutboxRelay:
     async def publish_once(self) -> int:
         """One round: claim, send, await acknowledgements, delete. Returns rows published."""
         async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(_ONE_RELAY):
+                return 0  # another relay of this service is publishing
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:
                 return 0
-            futures = []
+            sends: list[tuple[asyncpg.Record, asyncio.Future | BaseException]] = []
             for row in rows:
                 headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
                 key = row["key"].encode() if row["key"] is not None else None
-                futures.append(await self._producer.send(row["topic"], row["value"], key=key, headers=headers))
-            await asyncio.gather(*futures)
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-        for row in rows:
-            OUTBOX_PUBLISHED.labels(row["topic"]).inc()
+                try:
+                    sends.append((row, await self._producer.send(row["topic"], row["value"], key=key, headers=headers)))
+                except NEVER_ACCEPTED as exc:  # refused before sending
+                    sends.append((row, exc))
+            results = await asyncio.gather(*(f for _, f in sends if isinstance(f, asyncio.Future)),
+                                           return_exceptions=True)
+            outcomes = iter(results)
+            published, failed = [], []
+            for row, sent in sends:
+                error = sent if isinstance(sent, BaseException) else next(outcomes)
+                if not isinstance(error, BaseException):
+                    published.append(row)
+                elif isinstance(error, NEVER_ACCEPTED):
+                    failed.append((row, error))
+                else:
+                    raise error  # the whole round is retried: nothing deleted
+            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in published])
+            for row, error in failed:
+                await conn.execute(_MOVE_FAILED, row["id"], f"{type(error).__name__}: {error}")
+                log.error("outbox row refused by the broker for good; moved to outbox_failed",
+                          extra={"outbox_id": row["id"], "topic": row["topic"], "error": repr(error)})
+        for topic, n in Counter_(r["topic"] for r in published).items():
+            OUTBOX_PUBLISHED.labels(topic).inc(n)
+        for row, _ in failed:
+            OUTBOX_FAILED.labels(row["topic"]).inc()
         OUTBOX_BATCH.observe(len(rows))
         return len(rows)
 

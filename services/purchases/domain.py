@@ -80,6 +80,7 @@ class PurchaseIn(BaseModel):
         return hashlib.sha256("\x1f".join(parts).encode()).digest()
 
 
+_CENT = Decimal("0.01")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -153,6 +154,8 @@ class RecordedSale:
     occurred_at: datetime
     quantities: dict[str, int]
     returned: dict[str, int]
+    # line_id -> (unit_price, discount) as sold: a return cannot claim back more than was paid.
+    prices: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
 
 
 def check_return(r: PurchaseIn, sale: RecordedSale | None) -> Rejection | None:
@@ -177,9 +180,30 @@ def check_return(r: PurchaseIn, sale: RecordedSale | None) -> Rejection | None:
             errors.append({"loc": ["lines", i, "quantity"],
                            "msg": f"returns {line.quantity} of line {line.line_id}, only {left} left to return "
                                   f"(bought {bought})", "type": "over_return"})
+        if line.line_id in sale.prices:
+            errors += _price_errors(i, line, bought, *sale.prices[line.line_id])
     if errors:
-        return Rejection("over_return" if all(e["type"] == "over_return" for e in errors) else "unknown_line", errors)
+        types = {e["type"] for e in errors}
+        return Rejection(next(t for t in _RETURN_REASONS if t in types), errors)
     return None
+
+
+# The reason a refused return is filed under when several of its lines are wrong.
+_RETURN_REASONS = ("unknown_line", "price_mismatch", "amount_exceeds_sale", "over_return")
+
+
+def _price_errors(i: int, line: LineIn, bought: int, unit_price: Decimal, discount: Decimal) -> list[dict[str, Any]]:
+    """The returned line is priced as sold, and refunds at most its share of what was paid
+    (a cent of rounding allowed for pro-rata discounts)."""
+    if line.unit_price != unit_price:
+        return [{"loc": ["lines", i, "unit_price"], "type": "price_mismatch",
+                 "msg": f"line {line.line_id} was sold at {unit_price}, not {line.unit_price}"}]
+    paid_share = (unit_price * bought - discount) * line.quantity / bought
+    if line.net_amount > paid_share + Decimal("0.01"):
+        return [{"loc": ["lines", i, "discount"], "type": "amount_exceeds_sale",
+                 "msg": f"returns {line.net_amount} for line {line.line_id}; its share of what was paid is "
+                        f"{paid_share.quantize(Decimal('0.01'))}"}]
+    return []
 
 
 def returned_after(sale: RecordedSale, r: PurchaseIn) -> dict[str, int]:
@@ -213,7 +237,7 @@ def check_claim(*, sale_customer_id: str | None, claimed_by: str, sale_occurred_
 
 def kept_lines(lines: list[dict[str, Any]], returned: dict[str, int]) -> list[dict[str, Any]]:
     """The lines a customer kept after returns: quantities reduced, discounts pro rata
-    (rounded to the cent; the discount of a fully kept line is untouched)."""
+    (rounded to 0.0001; the discount of a fully kept line is untouched)."""
     kept = []
     for line in lines:
         qty = int(line["quantity"])
@@ -221,7 +245,9 @@ def kept_lines(lines: list[dict[str, Any]], returned: dict[str, int]) -> list[di
         if left <= 0:
             continue
         discount = Decimal(line["discount"])
-        if left != qty:
-            discount = (discount * left / qty).quantize(Decimal("0.01"))
+        if left != qty:  # to the 1/10,000: unit prices may have four decimals
+            discount = (discount * left / qty).quantize(Decimal("0.0001"))
+            if discount == discount.quantize(_CENT):  # keep "0.50", not "0.5000"
+                discount = discount.quantize(_CENT)
         kept.append({**line, "quantity": left, "discount": format(discount, "f")})
     return kept

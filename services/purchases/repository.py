@@ -4,13 +4,16 @@ case owns the transaction."""
 import hashlib
 import json
 import uuid
+from decimal import Decimal
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.purchases.domain import PurchaseIn, RecordedSale
+from pydantic import TypeAdapter
+
+from services.purchases.domain import LineIn, PurchaseIn, RecordedSale
 
 _FIND_HASHES = """
 SELECT p.source, p.purchase_id, p.content_hash
@@ -48,8 +51,11 @@ ON CONFLICT (key_hash) DO UPDATE SET store_id = EXCLUDED.store_id, revoked_at = 
 """
 
 
+_LINES = TypeAdapter(list[LineIn])
+
+
 def lines_json(p: PurchaseIn) -> str:
-    return json.dumps([line.model_dump(mode="json") for line in p.lines])
+    return _LINES.dump_json(p.lines).decode()
 
 
 async def find_hashes(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
@@ -102,6 +108,7 @@ def recorded_sale(row: asyncpg.Record) -> RecordedSale:
         occurred_at=row["occurred_at"],
         quantities={line["line_id"]: int(line["quantity"]) for line in lines},
         returned={k: int(v) for k, v in json.loads(row["returned"]).items()},
+        prices={line["line_id"]: (Decimal(line["unit_price"]), Decimal(line["discount"])) for line in lines},
     )
 
 

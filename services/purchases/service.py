@@ -1,6 +1,7 @@
 """Use cases of the purchases service: record purchases from any door, claim an anonymous
 purchase. Each opens one transaction, applies the rules, writes state and outbox together."""
 
+import hashlib
 import json
 import time
 import uuid
@@ -70,13 +71,24 @@ def purchase_event_id(source: str, purchase_id: str) -> uuid.UUID:
     return derived_event_id("purchases.recorded", source, purchase_id)
 
 
+# JSON escaping can grow an input six-fold; a dead letter must stay under the broker's
+# message size limit, so a huge original is kept in part, with its size and digest.
+MAX_DEAD_LETTER_ORIGINAL_BYTES = 256 * 1024
+
+
 def dead_letter(topic: str, item: Inbound, rejection: Rejection) -> OutboxMessage:
+    original, errors = item.original, list(rejection.errors)
+    if len(original) > MAX_DEAD_LETTER_ORIGINAL_BYTES:
+        errors.append({"loc": [], "type": "original_truncated",
+                       "msg": f"the original was {len(original)} bytes (sha256 {hashlib.sha256(original).hexdigest()}); "
+                              f"its first {MAX_DEAD_LETTER_ORIGINAL_BYTES} bytes are kept here"})
+        original = original[:MAX_DEAD_LETTER_ORIGINAL_BYTES]
     dl = DeadLetter(
         dead_letter_id=uuid.uuid4(),
         door=item.door,
         reason=rejection.reason,
-        errors=rejection.errors,
-        original=item.original.decode("utf-8", errors="replace"),
+        errors=errors,
+        original=original.decode("utf-8", errors="replace"),
         original_key=item.kafka.get("key"),
         original_topic=item.kafka.get("topic"),
         original_partition=item.kafka.get("partition"),

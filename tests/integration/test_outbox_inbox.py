@@ -295,7 +295,7 @@ async def test_an_unreachable_broker_leaves_the_rows_in_the_outbox_until_a_later
     assert await outbox_rows(pool) == 0
 
 
-async def test_two_relays_at_once_publish_every_row_exactly_once(settings, schema, pool, topic, producer,
+async def test_two_relays_at_once_publish_every_row_exactly_once_and_one_at_a_time(settings, schema, pool, topic, producer,
                                                                 kafka_bootstrap):
     written = messages_for(topic, 1500)
     async with pool.acquire() as conn:
@@ -309,18 +309,34 @@ async def test_two_relays_at_once_publish_every_row_exactly_once(settings, schem
         first_round = asyncio.create_task(first.publish_once())
         try:
             await asyncio.wait_for(gated.claimed.wait(), timeout=10)
-            # The first relay holds rows 1-100 locked. The second must skip them, not wait for them.
-            assert await asyncio.wait_for(second.publish_once(), timeout=10) == 100
+            # The first relay is mid-round. The second publishes nothing meanwhile (it neither
+            # waits nor overtakes: a key's later rows must not go out before its earlier ones).
+            assert await asyncio.wait_for(second.publish_once(), timeout=10) == 0
         finally:
             gated.gate.set()  # never leave the first round hanging on a failure
-        counts = await asyncio.gather(first_round, drain(first), drain(second))
-        assert counts[0] == 100 and sum(counts) + 100 == 1500
+        assert await first_round == 100
+        counts = await asyncio.gather(drain(first), drain(second))
+        assert sum(counts) == 1400
     finally:
         await other_producer.stop()
         await other_pool.close()
     events = await topic_contents(kafka_bootstrap, topic, at_least=1500)
     assert len(events) == 1500 and {e["id"] for e in events} == ids(written)
     assert await outbox_rows(pool) == 0
+
+
+async def test_a_row_the_broker_can_never_take_is_set_aside_and_does_not_block_the_rest(pool, topic, producer,
+                                                                                       kafka_bootstrap):
+    before, after = messages_for(topic, 3), messages_for(topic, 3, start=4)
+    too_large = OutboxMessage(topic=topic, key="k-big", value=b'{"id": "big", "pad": "' + b"x" * 5_000_000 + b'"}')
+    async with pool.acquire() as conn:
+        await apply_and_enqueue(conn, [*before, too_large, *after])
+    assert await drain(OutboxRelay(pool, producer)) == 7
+    events = await topic_contents(kafka_bootstrap, topic, at_least=6)
+    assert {e["id"] for e in events} == ids(before) | ids(after)
+    assert await outbox_rows(pool) == 0
+    [failed] = await pool.fetch("SELECT key, error FROM outbox_failed")
+    assert failed["key"] == "k-big" and "TooLarge" in failed["error"]
 
 
 async def test_a_rolled_back_transaction_leaves_no_outbox_rows_and_publishes_nothing(pool, topic, producer,

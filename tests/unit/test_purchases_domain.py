@@ -329,9 +329,9 @@ def test_kept_lines_without_returns_are_the_sale_lines():
     assert d.kept_lines(sale_lines(), {}) == sale_lines()
 
 
-def test_kept_lines_reduce_quantities_and_discounts_pro_rata_rounded_to_the_cent():
+def test_kept_lines_reduce_quantities_and_discounts_pro_rata_rounded_to_four_decimals():
     kept = d.kept_lines(sale_lines(), {"l1": 1})
-    assert kept[0]["quantity"] == 2 and kept[0]["discount"] == "0.67"  # 1.00 x 2/3
+    assert kept[0]["quantity"] == 2 and kept[0]["discount"] == "0.6667"  # 1.00 x 2/3
     assert kept[1] == sale_lines()[1]
 
 
@@ -460,3 +460,36 @@ def test_the_hash_is_the_same_for_any_spelling_of_the_same_purchase(price_cents,
     if reverse_keys:
         spelled = dict(reversed(list(spelled.items())))
     assert rejected_or(d.parse_purchase(json.dumps(spelled))).content_hash() == parsed(**base).content_hash()
+
+
+def priced_sale() -> RecordedSale:
+    return RecordedSale(source="pos", purchase_id="p-1", type="sale", customer_id="c-1", currency="PLN",
+                        occurred_at=NOW - timedelta(days=1), quantities={"l1": 2, "l2": 1}, returned={},
+                        prices={"l1": (Decimal("12.50"), Decimal("0")), "l2": (Decimal("100.00"), Decimal("10.00"))})
+
+
+def priced_return(line_id: str, quantity: int, unit_price: str, discount: str) -> PurchaseIn:
+    net = Decimal(unit_price) * quantity - Decimal(discount)
+    return d.PurchaseIn.model_validate({
+        "purchase_id": "r-1", "type": "return", "original_purchase_id": "p-1", "source": "pos", "store_id": "s",
+        "customer_id": "c-1", "occurred_at": NOW.isoformat(), "currency": "PLN", "total": str(net),
+        "lines": [{"line_id": line_id, "sku": "x", "category": "c", "quantity": quantity, "unit_price": unit_price,
+                   "discount": discount}]})
+
+
+def test_a_return_priced_above_the_sale_is_refused():
+    rejection = d.check_return(priced_return("l1", 1, "9999.00", "0"), priced_sale())
+    assert rejection is not None and rejection.reason == "price_mismatch"
+
+
+def test_a_return_cannot_refund_more_than_its_share_of_a_discounted_line():
+    # l2 sold at 100.00 with 10.00 off: returning it without the discount claims 100 of 90 paid
+    rejection = d.check_return(priced_return("l2", 1, "100.00", "0"), priced_sale())
+    assert rejection is not None and rejection.reason == "amount_exceeds_sale"
+    assert d.check_return(priced_return("l2", 1, "100.00", "10.00"), priced_sale()) is None
+
+
+def test_kept_lines_never_leave_a_negative_amount_with_four_decimal_prices():
+    lines = [{"line_id": "l1", "sku": "x", "category": "c", "quantity": 2, "unit_price": "0.0051", "discount": "0.0102"}]
+    [kept] = d.kept_lines(lines, {"l1": 1})
+    assert Decimal(kept["unit_price"]) * kept["quantity"] - Decimal(kept["discount"]) >= 0
