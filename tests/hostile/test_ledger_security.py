@@ -64,3 +64,14 @@ async def test_injection_strings_in_adjustments_and_customer_ids_are_stored_verb
         (s, s, s * 2) for s in INJECTION_STRINGS)
     counts = await table_counts(settings.database_url, "ledger")
     assert counts["adjustments"] == len(INJECTION_STRINGS) and counts["customers"] == len(INJECTION_STRINGS)
+
+
+async def test_numbers_beyond_the_ledgers_columns_are_refused_with_422(base_env):
+    settings = ledger_settings(base_env)
+    async with serving(create_app(settings), "http://ledger") as client:
+        history = await client.get("/v1/customers/c-1/transactions", params={"cursor": "70067683306972608740032"})
+        adjustment = await client.post("/v1/admin/adjustments", headers=ADMIN, json={
+            "customer_id": "c-1", "amount_points": 325844252335367936, "reason_code": "goodwill", "actor": "a"})
+    assert history.status_code == 422, history.text
+    assert adjustment.status_code == 422, adjustment.text
+    assert (await table_counts(settings.database_url, "ledger"))["adjustments"] == 0

@@ -7,15 +7,13 @@ import base64
 import hashlib
 import hmac
 import json
-import uuid
 
 import jwt
 import pytest
 
 from shared.events import utcnow
-from shared.topics import REWARDS_EVENTS
 from tests.support.hostile import INJECTION_STRINGS, fetch, table_counts
-from tests.support.kafka import consume, unique
+from tests.support.kafka import unique
 from tests.support.rewards import (
     ADMIN,
     JWT_SECRET,
@@ -189,3 +187,19 @@ async def test_injection_strings_in_free_text_are_stored_and_returned_verbatim(b
     assert {r["name"] for r in catalog.json()["rewards"]} == set(INJECTION_STRINGS)
     counts = await table_counts(settings.database_url, "rewards")
     assert counts["rewards"] == len(INJECTION_STRINGS) and counts["coupon_codes"] == len(codes)
+
+
+async def test_numbers_beyond_the_catalogs_columns_are_refused_with_422(base_env):
+    settings = rewards_settings(base_env)
+    async with running_rewards(settings) as (_, client):
+        created = await client.post("/v1/admin/rewards", headers=ADMIN, json={
+            "reward_id": "r-1", "name": "x", "cost_points": 90411218715113516951404544, "kind": "physical"})
+        ok = await client.post("/v1/admin/rewards", headers=ADMIN, json={
+            "reward_id": "r-2", "name": "x", "cost_points": 10, "kind": "physical"})
+        patched = await client.patch("/v1/admin/rewards/r-2", headers=ADMIN, json={"stock": 10**20})
+        after = (await client.get("/v1/admin/rewards/r-2", headers=ADMIN)).json()
+    assert created.status_code == 422, created.text
+    assert ok.status_code == 201
+    assert patched.status_code == 422, patched.text
+    assert after["stock"] is None
+    assert (await table_counts(settings.database_url, "rewards"))["rewards"] == 1
