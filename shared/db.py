@@ -11,6 +11,12 @@ log = logging.getLogger(__name__)
 SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset query when a connection goes back to the pool: one round trip less per use.
+    Safe because the services never change session state (no SET, LISTEN or session-level
+    advisory locks on pooled connections; the relay's lock is transaction-scoped)."""
+
+
 async def create_pool(dsn: str, *, schema: str, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
     """A pool whose connections resolve unqualified names in the service's own schema."""
     return await asyncpg.create_pool(
@@ -18,6 +24,7 @@ async def create_pool(dsn: str, *, schema: str, min_size: int = 1, max_size: int
         min_size=min_size,
         max_size=max_size,
         server_settings={"search_path": schema, "application_name": f"loyalty-{schema}"},
+        reset=_keep_session,
     )
 
 

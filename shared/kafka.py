@@ -81,6 +81,7 @@ def consumer_options(settings: ServiceSettings, *, service: str, purpose: str = 
         "heartbeat_interval_ms": settings.consumer_heartbeat_interval_ms,
         "max_records": settings.consumer_batch_max_records,
         "batch_timeout_ms": settings.consumer_batch_timeout_ms,
+        "fetch_max_wait_ms": settings.consumer_fetch_max_wait_ms,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
     }
 

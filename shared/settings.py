@@ -26,6 +26,9 @@ class ServiceSettings(BaseSettings):
     consumer_heartbeat_interval_ms: int = 3_000
     consumer_batch_max_records: int = Field(default=1000, ge=1)
     consumer_batch_timeout_ms: int = 20
+    # How long the broker may hold an idle fetch. The embedded broker answers an idle fetch
+    # only at this wait, so it bounds the latency of a quiet stream (aiokafka's default: 500).
+    consumer_fetch_max_wait_ms: int = 20
     # Bounded retries before a message that fails processing goes to the dead-letter topic.
     max_delivery_attempts: int = Field(default=5, ge=1)
 

@@ -24,9 +24,6 @@ def register_handlers(broker: KafkaBroker, ctx: RewardsContext) -> None:
         batch=True,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=_raw_batch,
-        # The ledger's answer is on the saga's critical path: do not let an idle fetch sit
-        # at the broker for the default 500 ms (the embedded broker answers at max wait).
-        fetch_max_wait_ms=settings.points_fetch_max_wait_ms,
         title="rewards.points-events",
         description="The ledger's answers to redemptions (PointsHeld, PointsHoldRejected, PointsRedeemed, "
         "PointsReleased) and every BalanceAfter for the customer standing projection.",

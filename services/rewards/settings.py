@@ -48,7 +48,7 @@ class RewardsSettings(ServiceSettings):
     request_resend_after_s: float = Field(default=5.0, gt=0)
     # Longest a fetch of points.events waits at the broker when there is nothing new: bounds
     # the latency the ledger's answers add to the saga (at the cost of more idle fetches).
-    points_fetch_max_wait_ms: int = Field(default=10, ge=1, le=500)
+    consumer_fetch_max_wait_ms: int = Field(default=10, ge=1, le=500)
     # Short micro-batch wait: FastStream waits this long for records, then sleeps as long again
     # when none came, so it bounds the latency each hop of the saga adds.
     consumer_batch_timeout_ms: int = 5
