@@ -142,7 +142,7 @@ def shopify_refund(order_id: int, refund_id: int, at: datetime, bought: dict[str
     body = {"id": refund_id, "order_id": order_id, "created_at": at.isoformat(), "processed_at": at.isoformat(),
             "refund_line_items": [{
                 "line_item_id": int(x.line_id), "quantity": x.quantity,
-                "subtotal": _money(x.quantity * x.unit_price),
+                "subtotal": _money(x.quantity * x.unit_price - x.discount),
                 "line_item": {"id": int(x.line_id), "sku": x.sku, "price": _money(x.unit_price),
                               "quantity": bought[x.line_id].quantity,
                               "price_set": {"shop_money": {"amount": _money(x.unit_price), "currency_code": "PLN"}}},
@@ -162,7 +162,8 @@ def _random_lines(rng: random.Random, *, numeric_from: int | None = None) -> tup
 
 
 def _partial_return(rng: random.Random, lines: tuple[ref.Line, ...], returned: dict[str, int]) -> tuple[ref.Line, ...]:
-    """Some of what is left to return (at least one unit of one line), never all of it twice."""
+    """Some of what is left to return (at least one unit of one line), never all of it twice;
+    priced as sold, with the line's discount pro rata (as a till refunds it)."""
     left = [x for x in lines if x.quantity - returned.get(x.line_id, 0) > 0]
     if not left:
         return ()
@@ -171,7 +172,8 @@ def _partial_return(rng: random.Random, lines: tuple[ref.Line, ...], returned: d
     for x in chosen:
         q = rng.randint(1, x.quantity - returned.get(x.line_id, 0))
         returned[x.line_id] = returned.get(x.line_id, 0) + q
-        out.append(ref.Line(x.line_id, x.sku, q, x.unit_price, Decimal(0)))
+        share = (x.discount * q / x.quantity).quantize(Decimal("0.01"))
+        out.append(ref.Line(x.line_id, x.sku, q, x.unit_price, share))
     return tuple(out)
 
 
