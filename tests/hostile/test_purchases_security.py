@@ -129,6 +129,32 @@ async def test_injection_strings_in_every_string_field_are_recorded_verbatim(bas
     assert counts["store_api_keys"] == len(stores)
 
 
+async def test_injection_strings_in_webhook_fields_are_recorded_verbatim(base_env):
+    """The same through the Shopify door: the e-shop's customer id, SKUs and product types
+    carry the hostile strings; the signed orders are recorded with them unchanged (the
+    mapping trims surrounding whitespace, and U+2028 is whitespace)."""
+    settings = purchases_settings(base_env)
+    async with running_purchases(settings) as (_, client):
+        sent = []
+        for s in INJECTION_STRINGS:
+            order = shopify_order()
+            order["customer"] = {**order["customer"], "id": s}
+            order["line_items"] = [{**item, "sku": s, "product_type": s} for item in order["line_items"]]
+            body = json.dumps(order).encode()
+            response = await client.post("/v1/webhooks/shopify", content=body, headers={
+                "X-Shopify-Hmac-Sha256": sign_shopify(SHOPIFY_SECRET, body), "X-Shopify-Topic": "orders/paid"})
+            sent.append((s, str(order["id"]), response))
+    stored = {r["purchase_id"]: r for r in await rows(settings.database_url)}
+    for raw, order_id, response in sent:
+        assert response.status_code == 201, (raw, response.text)
+        row, s = stored[order_id], raw.strip()
+        assert row["customer_id"] == s
+        lines = json.loads(row["lines"])
+        assert {x["sku"] for x in lines} == {s}
+        assert {x["category"] for x in lines} <= {s, "gift_card"} and s in {x["category"] for x in lines}
+    assert len(stored) == len(INJECTION_STRINGS)
+
+
 async def test_control_characters_in_string_fields_are_refused_with_the_field_named(base_env):
     settings = purchases_settings(base_env)
     async with running_purchases(settings) as (_, client):
