@@ -1,6 +1,7 @@
 """HTTP API of the ledger: customers' balance and history, the rules simulator, and the
 admin API (X-Admin-Key): the program (versioned) and manual adjustments."""
 
+import json
 import secrets
 import uuid
 from datetime import datetime
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Resp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.ledger import domain as d
+from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
@@ -30,7 +32,8 @@ class ErrorOut(BaseModel):
 
 # Answers every route may give besides its own, documented so that clients (and the OpenAPI
 # fuzzing in tests/hostile) know them.
-BODY_ERRORS = {400: {"model": ErrorOut, "description": "The body could not be parsed"}}
+BODY_ERRORS = {400: {"model": ErrorOut, "description": "The body could not be parsed"},
+               413: {"model": ErrorOut, "description": "The body is larger than LEDGER_MAX_BODY_BYTES"}}
 ADMIN_ERRORS = {401: {"model": ErrorOut, "description": "Missing or wrong X-Admin-Key header"},
                 503: {"model": ErrorOut, "description": "The admin API is disabled (LEDGER_ADMIN_API_KEY unset)"}}
 
@@ -150,6 +153,53 @@ def _kind(account_id: str) -> str:
     return account_id.rsplit(":", 1)[-1]
 
 
+class BodySizeLimit:
+    """ASGI middleware: a body larger than `max_bytes` is refused with 413 before it is read
+    into memory (by Content-Length, or while a chunked body streams in)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"the body is larger than {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            metrics.HTTP_REFUSALS.labels("body_too_large").inc()
+            return await self._refuse(send)
+        received, started, refused = 0, False, False
+
+        async def limited_receive() -> Any:
+            # Past the limit: answer 413 now and tell the app the client went away (FastAPI
+            # would turn an exception raised here into its own 400).
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not refused:
+                    refused = True
+                    metrics.HTTP_REFUSALS.labels("body_too_large").inc()
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 has been sent
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, limited_receive, tracking_send)
+
+
 def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
     router = APIRouter()
 
@@ -162,8 +212,13 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
     async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
         expected = ledger.settings.admin_api_key
         if not expected:
+            metrics.HTTP_REFUSALS.labels("admin_api_disabled").inc()
             raise HTTPException(503, detail="the admin API is disabled: LEDGER_ADMIN_API_KEY is not set")
-        if x_admin_key is None or not secrets.compare_digest(x_admin_key.encode(), expected.encode()):
+        if x_admin_key is None:
+            metrics.HTTP_REFUSALS.labels("missing_admin_key").inc()
+            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+        if not secrets.compare_digest(x_admin_key.encode(), expected.encode()):
+            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
             raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
 
     @router.get("/v1/customers/{customer_id}/balance", response_model=BalanceOut, tags=["customers"],
@@ -273,8 +328,6 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
 
 def repo_json(value: Any) -> Any:
-    import json
-
     if value is None:
         return None
     return json.loads(value) if isinstance(value, (str, bytes)) else value

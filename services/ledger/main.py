@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.ledger.api import create_router
+from services.ledger.api import BodySizeLimit, create_router
 from services.ledger.handlers import register_handlers
 from services.ledger.service import Clock, Ledger, ProgramStore, make_clock, refresh_gauges, run_scheduler
 from services.ledger.settings import LedgerSettings
@@ -69,4 +69,5 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
     app = create_service_app(runtime, title="Loyalty ledger", description=DESCRIPTION)
     app.state.ledger = ledger
     app.include_router(create_router(runtime, ledger))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -9,6 +9,8 @@ POINTS_REVERSED = Counter("ledger_points_reversed_total", "Points taken back by 
 EVENTS = Counter("ledger_events_total", "Input events processed, per type and outcome", ["type", "outcome"])
 DEAD_LETTERS = Counter("ledger_dead_letters_total", "Inputs sent to points.dlq, per reason", ["reason"])
 POSTINGS = Counter("ledger_postings_total", "Transfers written, per code (rate() gives postings per second)", ["code"])
+HTTP_REFUSALS = Counter("ledger_http_refusals_total", "HTTP requests refused before reaching a route, per reason",
+                        ["reason"])
 HOLDS = Counter("ledger_holds_total", "Redemption hold decisions, per outcome", ["outcome"])
 
 LIABILITY = Gauge("ledger_liability_points", "Outstanding points owed to customers, per state", ["state"])

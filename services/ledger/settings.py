@@ -18,6 +18,8 @@ class LedgerSettings(ServiceSettings):
     # The program loaded at start; stored as a new version when it differs from the last
     # version loaded from a file (admin changes through the API are kept otherwise).
     program_file: Path = DEFAULT_PROGRAM_FILE
+    # Larger request bodies are refused with 413 before being read (a program document is the largest).
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
     # X-Admin-Key for /v1/admin/*; without it the admin API answers 503 (disabled).
     admin_api_key: str | None = None
     # A RedemptionRequested without a usable hold_timeout_s gets this; none lives longer

@@ -112,3 +112,26 @@ async def test_adjustments_are_audited_idempotent_and_never_overdraw(settings, k
                                                             ("correction", "late delivery")]
     assert 'ledger_invariant_imbalance_points{phase="posted"} 0.0' in metrics
     assert 'ledger_liability_points{state="available"}' in metrics
+
+
+async def test_oversized_bodies_get_413_unread_and_refused_admin_calls_are_counted(base_env):
+    settings = ledger_settings(base_env, max_body_bytes=10_000)
+    big = b'{"customer_id": "c", "note": "' + b"x" * 50_000 + b'"}'
+
+    async def chunks():
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096]
+
+    async with running_ledger(settings) as (_, client):
+        declared = await client.post("/v1/admin/adjustments", content=big,
+                                     headers={**ADMIN, "Content-Type": "application/json"})
+        streamed = await client.post("/v1/rules/simulate", content=chunks(), headers={"Content-Type": "application/json"})
+        small = await client.post("/v1/rules/simulate", json={"purchase": {"currency": "PLN", "lines": [
+            {"line_id": "1", "sku": "s", "category": "c", "quantity": 1, "unit_price": "2.50", "discount": "0"}]}})
+        await client.get("/v1/admin/program", headers={"X-Admin-Key": "wrong"})
+        await client.get("/v1/admin/program")
+        metrics = (await client.get("/metrics")).text
+    assert (declared.status_code, streamed.status_code, small.status_code) == (413, 413, 200)
+    assert "larger than 10000 bytes" in declared.json()["detail"]
+    for reason in ("body_too_large", "invalid_admin_key", "missing_admin_key"):
+        assert f'ledger_http_refusals_total{{reason="{reason}"}}' in metrics
