@@ -902,7 +902,7 @@ def print_table(f: dict) -> None:
                          ("points.events records", f["points_events"]), ("rewards.events records", f["rewards_events"]),
                          ("purchases.dlq distinct / records", f"{f['dead_letters']['distinct']} / {f['dead_letters']['records']}"),
                          ("client retries", sum(f["client_retries"].values()))):
-        print(f"{label:<36} {value:>9}" if isinstance(value, int) else f"{label:<36} {value:>9}")
+        print(f"{label:<36} {value:>9}")
     print()
     print(f"{'stream / quiet after / whole run (s)':<36} {f['stream_s']:>5} / {f['quiet_after_s']} / {f['duration_s']}")
     print(f"{'MISMATCHES':<36} {f['mismatches']:>9}")
