@@ -203,3 +203,15 @@ async def test_numbers_beyond_the_catalogs_columns_are_refused_with_422(base_env
     assert patched.status_code == 422, patched.text
     assert after["stock"] is None
     assert (await table_counts(settings.database_url, "rewards"))["rewards"] == 1
+
+
+async def test_a_voucher_value_given_as_a_json_array_is_a_422(base_env):
+    """pydantic reads a 3-element array as a Decimal (sign, digits, exponent) tuple; the
+    catalog must refuse it rather than crash on it."""
+    settings = rewards_settings(base_env)
+    async with running_rewards(settings) as (_, client):
+        response = await client.post("/v1/admin/rewards", headers=ADMIN, json={
+            "reward_id": "r-1", "name": "x", "cost_points": 1, "kind": "voucher", "voucher_value": [1, 2, 3],
+            "voucher_currency": "EUR"})
+    assert response.status_code == 422, response.text
+    assert (await table_counts(settings.database_url, "rewards"))["rewards"] == 0

@@ -177,8 +177,10 @@ def mutated_documents(build: Callable[[], Any], *, skip: Iterable[tuple] = ()) -
 
 def collect(strategy: st.SearchStrategy[Any], max_examples: int) -> list[Any]:
     """Examples of `strategy`, reproducibly (derandomized), without running a test per
-    example: the examples are then sent to a running service in one go."""
+    example: the examples are then sent to a running service in one go. HOSTILE_SCALE=k
+    asks for k times as many (a longer, deeper local run)."""
     out: list[Any] = []
+    max_examples *= int(os.environ.get("HOSTILE_SCALE", "1"))
 
     @given(strategy)
     @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
