@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) -m deploy.local.stack
 
-.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench clean
+.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench chaos clean
 
 help:
 	@echo "make run    start everything, play demo traffic with a live summary; Ctrl-C stops it all"
@@ -12,6 +12,7 @@ help:
 	@echo "make down   stop everything make up started"
 	@echo "make test   the whole test suite against its own broker and PostgreSQL"
 	@echo "make bench  end-to-end load benchmark, prints figures (BENCH_SIZE=quick for a short run)"
+	@echo "make chaos  fault injection under load, checked against a reference model (CHAOS_SIZE=quick for a short run)"
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +55,9 @@ bench: venv
 
 clean: down
 	rm -rf .run $(VENV)
+
+# CHAOS_SIZE=quick for a short run (tests/e2e/test_chaos.py runs it in make test); full streams 100,000 purchases.
+CHAOS_SIZE ?= full
+chaos: venv
+	$(PY) -m deploy.local.ensure_postgres
+	$(PY) -m bench.chaos --size $(CHAOS_SIZE)

@@ -16,14 +16,15 @@ the batch needs); operations mutate it and append transfers to a `Journal`. The 
 persists what changed. No I/O here.
 """
 
+import hashlib
+import math
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_FLOOR, Decimal
 from enum import StrEnum
-
-import hashlib
+from fractions import Fraction
 
 from services.ledger.program import Program, Tier
 from shared.events import EVENT_NAMESPACE
@@ -426,13 +427,14 @@ def returned_points_after(lot: Lot) -> int:
     """What the lot's purchase is still entitled to once its lines' returns are applied:
     the same stacking as earning, on the part of each line not returned. Never more than
     was credited (a daily cap may have cut the credit)."""
-    kept = _ZERO
+    # Exact fractions: 3 points on 3.00 with 2.00 returned must keep exactly 1 point, where
+    # Decimal's 1 - 2/3 would leave 0.999... and floor it to 0.
+    kept = Fraction(0)
     for line in lot.lines:
         if line.net_amount > 0:
-            share = max(_ONE - line.returned_amount / line.net_amount, _ZERO)
-            kept += line.points * share
-    exact = kept * lot.tier_multiplier
-    entitled = int(exact.to_integral_value(rounding=ROUND_FLOOR))
+            remaining = max(line.net_amount - line.returned_amount, _ZERO)
+            kept += Fraction(line.points) * Fraction(remaining) / Fraction(line.net_amount)
+    entitled = math.floor(kept * Fraction(lot.tier_multiplier))
     if entitled > 0 or kept > 0:
         entitled += lot.bonus_points  # the bonus goes only when the whole purchase comes back
     return min(entitled, lot.earned_points)

@@ -83,8 +83,12 @@ def dead_letter(topic: str, item: Inbound, rejection: Rejection) -> OutboxMessag
                        "msg": f"the original was {len(original)} bytes (sha256 {hashlib.sha256(original).hexdigest()}); "
                               f"its first {MAX_DEAD_LETTER_ORIGINAL_BYTES} bytes are kept here"})
         original = original[:MAX_DEAD_LETTER_ORIGINAL_BYTES]
+    k = item.kafka
+    # A redelivered record (crash before the offset commit) gets the same dead-letter id.
+    dead_letter_id = (derived_event_id("purchases.dlq", k["topic"], str(k["partition"]), str(k["offset"]))
+                      if "offset" in k else uuid.uuid4())
     dl = DeadLetter(
-        dead_letter_id=uuid.uuid4(),
+        dead_letter_id=dead_letter_id,
         door=item.door,
         reason=rejection.reason,
         errors=errors,

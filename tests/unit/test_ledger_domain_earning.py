@@ -130,6 +130,14 @@ def test_partial_returns_take_back_exactly_the_points_of_the_lines_returned():
     assert book.pending_points == 0 and lot.reversed_points == 26
 
 
+def test_returning_two_of_three_units_takes_back_two_points_not_three():
+    # 3 x 1.00 earns 3; 1 - 2/3 in decimals is 0.999..., which floored would keep 0 points
+    book, journal, lot = _earned_book(DEFAULT, purchase(("1", "food-a", 3, "1.00", "0")))
+    reversed_ = reverse_return(book, journal, DEFAULT, return_id="r1", lot=lot,
+                               returned=[("1", "food-a", Decimal("2.00"))], now=T0)
+    assert reversed_[0].amount_points == 2 and returned_points_after(lot) == 1
+
+
 def test_the_same_return_applied_twice_reverses_once():
     book, journal, lot = _earned_book(DEFAULT, purchase(("1", "food-a", 1, "40.00", "0")))
     first = reverse_return(book, journal, DEFAULT, return_id="r1", lot=lot,
