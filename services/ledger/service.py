@@ -198,6 +198,8 @@ def decode(record: Record, adapter: TypeAdapter) -> Decoded:
         if any(e["type"] == "union_tag_invalid" for e in errors):
             reason = "unknown_event_type"
         return Decoded(record, None, reason, errors)
+    except (ValueError, TypeError, RecursionError) as exc:  # raised by a validator itself
+        return Decoded(record, None, "schema", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}", "type": "invalid"}])
 
 
 def _dead_letter(ledger: Ledger, item: Decoded, now: datetime) -> OutboxMessage:

@@ -2,9 +2,9 @@
 
 import json
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -40,7 +40,7 @@ class BatchOut(BaseModel):
 
 class ClaimIn(BaseModel):
     customer_id: domain.Ident
-    source: str = "pos"
+    source: Literal["pos", "eshop"] = "pos"
 
 
 class ClaimOut(BaseModel):
@@ -113,7 +113,7 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
     @router.post("/v1/purchases/{purchase_id}/claim", tags=["purchases"], response_model=ClaimOut,
                  summary="A customer claims an anonymous sale of this store (within the claim window)",
                  responses={201: {"model": ClaimOut}, 404: {}, 409: {}, 422: {}})
-    async def post_claim(purchase_id: str, claim: ClaimIn, store_id: Annotated[str, Depends(store_from_key)],
+    async def post_claim(purchase_id: Annotated[domain.Ident, Path()], claim: ClaimIn, store_id: Annotated[str, Depends(store_from_key)],
                          x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
         try:
             async with runtime.pool.acquire() as conn:
@@ -177,7 +177,7 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
                 mapped = webhooks.map_shopify_refund(payload, store_id=settings.shopify_store_id)
             else:
                 return JSONResponse({"status": "ignored", "message": f"topic {x_shopify_topic} is not used"})
-        except (ValueError, webhooks.WebhookPayloadError) as exc:
+        except (ValueError, TypeError, RecursionError, webhooks.WebhookPayloadError) as exc:
             return await refuse_webhook("shopify", body, Rejection("unmappable_webhook", [
                 {"loc": [], "msg": str(exc), "type": "unmappable_webhook"}]))
         return await record_webhook("shopify", body, mapped, x_shopify_webhook_id)
@@ -202,7 +202,7 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
             if refused is not None:
                 return refused
             mapped = webhooks.map_woocommerce_order(payload, store_id=settings.woocommerce_store_id)
-        except (ValueError, webhooks.WebhookPayloadError) as exc:
+        except (ValueError, TypeError, RecursionError, webhooks.WebhookPayloadError) as exc:
             return await refuse_webhook("woocommerce", body, Rejection("unmappable_webhook", [
                 {"loc": [], "msg": str(exc), "type": "unmappable_webhook"}]))
         return await record_webhook("woocommerce", body, mapped, x_wc_webhook_delivery_id)

@@ -8,11 +8,19 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import pycountry
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AwareDatetime, BeforeValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 # Identifiers: printable, no NUL (PostgreSQL text cannot hold it), bounded.
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
-Amount = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=4)]
+def _no_sequences(value: Any) -> Any:
+    """pydantic reads a JSON array as a Decimal tuple ([0, [1, 2, 5], -1] is 12.5): money is a
+    string or a number, never an array."""
+    if isinstance(value, (list, tuple)):
+        raise ValueError("an amount must be a decimal string or a number")
+    return value
+
+
+Amount = Annotated[Decimal, BeforeValidator(_no_sequences), Field(ge=0, max_digits=14, decimal_places=4)]
 
 KNOWN_CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
 
@@ -120,6 +128,8 @@ def parse_purchase(raw: bytes | str | dict[str, Any]) -> PurchaseIn | Rejection:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             return Rejection("malformed_json", [{"loc": [], "msg": "body is not valid JSON", "type": "json_invalid"}])
         return rejection_from_validation_error(exc)
+    except (ValueError, TypeError, RecursionError) as exc:  # a validator's own error, not pydantic's
+        return Rejection("schema", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}", "type": "invalid"}])
 
 
 def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_age_days: int) -> Rejection | None:

@@ -31,7 +31,8 @@ RETRYABLE = (OSError, asyncpg.exceptions.ConnectionFailureError, asyncpg.excepti
 def _header(record, name: str) -> str | None:
     for key, value in record.headers or ():
         if key == name:
-            return value.decode(errors="replace")
+            # NUL cannot go into PostgreSQL text/jsonb (the outbox row's headers)
+            return value.decode(errors="replace").replace("\x00", "\ufffd")
     return None
 
 
@@ -42,7 +43,8 @@ def inbound_from_record(record) -> Inbound:
         parsed=domain.parse_purchase(record.value or b""),
         correlation_id=_header(record, "correlation_id"),
         kafka={"topic": record.topic, "partition": record.partition, "offset": record.offset,
-               "key": record.key.decode(errors="replace") if record.key else None},
+               # NUL cannot go into a PostgreSQL text column (the dead letter's key)
+               "key": record.key.decode(errors="replace").replace("\x00", "\ufffd") if record.key else None},
     )
 
 

@@ -460,15 +460,19 @@ def decode_points_record(record: RawRecord) -> Decoded:
     """Parse one record. Bad input is reported (for the dead-letter topic), never raised."""
     try:
         data = json.loads(record.value or b"")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return Decoded(record, error="invalid_json", errors=[{"msg": str(exc)}])
     if not isinstance(data, dict):
         return Decoded(record, error="not_an_object")
+    if not isinstance(data.get("type"), str):
+        return Decoded(record, error="invalid_event", errors=[{"msg": "type must be a string"}])
     if data.get("type") not in _KNOWN_POINTS_TYPES:
         return Decoded(record)  # another type on the stream: nothing for us (forward compatible)
     try:
         return Decoded(record, event=_POINTS_EVENT.validate_python(data))
-    except ValidationError as exc:
+    except (ValueError, TypeError, RecursionError) as exc:  # ValidationError is a ValueError
+        if not isinstance(exc, ValidationError):
+            return Decoded(record, error="invalid_event", errors=[{"msg": f"{type(exc).__name__}: {exc}"}])
         return Decoded(record, error="invalid_event",
                        errors=json.loads(exc.json(include_url=False, include_input=False)))
 

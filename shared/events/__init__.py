@@ -6,10 +6,18 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+def _not_a_sequence(value: Any) -> Any:
+    # pydantic would read a JSON array as a Decimal tuple: [0, [1, 2, 5], -1] is 12.5
+    if isinstance(value, (list, tuple)):
+        raise ValueError("an amount must be a decimal string or a number")
+    return value
+
 
 # Decimals travel as strings ("12.50"), never as JSON numbers.
-Money = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
+Money = Annotated[Decimal, BeforeValidator(_not_a_sequence),
+                  PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
 
 SCHEMA_VERSION = 1
 EVENT_NAMESPACE = uuid.UUID("6f1c1a52-5a38-4c39-9a3c-2f1f4f0a7c11")
