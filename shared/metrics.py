@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable
 
+from aiokafka import TopicPartition
 from prometheus_client import Gauge
 
 CONSUMER_LAG = Gauge(
@@ -14,8 +15,6 @@ CONSUMER_LAG = Gauge(
 def observe_consumer_lag(consumer, records: Iterable) -> None:
     """Sample lag after a batch: for each partition in it, the broker's highwater mark
     (known to the consumer from its last fetch) minus the offset after the batch."""
-    from aiokafka import TopicPartition
-
     next_offsets: dict[tuple[str, int], int] = {}
     for r in records:
         key = (r.topic, r.partition)

@@ -16,12 +16,12 @@ overtake an earlier one. A row the broker can never accept (too large) is moved 
 import asyncio
 import json
 import logging
+import time
+from collections import Counter as Counter_
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
-from collections import Counter as Counter_
-
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from prometheus_client import Counter, Gauge, Histogram
@@ -34,6 +34,7 @@ OUTBOX_BATCH = Histogram(
     "outbox_relay_batch_size", "Rows published per relay round", buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000)
 )
 OUTBOX_PENDING = Gauge("outbox_pending_rows", "Outbox rows not yet published (sampled by the relay)")
+PENDING_SAMPLE_INTERVAL_S = 5.0
 OUTBOX_ERRORS = Counter("outbox_relay_errors_total", "Relay rounds that failed and will be retried")
 OUTBOX_FAILED = Counter("outbox_failed_total", "Outbox rows the broker refused for good, moved to outbox_failed",
                         ["topic"])
@@ -175,10 +176,14 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         backoff_s = 0.1
+        sampled_at = 0.0
         while True:
             try:
                 published = await self.publish_once()
                 backoff_s = 0.1
+                if time.monotonic() - sampled_at > PENDING_SAMPLE_INTERVAL_S:  # a count(*), so not every round
+                    sampled_at = time.monotonic()
+                    OUTBOX_PENDING.set(await self.pending())
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -169,6 +169,3 @@ async def store_for_api_key(conn: asyncpg.Connection | asyncpg.Pool, *, key: str
 async def add_api_key(conn: asyncpg.Connection | asyncpg.Pool, *, key: str, store_id: str, label: str | None = None) -> None:
     await conn.execute(_ADD_KEY, hash_api_key(key), store_id, label)
 
-
-def row_to_dict(row: asyncpg.Record) -> dict[str, Any]:
-    return dict(row)

@@ -339,6 +339,24 @@ async def test_a_row_the_broker_can_never_take_is_set_aside_and_does_not_block_t
     assert failed["key"] == "k-big" and "TooLarge" in failed["error"]
 
 
+async def test_the_running_relay_reports_the_rows_still_waiting(pool, topic, producer):
+    from shared.outbox import OUTBOX_PENDING
+
+    async with pool.acquire() as conn:
+        await apply_and_enqueue(conn, messages_for(topic, 3))
+    relay = OutboxRelay(pool, producer, batch_size=1, poll_interval_ms=10)
+    relay.start()
+    try:
+        for _ in range(200):
+            if await outbox_rows(pool) == 0:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+    assert await outbox_rows(pool) == 0
+    assert OUTBOX_PENDING._value.get() == 2  # sampled after the first round of one row
+
+
 async def test_a_rolled_back_transaction_leaves_no_outbox_rows_and_publishes_nothing(pool, topic, producer,
                                                                                    kafka_bootstrap):
     doomed = messages_for(topic, 5)
