@@ -11,8 +11,7 @@ Phases:
  3. for comparison, on the same machine in the same run: the raw ceiling (the same messages
     consumed with aiokafka and copied into PostgreSQL with no logic) and a naive pipeline (a
     FastStream consumer that commits one transaction per message);
- 4. redemption latency through the whole saga (rewards + ledger) at a steady rate, when the
-    rewards service is present.
+ 4. redemption latency through the whole saga (rewards + ledger) at a steady rate.
 Prints a progress line while running, a table, and one JSON line of figures.
 """
 
@@ -29,6 +28,7 @@ from decimal import Decimal
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench import redemption
 from bench.harness import (
     Service, bulk_producer, create_topics, infra, percentile, produce_all, progress, progress_done,
 )
@@ -239,8 +239,6 @@ async def main() -> None:
             s = await sustained(env, watcher, size["events"], args.customers)
             figures["sustained"] = {k: v for k, v in s.items() if k != "services"}
             figures["latency"] = [await latency_at(env, watcher, r, size["latency_s"], args.customers) for r in rates]
-            from bench import redemption  # rewards + ledger saga; needs the services above running
-
             figures["redemption"] = await redemption.measure(env, s["services"], seconds=size["redeem_s"])
             for service in s["services"]:
                 service.stop()
