@@ -16,7 +16,6 @@ the batch needs); operations mutate it and append transfers to a `Journal`. The 
 persists what changed. No I/O here.
 """
 
-import hashlib
 import math
 import uuid
 from collections.abc import Iterable
@@ -27,17 +26,7 @@ from enum import StrEnum
 from fractions import Fraction
 
 from services.ledger.program import Program, Tier
-from shared.events import EVENT_NAMESPACE
-
-_NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
-
-
-def derived_event_id(*parts: str) -> uuid.UUID:
-    """shared.events.derived_event_id, the same ids (a unit test holds them equal), at a
-    third of the cost: the hot path derives three ids per purchase and uuid.uuid5 spends
-    most of its time outside the hash."""
-    digest = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).digest()
-    return uuid.UUID(bytes=digest[:16], version=5)
+from shared.events import derived_event_id
 from shared.events.purchases import PurchaseLine, PurchasePayload
 
 ISSUANCE = "program:issuance"

@@ -30,8 +30,7 @@ from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import STACKING_ORDER, Program, load_program_file
 from services.ledger.settings import LedgerSettings
-from services.ledger.domain import derived_event_id
-from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, utcnow
+from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, utcnow
 from shared.events.points import (
     BalanceAfter,
     PointsAdjusted,

@@ -2,6 +2,7 @@
 
 import json
 from datetime import timedelta
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request
@@ -131,27 +132,31 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
 
     # ---- webhooks ------------------------------------------------------------------------
 
-    async def record_webhook(door: str, body: bytes, mapped: dict[str, Any] | None, cid: str | None) -> JSONResponse:
-        if mapped is None:
-            return JSONResponse({"status": "ignored", "message": "nothing to record for this event"})
-        item = Inbound(door=door, original=body, parsed=domain.parse_purchase(mapped), correlation_id=cid)
-        [outcome] = await record([item])
-        return JSONResponse(outcome.as_json(), status_code=STATUS_CODES[outcome.status])
-
-    async def refuse_webhook(door: str, body: bytes, rejection: Rejection) -> JSONResponse:
-        """A signed but unusable webhook: dead-lettered (the e-shop will not send it
-        differently) and answered 422."""
-        await record([Inbound(door=door, original=body, parsed=rejection)])
-        return problem(422, rejection.reason, rejection.message, rejection.errors)
-
-    def check_signature(door: str, ok: bool, payload_time, max_age_s: int) -> JSONResponse | None:
-        if not ok:
+    async def accept_webhook(door: str, body: bytes, *, signed: bool, delivery_id: str | None,
+                             map_payload: Callable[[dict[str, Any]], dict[str, Any] | None]) -> JSONResponse:
+        """What every e-shop door does: signature, replay window on the signed body's own
+        timestamp, mapping onto the contract, recording. A signed but unusable body is
+        dead-lettered (the shop will not send it differently) and answered 422."""
+        if not signed:
             metrics.REJECTED.labels(door, "bad_signature").inc()
             return problem(401, "bad_signature", "missing or invalid HMAC signature")
-        if payload_time is not None and utcnow() - payload_time > timedelta(seconds=max_age_s):
-            metrics.REJECTED.labels(door, "stale_webhook").inc()
-            return problem(401, "stale_webhook", f"the signed payload is older than {max_age_s}s (replay?)")
-        return None
+        max_age_s = settings.webhook_max_age_s
+        try:
+            payload = json.loads(body)
+            stamp = webhooks.webhook_timestamp(payload, door)
+            if utcnow() - stamp > timedelta(seconds=max_age_s):
+                metrics.REJECTED.labels(door, "stale_webhook").inc()
+                return problem(401, "stale_webhook", f"the signed payload is older than {max_age_s}s (replay?)")
+            mapped = map_payload(payload)
+        except (ValueError, TypeError, RecursionError, webhooks.WebhookPayloadError) as exc:
+            rejection = Rejection("unmappable_webhook", [{"loc": [], "msg": str(exc), "type": "unmappable_webhook"}])
+            await record([Inbound(door=door, original=body, parsed=rejection)])
+            return problem(422, rejection.reason, rejection.message, rejection.errors)
+        if mapped is None:
+            return JSONResponse({"status": "ignored", "message": "nothing to record for this event"})
+        item = Inbound(door=door, original=body, parsed=domain.parse_purchase(mapped), correlation_id=delivery_id)
+        [outcome] = await record([item])
+        return JSONResponse(outcome.as_json(), status_code=STATUS_CODES[outcome.status])
 
     @router.post("/v1/webhooks/shopify", tags=["webhooks"],
                  summary="Shopify webhooks: orders/paid and refunds/create (X-Shopify-Hmac-Sha256)")
@@ -162,25 +167,12 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
         if not settings.shopify_webhook_secret:
             return problem(503, "not_configured", "Shopify webhooks are not configured")
         body = await request.body()
-        valid = webhooks.verify_shopify_hmac(settings.shopify_webhook_secret, body, x_shopify_hmac_sha256)
-        if not valid:
-            return check_signature("shopify", False, None, settings.webhook_max_age_s)
-        try:
-            payload = json.loads(body)
-            refused = check_signature("shopify", True, webhooks.webhook_timestamp(payload, "shopify"),
-                                      settings.webhook_max_age_s)
-            if refused is not None:
-                return refused
-            if x_shopify_topic == "orders/paid":
-                mapped = webhooks.map_shopify_order_paid(payload, store_id=settings.shopify_store_id)
-            elif x_shopify_topic == "refunds/create":
-                mapped = webhooks.map_shopify_refund(payload, store_id=settings.shopify_store_id)
-            else:
-                return JSONResponse({"status": "ignored", "message": f"topic {x_shopify_topic} is not used"})
-        except (ValueError, TypeError, RecursionError, webhooks.WebhookPayloadError) as exc:
-            return await refuse_webhook("shopify", body, Rejection("unmappable_webhook", [
-                {"loc": [], "msg": str(exc), "type": "unmappable_webhook"}]))
-        return await record_webhook("shopify", body, mapped, x_shopify_webhook_id)
+        mappers = {"orders/paid": webhooks.map_shopify_order_paid, "refunds/create": webhooks.map_shopify_refund}
+        mapper = mappers.get(x_shopify_topic or "")
+        return await accept_webhook(
+            "shopify", body, delivery_id=x_shopify_webhook_id,
+            signed=webhooks.verify_shopify_hmac(settings.shopify_webhook_secret, body, x_shopify_hmac_sha256),
+            map_payload=lambda payload: mapper(payload, store_id=settings.shopify_store_id) if mapper else None)
 
     @router.post("/v1/webhooks/woocommerce", tags=["webhooks"],
                  summary="WooCommerce order webhooks (X-WC-Webhook-Signature)")
@@ -190,22 +182,13 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
         if not settings.woocommerce_webhook_secret:
             return problem(503, "not_configured", "WooCommerce webhooks are not configured")
         body = await request.body()
-        valid = webhooks.verify_woocommerce_signature(settings.woocommerce_webhook_secret, body, x_wc_webhook_signature)
-        if not valid:
-            return check_signature("woocommerce", False, None, settings.webhook_max_age_s)
-        if body.startswith(b"webhook_id="):  # WooCommerce pings a new webhook with a form body
+        signed = webhooks.verify_woocommerce_signature(settings.woocommerce_webhook_secret, body,
+                                                       x_wc_webhook_signature)
+        if signed and body.startswith(b"webhook_id="):  # WooCommerce pings a new webhook with a form body
             return JSONResponse({"status": "ping"})
-        try:
-            payload = json.loads(body)
-            refused = check_signature("woocommerce", True, webhooks.webhook_timestamp(payload, "woocommerce"),
-                                      settings.webhook_max_age_s)
-            if refused is not None:
-                return refused
-            mapped = webhooks.map_woocommerce_order(payload, store_id=settings.woocommerce_store_id)
-        except (ValueError, TypeError, RecursionError, webhooks.WebhookPayloadError) as exc:
-            return await refuse_webhook("woocommerce", body, Rejection("unmappable_webhook", [
-                {"loc": [], "msg": str(exc), "type": "unmappable_webhook"}]))
-        return await record_webhook("woocommerce", body, mapped, x_wc_webhook_delivery_id)
+        return await accept_webhook(
+            "woocommerce", body, signed=signed, delivery_id=x_wc_webhook_delivery_id,
+            map_payload=lambda payload: webhooks.map_woocommerce_order(payload, store_id=settings.woocommerce_store_id))
 
     return router
 

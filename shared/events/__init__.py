@@ -1,6 +1,7 @@
 """The event envelope and the event models of every stream. JSON on the wire; money is a
 decimal string plus an ISO 4217 code; points are integers."""
 
+import hashlib
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -29,10 +30,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
+
+
 def derived_event_id(*parts: str) -> uuid.UUID:
     """A deterministic event id: the same cause always yields the same id, so a re-emitted
-    event is recognised downstream as the one already processed."""
-    return uuid.uuid5(EVENT_NAMESPACE, "\x1f".join(parts))
+    event is recognised downstream as the one already processed.
+
+    Exactly uuid.uuid5(EVENT_NAMESPACE, "\x1f".join(parts)), computed directly: hot paths
+    derive several ids per event and uuid5 spends most of its time outside the hash."""
+    digest = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).digest()
+    return uuid.UUID(bytes=digest[:16], version=5)
 
 
 class Envelope(BaseModel, Generic[PayloadT]):
