@@ -54,5 +54,7 @@ def serve(service: str, settings, create_app) -> None:
     from shared.logging import configure_logging
 
     configure_logging(service, level=settings.log_level, json_logs=settings.log_json)
+    # uvloop and httptools: the event loop and HTTP parser in C. Every service is I/O-heavy
+    # (Kafka, PostgreSQL, HTTP) and CPU-bound on two cores, so the loop's own cost matters.
     uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, log_config=None,
-                timeout_graceful_shutdown=20)
+                timeout_graceful_shutdown=20, loop="uvloop", http="httptools")

@@ -71,9 +71,11 @@ def create_broker(settings: ServiceSettings, *, client_id: str, description: str
     )
 
 
-def consumer_options(settings: ServiceSettings, *, service: str, purpose: str = "main") -> dict[str, Any]:
+def consumer_options(settings: ServiceSettings, *, service: str, purpose: str = "main",
+                     bulk: bool = False) -> dict[str, Any]:
     """Subscriber options shared by every consumer: a group, manual-style commits after
-    the database transaction, and micro-batches."""
+    the database transaction, and micro-batches. `bulk` streams may wait longer on an idle
+    fetch (see ServiceSettings.consumer_bulk_fetch_max_wait_ms)."""
     return {
         "group_id": settings.group_id(service, purpose),
         "auto_offset_reset": "earliest",
@@ -81,7 +83,7 @@ def consumer_options(settings: ServiceSettings, *, service: str, purpose: str = 
         "heartbeat_interval_ms": settings.consumer_heartbeat_interval_ms,
         "max_records": settings.consumer_batch_max_records,
         "batch_timeout_ms": settings.consumer_batch_timeout_ms,
-        "fetch_max_wait_ms": settings.consumer_fetch_max_wait_ms,
+        "fetch_max_wait_ms": settings.consumer_bulk_fetch_max_wait_ms if bulk else settings.consumer_fetch_max_wait_ms,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
     }
 

@@ -125,7 +125,7 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
             settings.topic(PURCHASES_RECORDED), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
             title=f"purchases.recorded#{n}",
             description="Sales, returns and claims: earn, reverse, earn on claim",
-            **consumer_options(settings, service="ledger", purpose="purchases"),
+            **consumer_options(settings, service="ledger", purpose="purchases", bulk=True),
         )(make_handler())
 
     @broker.subscriber(

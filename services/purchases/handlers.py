@@ -71,7 +71,7 @@ def register_handlers(broker: KafkaBroker, *, settings: PurchasesSettings, recor
         decoder=_keep_raw,
         title="purchases.raw",
         description="Purchases as POS terminals and e-shops produce them (the inbound contract, JSON)",
-        **consumer_options(settings, service="purchases", purpose="ingest"),
+        **consumer_options(settings, service="purchases", purpose="ingest", bulk=True),
     )
     async def ingest_raw(body: Any, message: KafkaMessage = Context("message")) -> None:
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
