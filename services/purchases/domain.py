@@ -8,7 +8,8 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import pycountry
-from pydantic import AwareDatetime, BeforeValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 # Identifiers: printable, no NUL (PostgreSQL text cannot hold it), bounded.
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -20,7 +21,23 @@ def _no_sequences(value: Any) -> Any:
     return value
 
 
-Amount = Annotated[Decimal, BeforeValidator(_no_sequences), Field(ge=0, max_digits=14, decimal_places=4)]
+_FOUR_PLACES = Decimal("0.0001")
+_TEN_DIGITS = Decimal(10) ** 10
+
+
+def _bounded(value: Decimal) -> Decimal:
+    """At most 10 digits before the point and 4 after (trailing zeros do not count): what
+    Field(max_digits=14, decimal_places=4) checks, at a fraction of its cost (pydantic runs
+    those two in Python; they were a tenth of the service's CPU per purchase)."""
+    if value >= _TEN_DIGITS:
+        raise PydanticCustomError("decimal_whole_digits",
+                                  "Decimal input should have no more than 10 digits before the decimal point")
+    if value.quantize(_FOUR_PLACES) != value:
+        raise PydanticCustomError("decimal_max_places", "Decimal input should have no more than 4 decimal places")
+    return value
+
+
+Amount = Annotated[Decimal, BeforeValidator(_no_sequences), Field(ge=0), AfterValidator(_bounded)]
 
 KNOWN_CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
 

@@ -2,6 +2,7 @@
 decimal string plus an ISO 4217 code; points are integers."""
 
 import hashlib
+import json
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -41,6 +42,17 @@ def derived_event_id(*parts: str) -> uuid.UUID:
     derive several ids per event and uuid5 spends most of its time outside the hash."""
     digest = hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).digest()
     return uuid.UUID(bytes=digest[:16], version=5)
+
+
+# Hot paths write some events from templates instead of building and serialising pydantic
+# models (several times cheaper). Every string from outside goes through the C JSON string
+# encoder, ASCII-only, so no value can break the document; each template has a unit test
+# holding it to the contract model, hostile strings included.
+json_str = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included
+
+
+def json_opt_str(value: str | None) -> str:
+    return "null" if value is None else json_str(value)
 
 
 class Envelope(BaseModel, Generic[PayloadT]):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.events import Envelope, Money
+from shared.events import SCHEMA_VERSION, Envelope, Money, json_opt_str, json_str
 
 
 class PurchaseLine(BaseModel):
@@ -61,3 +61,27 @@ class PurchaseClaimed(Envelope[PurchaseClaimedPayload]):
     type: Literal["PurchaseClaimed"] = "PurchaseClaimed"
 
 
+
+
+def purchase_event_json(*, event_type: str, event_id: str, recorded_at: datetime, producer: str,
+                        correlation_id: str, customer_id: str | None, purchase, door: str) -> bytes:
+    """PurchaseRecorded or ReturnRecorded as JSON, written from a template: the purchases
+    service's hot path (about a sixth of the cost of model_construct + model_dump_json).
+    `purchase` is any object with the payload's fields (the service's validated input).
+    tests/unit/test_purchase_events.py holds it to the contract models."""
+    p = purchase
+    occurred = json_str(p.occurred_at.isoformat())
+    lines = ",".join(
+        f'{{"line_id":{json_str(line.line_id)},"sku":{json_str(line.sku)},"category":{json_str(line.category)},'
+        f'"quantity":{int(line.quantity)},"unit_price":"{format(line.unit_price, "f")}",'
+        f'"discount":"{format(line.discount, "f")}"}}'
+        for line in p.lines)
+    return (
+        f'{{"event_id":"{event_id}","type":"{event_type}","schema_version":{SCHEMA_VERSION},'
+        f'"occurred_at":{occurred},"recorded_at":{json_str(recorded_at.isoformat())},"producer":{json_str(producer)},'
+        f'"correlation_id":{json_str(correlation_id)},"causation_id":null,"customer_id":{json_opt_str(customer_id)},'
+        f'"payload":{{"purchase_id":{json_str(p.purchase_id)},"type":{json_str(p.type)},'
+        f'"original_purchase_id":{json_opt_str(p.original_purchase_id)},"source":{json_str(p.source)},'
+        f'"store_id":{json_str(p.store_id)},"occurred_at":{occurred},"currency":{json_str(p.currency)},'
+        f'"lines":[{lines}],"total":"{format(p.total, "f")}","door":{json_str(door)}}}}}'
+    ).encode()
