@@ -3,7 +3,7 @@ for a redemption, and when a redemption may be cancelled. No I/O; named errors."
 
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
@@ -239,6 +239,19 @@ def reservation_failure(reward: Reward | None, *, now: datetime) -> str | None:
         return "reward_not_found"
     reason = unavailable_reason(reward, now=now)
     return f"reward_{reason}" if reason else None
+
+
+def fulfil(redemption: Redemption, *, code: str | None, hold_expires_at: datetime, now: datetime) -> Redemption:
+    """The redemption once its reward is reserved under the ledger's hold."""
+    return replace(redemption, status="fulfilled", ledger_status="held", code=code, hold_expires_at=hold_expires_at,
+                   fulfilled_at=now, finished_at=now)
+
+
+def fail(redemption: Redemption, *, reason: str, ledger_status: LedgerStatus, now: datetime,
+         hold_expires_at: datetime | None = None) -> Redemption:
+    """The redemption once it cannot be fulfilled (the ledger voids any hold)."""
+    return replace(redemption, status="failed", failure_reason=reason, ledger_status=ledger_status,
+                   hold_expires_at=hold_expires_at or redemption.hold_expires_at, finished_at=now)
 
 
 def should_give_up(redemption: Redemption, *, now: datetime, hold_timeout_s: int) -> bool:

@@ -43,29 +43,49 @@ SELECT $1, code FROM unnest($2::text[]) AS code
 ON CONFLICT DO NOTHING
 """
 
-# Taking a unit of stock locks the reward row: racing reservations queue on it, and the
-# condition makes the last unit go to exactly one of them. Unlimited stock is not touched.
-TAKE_STOCK = """
-UPDATE rewards SET stock_remaining = stock_remaining - 1, updated_at = now()
-WHERE reward_id = $1 AND stock_remaining > 0
-RETURNING stock_remaining
-"""
 RETURN_STOCK = """
 UPDATE rewards SET stock_remaining = stock_remaining + 1, updated_at = now()
 WHERE reward_id = $1 AND stock_remaining IS NOT NULL
 """
 
-# SKIP LOCKED: racing reservations take different free codes instead of queueing on one.
-TAKE_COUPON_CODE = """
-UPDATE coupon_codes SET redemption_id = $2, assigned_at = $3
-WHERE (reward_id, code) = (
-    SELECT reward_id, code FROM coupon_codes
+# A batch's reservations read the catalog rows once (no coupon count: not needed to reserve).
+SELECT_REWARDS_BY_ID = """
+SELECT reward_id, name, description, cost_points, kind, active, voucher_value, voucher_currency, stock_remaining,
+       per_customer_limit, valid_from, valid_until, min_tier
+FROM rewards WHERE reward_id = ANY($1::text[])
+"""
+# The stock of a batch's limited rewards, locked (id order: no lock cycles) until the batch
+# commits: racing reservations queue here, and the batch takes at most what it read.
+LOCK_STOCK = """
+SELECT reward_id, stock_remaining FROM rewards
+WHERE reward_id = ANY($1::text[]) AND stock_remaining IS NOT NULL
+ORDER BY reward_id
+FOR UPDATE
+"""
+# Only after LOCK_STOCK in the same transaction: the rows are ours, the counts fit.
+TAKE_STOCK_UNITS = """
+UPDATE rewards r SET stock_remaining = r.stock_remaining - w.units, updated_at = now()
+FROM unnest($1::text[], $2::int[]) AS w(reward_id, units)
+WHERE r.reward_id = w.reward_id
+"""
+
+# Up to one free code for each of the given redemptions, in pool order. SKIP LOCKED:
+# racing reservations take different free codes instead of queueing on one.
+TAKE_COUPON_CODES = """
+WITH picked AS (
+    SELECT reward_id, code, uploaded_at FROM coupon_codes
     WHERE reward_id = $1 AND redemption_id IS NULL
     ORDER BY uploaded_at, code
-    LIMIT 1
+    LIMIT cardinality($2::uuid[])
     FOR UPDATE SKIP LOCKED
+), paired AS (
+    SELECT reward_id, code, ($2::uuid[])[(row_number() OVER (ORDER BY uploaded_at, code))::int] AS redemption_id
+    FROM picked
 )
-RETURNING code
+UPDATE coupon_codes c SET redemption_id = paired.redemption_id, assigned_at = $3
+FROM paired
+WHERE c.reward_id = paired.reward_id AND c.code = paired.code
+RETURNING c.redemption_id, c.code
 """
 
 STOCK_LEVELS = """
@@ -126,12 +146,6 @@ LEFT JOIN rewards r ON r.reward_id = $3
 LEFT JOIN customer_standing s ON s.customer_id = $1
 """
 
-MARK_FULFILLED = f"""
-UPDATE redemptions SET status = 'fulfilled', ledger_status = 'held', code = $2, hold_expires_at = $3,
-    fulfilled_at = $4, finished_at = $4
-WHERE redemption_id = $1
-RETURNING {_REDEMPTION_COLUMNS}
-"""
 MARK_FAILED = f"""
 UPDATE redemptions SET status = 'failed', failure_reason = $2, ledger_status = $3,
     hold_expires_at = COALESCE($4, hold_expires_at), finished_at = $5
@@ -143,7 +157,16 @@ UPDATE redemptions SET status = 'cancelled', failure_reason = $2, finished_at = 
 WHERE redemption_id = $1
 RETURNING {_REDEMPTION_COLUMNS}
 """
-SET_LEDGER_STATUS = f"UPDATE redemptions SET ledger_status = $2 WHERE redemption_id = $1 RETURNING {_REDEMPTION_COLUMNS}"
+# A consumer batch's decisions, written in one statement: the rows were locked by
+# SELECT_REDEMPTIONS_FOR_UPDATE in the same transaction and changed in Python (domain.py).
+SAVE_REDEMPTIONS = """
+UPDATE redemptions r SET status = u.status, ledger_status = u.ledger_status, failure_reason = u.failure_reason,
+    code = u.code, hold_expires_at = u.hold_expires_at, fulfilled_at = u.fulfilled_at, finished_at = u.finished_at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
+            $8::timestamptz[])
+    AS u(redemption_id, status, ledger_status, failure_reason, code, hold_expires_at, fulfilled_at, finished_at)
+WHERE r.redemption_id = u.redemption_id
+"""
 
 # Recovery: requests the ledger has not answered yet. SKIP LOCKED lets several instances
 # share the work, and skips a row whose answer is being applied right now.
@@ -249,18 +272,30 @@ class RewardsRepository:
         status = await self._conn.execute(INSERT_COUPON_CODES, reward_id, list(codes))
         return int(status.split()[-1])
 
-    def savepoint(self):
-        """A nested transaction (savepoint) inside the caller's transaction."""
-        return self._conn.transaction()
-
-    async def take_stock(self, *, reward_id: str) -> bool:
-        return await self._conn.fetchrow(TAKE_STOCK, reward_id) is not None
-
     async def return_stock(self, *, reward_id: str) -> None:
         await self._conn.execute(RETURN_STOCK, reward_id)
 
-    async def take_coupon_code(self, *, reward_id: str, redemption_id: uuid.UUID, now: datetime) -> str | None:
-        return await self._conn.fetchval(TAKE_COUPON_CODE, reward_id, redemption_id, now)
+    async def get_rewards(self, *, reward_ids: Sequence[str]) -> dict[str, Reward]:
+        rows = await self._conn.fetch(SELECT_REWARDS_BY_ID, list(reward_ids))
+        return {r["reward_id"]: _reward(r) for r in rows}
+
+    async def lock_stock(self, *, reward_ids: Sequence[str]) -> dict[str, int]:
+        """Units left of each limited reward, locked until the transaction ends (an
+        unlimited reward is absent)."""
+        rows = await self._conn.fetch(LOCK_STOCK, list(reward_ids))
+        return {r["reward_id"]: r["stock_remaining"] for r in rows}
+
+    async def take_stock_units(self, *, units: dict[str, int]) -> None:
+        """Only for rewards locked by lock_stock, never more than it returned."""
+        if units:
+            await self._conn.execute(TAKE_STOCK_UNITS, list(units), list(units.values()))
+
+    async def take_coupon_codes(
+        self, *, reward_id: str, redemption_ids: Sequence[uuid.UUID], now: datetime
+    ) -> dict[uuid.UUID, str]:
+        """A free code for each redemption while the pool lasts: {redemption_id: code}."""
+        rows = await self._conn.fetch(TAKE_COUPON_CODES, reward_id, list(redemption_ids), now)
+        return {r["redemption_id"]: r["code"] for r in rows}
 
     async def stock_levels(self) -> list[StockLevel]:
         return [StockLevel(**dict(r)) for r in await self._conn.fetch(STOCK_LEVELS)]
@@ -321,11 +356,6 @@ class RewardsRepository:
         rows = await self._conn.fetch(LIST_CUSTOMER_REDEMPTIONS, customer_id, before, limit)
         return [_redemption(r) for r in rows]
 
-    async def mark_fulfilled(
-        self, *, redemption_id: uuid.UUID, code: str | None, hold_expires_at: datetime, now: datetime
-    ) -> Redemption:
-        return _redemption(await self._conn.fetchrow(MARK_FULFILLED, redemption_id, code, hold_expires_at, now))
-
     async def mark_failed(
         self, *, redemption_id: uuid.UUID, reason: str, ledger_status: str, now: datetime,
         hold_expires_at: datetime | None = None,
@@ -337,8 +367,16 @@ class RewardsRepository:
     async def mark_cancelled(self, *, redemption_id: uuid.UUID, reason: str, now: datetime) -> Redemption:
         return _redemption(await self._conn.fetchrow(MARK_CANCELLED, redemption_id, reason, now))
 
-    async def set_ledger_status(self, *, redemption_id: uuid.UUID, ledger_status: str) -> Redemption:
-        return _redemption(await self._conn.fetchrow(SET_LEDGER_STATUS, redemption_id, ledger_status))
+    async def save_redemptions(self, *, redemptions: Sequence[Redemption]) -> None:
+        """Write the state of redemptions this transaction locked and changed."""
+        if not redemptions:
+            return
+        rs = redemptions
+        await self._conn.execute(
+            SAVE_REDEMPTIONS, [r.redemption_id for r in rs], [r.status for r in rs], [r.ledger_status for r in rs],
+            [r.failure_reason for r in rs], [r.code for r in rs], [r.hold_expires_at for r in rs],
+            [r.fulfilled_at for r in rs], [r.finished_at for r in rs],
+        )
 
     async def lock_unanswered(self, *, requested_before: datetime, limit: int) -> list[tuple[Redemption, int]]:
         rows = await self._conn.fetch(SELECT_UNANSWERED, requested_before, limit)

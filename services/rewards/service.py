@@ -419,12 +419,6 @@ async def cancel_redemption(
 
 # ---- the ledger's answers (points.events) ----------------------------------------------------
 
-class _ReservationFailed(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 # Discriminated by `type`: each model's Literal type field is the tag.
 _POINTS_EVENT: TypeAdapter[Any] = TypeAdapter(
     Annotated[Union[tuple(POINTS_EVENT_TYPES)], Field(discriminator="type")]  # type: ignore[valid-type]
@@ -596,25 +590,16 @@ async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> Bat
                 fresh.append(e)
         await repo.upsert_standings(rows=_latest_standings(fresh))
         saga = [e for e in fresh if isinstance(e, (PointsHeld, PointsHoldRejected, PointsRedeemed, PointsReleased))]
-        locked = await repo.lock_redemptions(redemption_ids=[e.payload.redemption_id for e in saga])
-        # Catalog rows read once per batch: a burst of redemptions is mostly of a few rewards.
-        rewards: dict[str, Reward | None] = {}
+        answers = _LedgerAnswers(
+            ctx, repo, await repo.lock_redemptions(redemption_ids=[e.payload.redemption_id for e in saga]), now=now
+        )
         for event in saga:
-            redemption = locked.get(event.payload.redemption_id)
-            if redemption is None:
-                # Not ours (another producer's redemption id) or a hold for a request this
-                # database never committed: nothing to fulfil, and nothing we could void it for.
-                log.warning("ledger answer for an unknown redemption",
-                            extra={"redemption_id": str(event.payload.redemption_id), "type": event.type})
-                continue
-            updated, emitted = await _apply_ledger_answer(ctx, repo, redemption, event, now=now, rewards=rewards)
-            messages += emitted
-            if updated is not None:
-                locked[updated.redemption_id] = updated
-                if redemption.status in domain.IN_FLIGHT and updated.status not in domain.IN_FLIGHT:
-                    outcome.finished.append(updated)
+            await answers.apply(event)
+        await answers.reserve_held()
+        await repo.save_redemptions(redemptions=answers.changed())
+        outcome.finished = answers.finished()
         outcome.applied = len(fresh)
-        await enqueue(conn, messages)
+        await enqueue(conn, messages + answers.messages)
     return outcome
 
 
@@ -631,89 +616,152 @@ def _latest_standings(events: Sequence[Any]) -> list[StandingRow]:
     return list(latest.values())
 
 
-async def _apply_ledger_answer(
-    ctx: RewardsContext, repo: RewardsRepository, r: Redemption, event: Any, *, now: datetime,
-    rewards: dict[str, Reward | None],
-) -> tuple[Redemption | None, list[OutboxMessage]]:
-    """One ledger answer applied to one (locked) redemption. Returns the redemption as it is
-    now (None if unchanged) and the events to emit."""
-    cause = str(event.event_id)
-    rid = r.redemption_id
-    if isinstance(event, PointsHeld):
-        decision, reason = domain.on_points_held(
-            r, hold_expires_at=event.payload.hold_expires_at, now=now, margin_s=ctx.settings.hold_safety_margin_s
-        )
-        if decision == "ignore":
-            return None, []
-        if decision == "refuse":
-            assert reason is not None
-            failed = None
-            if r.status == "requested":
-                failed = await repo.mark_failed(redemption_id=rid, reason=reason, ledger_status="held", now=now,
-                                                hold_expires_at=event.payload.hold_expires_at)
-            return failed, [_failed_event(ctx, r, reason=reason, now=now, cause=cause)]
-        return await _reserve_and_finish(ctx, repo, r, hold_expires_at=event.payload.hold_expires_at, now=now,
-                                         cause=cause, rewards=rewards)
-    if isinstance(event, PointsHoldRejected):
-        if not domain.on_hold_rejected(r, reason=event.payload.reason):
-            return None, []
-        return await repo.mark_failed(redemption_id=rid, reason=str(event.payload.reason), ledger_status="rejected",
-                                      now=now), []
-    if isinstance(event, PointsRedeemed):
-        return await repo.set_ledger_status(redemption_id=rid, ledger_status="redeemed"), []
-    if isinstance(event, PointsReleased):
-        if r.status == "fulfilled" and event.payload.phase == "void":
-            # The ledger voided a hold we fulfilled (it expired first): a reward without
-            # points. Kept visible (ledger_status) for reconciliation; never silently fixed.
-            log.error("ledger voided the hold of a fulfilled redemption", extra={"redemption_id": str(rid)})
-        return await repo.set_ledger_status(redemption_id=rid, ledger_status="released"), []
-    return None, []
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A redemption the ledger holds points for, waiting for its reservation."""
+
+    redemption: Redemption
+    hold_expires_at: datetime
+    cause: str
 
 
-async def _reserve_and_finish(
-    ctx: RewardsContext, repo: RewardsRepository, r: Redemption, *, hold_expires_at: datetime, now: datetime,
-    cause: str, rewards: dict[str, Reward | None],
-) -> tuple[Redemption | None, list[OutboxMessage]]:
-    """Reserve stock and code for a held redemption: fulfil, or fail so the hold is voided.
-    Runs in the same transaction as the inbox claim of the PointsHeld: a crash before the
-    commit leaves the redemption requested and the PointsHeld redelivered."""
-    if r.reward_id not in rewards:
-        rewards[r.reward_id] = await repo.get_reward(reward_id=r.reward_id)
-    reward = rewards[r.reward_id]
-    failure = domain.reservation_failure(reward, now=now)
-    code: str | None = None
-    if failure is None:
-        assert reward is not None
-        try:
-            if reward.kind == "coupon" and reward.stock_remaining is not None:
-                # Two reservations: a savepoint gives the unit of stock back if the pool is empty.
-                async with repo.savepoint():
-                    code = await _reserve(repo, reward, r, now=now)
+# What a reservation gave: (the held redemption, its code, the failure reason or None).
+Reservation = tuple[_Held, str | None, str | None]
+
+
+class _LedgerAnswers:
+    """One batch's ledger answers applied to its locked redemptions. Each answer is decided
+    in order, in Python (domain.py); the reservations the holds call for are made together,
+    a few statements per batch and reward instead of several per redemption, and every
+    changed row is written back in one statement (RewardsRepository.save_redemptions)."""
+
+    def __init__(self, ctx: RewardsContext, repo: RewardsRepository, locked: dict[uuid.UUID, Redemption], *,
+                 now: datetime) -> None:
+        self.ctx, self.repo, self.now = ctx, repo, now
+        self.initial = locked
+        self.current = dict(locked)
+        self.messages: list[OutboxMessage] = []
+        self._held: dict[uuid.UUID, _Held] = {}
+        self._rewards: dict[str, Reward | None] = {}
+
+    async def apply(self, event: Any) -> None:
+        rid = event.payload.redemption_id
+        if rid not in self.current:
+            # Not ours (another producer's redemption id) or a hold for a request this
+            # database never committed: nothing to fulfil, and nothing we could void it for.
+            log.warning("ledger answer for an unknown redemption", extra={"redemption_id": str(rid), "type": event.type})
+            return
+        if rid in self._held:
+            await self.reserve_held()  # a second answer for it in this batch: decided on its outcome
+        self._decide(self.current[rid], event)
+
+    def _decide(self, r: Redemption, event: Any) -> None:
+        cause = str(event.event_id)
+        if isinstance(event, PointsHeld):
+            hold_expires_at = event.payload.hold_expires_at
+            decision, reason = domain.on_points_held(r, hold_expires_at=hold_expires_at, now=self.now,
+                                                     margin_s=self.ctx.settings.hold_safety_margin_s)
+            if decision == "reserve":
+                self._held[r.redemption_id] = _Held(r, hold_expires_at, cause)
+            elif decision == "refuse":
+                assert reason is not None
+                if r.status == "requested":
+                    self._set(domain.fail(r, reason=reason, ledger_status="held", now=self.now,
+                                          hold_expires_at=hold_expires_at))
+                self.messages.append(_failed_event(self.ctx, r, reason=reason, now=self.now, cause=cause))
+        elif isinstance(event, PointsHoldRejected):
+            if domain.on_hold_rejected(r, reason=event.payload.reason):
+                self._set(domain.fail(r, reason=str(event.payload.reason), ledger_status="rejected", now=self.now))
+        elif isinstance(event, PointsRedeemed):
+            self._set(replace(r, ledger_status="redeemed"))
+        elif isinstance(event, PointsReleased):
+            if r.status == "fulfilled" and event.payload.phase == "void":
+                # The ledger voided a hold we fulfilled (it expired first): a reward without
+                # points. Kept visible (ledger_status) for reconciliation; never silently fixed.
+                log.error("ledger voided the hold of a fulfilled redemption", extra={"redemption_id": str(r.redemption_id)})
+            self._set(replace(r, ledger_status="released"))
+
+    def _set(self, r: Redemption) -> None:
+        self.current[r.redemption_id] = r
+
+    async def reserve_held(self) -> None:
+        """Reserve stock and code for the held redemptions: fulfil, or fail so the hold is
+        voided. In the same transaction as the inbox claim of the PointsHeld: a crash before
+        the commit leaves them requested and the PointsHeld redelivered."""
+        if not self._held:
+            return
+        held = list(self._held.values())
+        self._held.clear()
+        for h, code, failure in await _reserve_all(self.repo, held, now=self.now, rewards=self._rewards):
+            r, cause = h.redemption, h.cause
+            if failure is not None:
+                self._set(domain.fail(r, reason=failure, ledger_status="held", now=self.now,
+                                      hold_expires_at=h.hold_expires_at))
+                self.messages.append(_failed_event(self.ctx, r, reason=failure, now=self.now, cause=cause))
             else:
-                code = await _reserve(repo, reward, r, now=now)
-        except _ReservationFailed as exc:
-            failure, code = exc.reason, None
-    if failure is not None:
-        failed = await repo.mark_failed(redemption_id=r.redemption_id, reason=failure, ledger_status="held", now=now,
-                                        hold_expires_at=hold_expires_at)
-        return failed, [_failed_event(ctx, r, reason=failure, now=now, cause=cause)]
-    fulfilled = await repo.mark_fulfilled(redemption_id=r.redemption_id, code=code, hold_expires_at=hold_expires_at,
-                                          now=now)
-    return fulfilled, [_fulfilled_event(ctx, r, code=code, now=now, cause=cause)]
+                self._set(domain.fulfil(r, code=code, hold_expires_at=h.hold_expires_at, now=self.now))
+                self.messages.append(_fulfilled_event(self.ctx, r, code=code, now=self.now, cause=cause))
+
+    def changed(self) -> list[Redemption]:
+        return [r for rid, r in self.current.items() if r != self.initial[rid]]
+
+    def finished(self) -> list[Redemption]:
+        """The redemptions this batch took out of flight (their waiters get the answer)."""
+        return [r for rid, r in self.current.items()
+                if self.initial[rid].status in domain.IN_FLIGHT and r.status not in domain.IN_FLIGHT]
 
 
-async def _reserve(repo: RewardsRepository, reward: Reward, r: Redemption, *, now: datetime) -> str | None:
-    """Take a unit of stock (when limited) and the code; _ReservationFailed when out."""
-    if reward.stock_remaining is not None and not await repo.take_stock(reward_id=r.reward_id):
-        raise _ReservationFailed("out_of_stock")
+async def _reserve_all(repo: RewardsRepository, held: Sequence[_Held], *, now: datetime,
+                       rewards: dict[str, Reward | None]) -> list[Reservation]:
+    """Reservations for a batch of holds: the catalog rows read once, the limited stock of
+    each reward locked once and taken once with the count, codes taken per reward at once."""
+    missing = {h.redemption.reward_id for h in held} - rewards.keys()
+    if missing:
+        found = await repo.get_rewards(reward_ids=sorted(missing))
+        rewards.update({reward_id: found.get(reward_id) for reward_id in missing})
+    results: list[Reservation] = []
+    by_reward: dict[str, list[_Held]] = {}
+    for h in held:
+        failure = domain.reservation_failure(rewards[h.redemption.reward_id], now=now)
+        if failure is not None:
+            results.append((h, None, failure))
+        else:
+            by_reward.setdefault(h.redemption.reward_id, []).append(h)
+    limited = [reward_id for reward_id in by_reward if rewards[reward_id].stock_remaining is not None]  # type: ignore[union-attr]
+    stock = await repo.lock_stock(reward_ids=limited) if limited else {}
+    taken: dict[str, int] = {}
+    for reward_id, group in by_reward.items():
+        reward = rewards[reward_id]
+        assert reward is not None
+        reserved = await _reserve_for_reward(repo, reward, group, stock_left=stock.get(reward_id), now=now)
+        results += reserved
+        if reward_id in stock:
+            taken[reward_id] = sum(1 for _, _, failure in reserved if failure is None)
+    await repo.take_stock_units(units={reward_id: n for reward_id, n in taken.items() if n})
+    return results
+
+
+async def _reserve_for_reward(repo: RewardsRepository, reward: Reward, held: Sequence[_Held], *,
+                              stock_left: int | None, now: datetime) -> list[Reservation]:
+    """The holds of one reward, in batch order, as if reserved one after the other: a unit of
+    stock each while it lasts (stock_left None: unlimited), then the code (coupon: from the
+    pool while it lasts; voucher: generated). A coupon redemption left without a code takes
+    no stock, so it fails coupon_pool_empty unless the stock is gone too."""
+    served = list(held) if stock_left is None else list(held[:stock_left])
     if reward.kind == "coupon":
-        code = await repo.take_coupon_code(reward_id=r.reward_id, redemption_id=r.redemption_id, now=now)
-        if code is None:
-            raise _ReservationFailed("coupon_pool_empty")
-        return code
-    if reward.kind == "voucher":
-        return domain.new_voucher_code()
-    return None
+        codes = await repo.take_coupon_codes(reward_id=reward.reward_id,
+                                             redemption_ids=[h.redemption.redemption_id for h in served],
+                                             now=now) if served else {}
+        reserved = [(h, codes[h.redemption.redemption_id]) for h in served if h.redemption.redemption_id in codes]
+    elif reward.kind == "voucher":
+        reserved = [(h, domain.new_voucher_code()) for h in served]
+    else:
+        reserved = [(h, None) for h in served]
+    stock_gone = stock_left is not None and stock_left == len(reserved)
+    refused = "out_of_stock" if stock_gone else "coupon_pool_empty"
+    taken = {h.redemption.redemption_id for h, _ in reserved}
+    return [(h, code, None) for h, code in reserved] + [(h, None, refused) for h in held
+                                                        if h.redemption.redemption_id not in taken]
 
 
 # ---- recovery --------------------------------------------------------------------------------

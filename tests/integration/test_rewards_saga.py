@@ -187,6 +187,44 @@ async def test_the_last_unit_goes_to_exactly_one_of_many_racing_customers(reward
     assert (await client.get(f"/v1/admin/rewards/{reward['reward_id']}", headers=ADMIN)).json()["stock"] == 0
 
 
+async def test_holds_arriving_together_share_stock_and_pool_as_if_reserved_one_by_one(rewards, settings):
+    # The consumer reserves a batch of holds together (per reward, with counts): the outcome
+    # must be the one-at-a-time outcome. A coupon without a code takes no unit of stock.
+    _, client, ledger = rewards
+    coupon = await add_reward(client, kind="coupon", cost_points=10, stock=3)
+    await client.post(f"/v1/admin/rewards/{coupon['reward_id']}/coupons", json={"codes": ["BURST-1", "BURST-2"]},
+                      headers=ADMIN)
+    item = await add_reward(client, kind="physical", cost_points=10, stock=2)
+    customers = await funded_customers(client, ledger, settings, 10, count=10)
+    ledger.pause()  # the holds pile up, then arrive in a burst
+    requests = [asyncio.create_task(redeem(client, h, (coupon if n < 5 else item)["reward_id"]))
+                for n, (_, h) in enumerate(customers)]
+    await eventually(lambda: _count_requested(settings, len(customers), [c for c, _ in customers]))
+    ledger.resume()
+
+    bodies = [await outcome(client, h, await r) for (_, h), r in zip(customers, requests)]
+
+    on_coupon, on_item = bodies[:5], bodies[5:]
+    assert sorted(b["code"] for b in on_coupon if b["status"] == "fulfilled") == ["BURST-1", "BURST-2"]
+    assert sorted(b["failure_reason"] for b in on_coupon if b["status"] == "failed") == ["coupon_pool_empty"] * 3
+    assert [b["status"] for b in on_item].count("fulfilled") == 2
+    assert sorted(b["failure_reason"] for b in on_item if b["status"] == "failed") == ["out_of_stock"] * 3
+    assert (await client.get(f"/v1/admin/rewards/{coupon['reward_id']}", headers=ADMIN)).json()["stock"] == 1
+    assert (await client.get(f"/v1/admin/rewards/{item['reward_id']}", headers=ADMIN)).json()["stock"] == 0
+    await settled(ledger, *(c for c, _ in customers))
+    assert sorted(ledger.available[c] for c, _ in customers) == [0] * 4 + [10] * 6
+
+
+async def _count_requested(settings, count: int, customers: list[str]) -> bool:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        n = await conn.fetchval("SELECT count(*) FROM rewards.redemptions WHERE customer_id = ANY($1::text[])",
+                                customers)
+    finally:
+        await conn.close()
+    return n == count
+
+
 async def test_one_customer_firing_many_redemptions_gets_only_what_the_points_pay_for(rewards, settings):
     _, client, ledger = rewards
     reward = await add_reward(client, cost_points=10)
@@ -458,14 +496,14 @@ async def test_a_ledger_answer_that_keeps_failing_is_dead_lettered_and_does_not_
     poison = await add_reward(client, cost_points=10)
     fine = await add_reward(client, cost_points=10)
     (victim, victim_h), (other, other_h) = await funded_customers(client, ledger, settings, 10, count=2)
-    real_reserve = service._reserve_and_finish
+    real_reserve = service._reserve_for_reward
 
-    async def broken_for_poison(ctx, repo, r, **kw):
-        if r.reward_id == poison["reward_id"]:
+    async def broken_for_poison(repo, reward, held, **kw):
+        if reward.reward_id == poison["reward_id"]:
             raise RuntimeError("reservation exploded")
-        return await real_reserve(ctx, repo, r, **kw)
+        return await real_reserve(repo, reward, held, **kw)
 
-    monkeypatch.setattr(service, "_reserve_and_finish", broken_for_poison)
+    monkeypatch.setattr(service, "_reserve_for_reward", broken_for_poison)
     stuck, served = await asyncio.gather(redeem(client, victim_h, poison["reward_id"]),
                                          redeem(client, other_h, fine["reward_id"]))
 
@@ -480,7 +518,7 @@ async def test_a_ledger_answer_that_keeps_failing_is_dead_lettered_and_does_not_
         return [d for d in letters if stuck.json()["redemption_id"] in d["original"]]
 
     dead = await eventually(dead_lettered, timeout_s=20)
-    monkeypatch.setattr(service, "_reserve_and_finish", real_reserve)
+    monkeypatch.setattr(service, "_reserve_for_reward", real_reserve)
     assert len(dead) == 1 and dead[0]["reason"].startswith("processing_failed: RuntimeError: reservation exploded")
     assert dead[0]["original_key"] == victim
     # The dead-lettered hold is not lost: the redemption is still open, and the recovery ends
