@@ -14,8 +14,10 @@ overtake an earlier one. A row the broker can never accept (too large) is moved 
 """
 
 import asyncio
+import functools
 import json
 import logging
+import random
 import time
 from collections import Counter as Counter_
 from collections.abc import Sequence
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
@@ -78,6 +82,10 @@ async def enqueue(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -
 # away) fails the round, which is retried with every row still in the outbox.
 NEVER_ACCEPTED = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, InvalidTopicError)
 
+# aiokafka's murmur2 is pure Python; keys (customer ids) repeat, so their hashes are kept.
+_murmur2 = functools.lru_cache(maxsize=200_000)(murmur2)
+_record_size = DefaultRecordBatchBuilder.estimate_size_in_bytes
+
 # One publisher per schema at a time keeps each key's events in order.
 _ONE_RELAY = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox-relay'))"
 
@@ -111,6 +119,10 @@ class OutboxRelay:
         self._producer = producer
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_ms / 1000
+        self._max_request_size = getattr(producer, "_max_request_size", 1024 * 1024)
+        # Partitions per topic, read once: topics are created with their partitions up front
+        # (shared/topics.py) and never grown while the services run.
+        self._partitions: dict[str, list[int]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -139,26 +151,14 @@ class OutboxRelay:
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:
                 return 0
-            sends: list[tuple[asyncpg.Record, asyncio.Future | BaseException]] = []
-            for row in rows:
-                headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
-                key = row["key"].encode() if row["key"] is not None else None
-                try:
-                    sends.append((row, await self._producer.send(row["topic"], row["value"], key=key, headers=headers)))
-                except NEVER_ACCEPTED as exc:  # refused before sending
-                    sends.append((row, exc))
-            results = await asyncio.gather(*(f for _, f in sends if isinstance(f, asyncio.Future)),
-                                           return_exceptions=True)
-            outcomes = iter(results)
-            published, failed = [], []
-            for row, sent in sends:
-                error = sent if isinstance(sent, BaseException) else next(outcomes)
-                if not isinstance(error, BaseException):
-                    published.append(row)
-                elif isinstance(error, NEVER_ACCEPTED):
-                    failed.append((row, error))
-                else:
-                    raise error  # the whole round is retried: nothing deleted
+            try:
+                failed = await self._send_in_batches(rows)
+            except NEVER_ACCEPTED:
+                # A batch the broker refused as a whole: find the culprit row by row (the
+                # rows of the round already sent go again; consumers drop the repeats).
+                failed = await self._send_one_by_one(rows)
+            failed_ids = {row["id"] for row, _ in failed}
+            published = [r for r in rows if r["id"] not in failed_ids]
             await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in published])
             for row, error in failed:
                 await conn.execute(_MOVE_FAILED, row["id"], f"{type(error).__name__}: {error}")
@@ -170,6 +170,71 @@ class OutboxRelay:
             OUTBOX_FAILED.labels(row["topic"]).inc()
         OUTBOX_BATCH.observe(len(rows))
         return len(rows)
+
+    async def _send_in_batches(self, rows: Sequence[asyncpg.Record]) -> list[tuple[asyncpg.Record, BaseException]]:
+        """The rows as one record batch per partition (in row order within each), all sent
+        at once: a future per batch rather than per row, a third of the relay's CPU.
+        Partitions are chosen as the producer's own send() would (murmur2 of the key), so a
+        key's events stay on one partition whichever way they were published. Rows too
+        large for any request are returned as failed without being sent."""
+        producer = self._producer
+        too_large: list[tuple[asyncpg.Record, BaseException]] = []
+        batches: dict[tuple[str, int], list] = {}
+        sends = []
+        for row in rows:
+            topic, value = row["topic"], row["value"]
+            key = row["key"].encode() if row["key"] is not None else None
+            headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
+            if _record_size(key, value, headers) > self._max_request_size:
+                too_large.append((row, MessageSizeTooLargeError(
+                    f"the record is larger than max_request_size ({self._max_request_size} bytes)")))
+                continue
+            partition = await self._partition_of(topic, key)
+            open_batches = batches.setdefault((topic, partition), [])
+            if not open_batches or open_batches[-1].append(timestamp=None, key=key, value=value,
+                                                           headers=headers) is None:
+                batch = producer.create_batch()
+                open_batches.append(batch)
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    raise RecordTooLargeError("a record does not fit in an empty batch")  # never: size checked
+        for (topic, partition), built in batches.items():
+            for batch in built:
+                batch.close()
+                sends.append(await producer.send_batch(batch, topic, partition=partition))
+        for outcome in await asyncio.gather(*sends, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome  # the whole round is retried (or, if never accepted, isolated)
+        return too_large
+
+    async def _send_one_by_one(self, rows: Sequence[asyncpg.Record]) -> list[tuple[asyncpg.Record, BaseException]]:
+        """Each row on its own: the rows the broker can never accept are returned as failed;
+        any other error fails the round."""
+        sends: list[tuple[asyncpg.Record, asyncio.Future | BaseException]] = []
+        for row in rows:
+            headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
+            key = row["key"].encode() if row["key"] is not None else None
+            try:
+                sends.append((row, await self._producer.send(row["topic"], row["value"], key=key, headers=headers)))
+            except NEVER_ACCEPTED as exc:  # refused before sending
+                sends.append((row, exc))
+        results = await asyncio.gather(*(f for _, f in sends if isinstance(f, asyncio.Future)), return_exceptions=True)
+        outcomes = iter(results)
+        failed = []
+        for row, sent in sends:
+            error = sent if isinstance(sent, BaseException) else next(outcomes)
+            if isinstance(error, NEVER_ACCEPTED):
+                failed.append((row, error))
+            elif isinstance(error, BaseException):
+                raise error  # the whole round is retried: nothing deleted
+        return failed
+
+    async def _partition_of(self, topic: str, key: bytes | None) -> int:
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+        if key is None:
+            return random.choice(partitions)
+        return partitions[(_murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
     async def pending(self) -> int:
         return await self._pool.fetchval("SELECT count(*) FROM outbox")

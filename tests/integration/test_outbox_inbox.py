@@ -44,38 +44,56 @@ class CrashError(ConnectionError):
     """What our fake producer raises: the process "dies" in the middle of a relay round."""
 
 
-class FlakyProducer:
-    """A real producer that fails on the (fail_after + 1)-th send, as a broker connection
-    lost in the middle of a relay round would. Earlier sends really reach the broker."""
+class _Wrapped:
+    """A real producer behind the relay's interface (partitions, batches), to be wrapped."""
 
-    def __init__(self, real: AIOKafkaProducer, *, fail_after: int) -> None:
+    def __init__(self, real: AIOKafkaProducer) -> None:
         self._real = real
-        self._left = fail_after
-        self.sent = 0
+        self._max_request_size = real._max_request_size
+
+    async def partitions_for(self, topic):
+        return await self._real.partitions_for(topic)
+
+    def create_batch(self):
+        return self._real.create_batch()
 
     async def send(self, topic, value=None, key=None, headers=None):
-        if self._left == 0:
-            raise CrashError("connection to the broker lost")
-        self._left -= 1
-        self.sent += 1
         return await self._real.send(topic, value, key=key, headers=headers)
 
 
-class GatedProducer:
+class FlakyProducer(_Wrapped):
+    """A real producer whose connection is lost after `fail_after` record batches, as a
+    broker connection lost in the middle of a relay round would. Earlier batches really
+    reach the broker; `sent` counts their records."""
+
+    def __init__(self, real: AIOKafkaProducer, *, fail_after: int) -> None:
+        super().__init__(real)
+        self._left = fail_after
+        self.sent = 0
+
+    async def send_batch(self, batch, topic, *, partition):
+        if self._left == 0:
+            raise CrashError("connection to the broker lost")
+        self._left -= 1
+        self.sent += batch.record_count()
+        return await self._real.send_batch(batch, topic, partition=partition)
+
+
+class GatedProducer(_Wrapped):
     """A real producer whose first send waits until the test opens the gate: the relay using
     it holds its claimed rows locked for as long as the test wants."""
 
     def __init__(self, real: AIOKafkaProducer) -> None:
-        self._real = real
+        super().__init__(real)
         self.claimed = asyncio.Event()
         self.gate = asyncio.Event()
         self.sent = 0
 
-    async def send(self, topic, value=None, key=None, headers=None):
+    async def send_batch(self, batch, topic, *, partition):
         self.claimed.set()
         await self.gate.wait()
-        self.sent += 1
-        return await self._real.send(topic, value, key=key, headers=headers)
+        self.sent += batch.record_count()
+        return await self._real.send_batch(batch, topic, partition=partition)
 
 
 # ---- fixtures -----------------------------------------------------------------------------
@@ -247,18 +265,18 @@ async def test_a_relay_dying_mid_round_loses_nothing_and_a_later_round_publishes
     written = messages_for(topic, 30)
     async with pool.acquire() as conn:
         await apply_and_enqueue(conn, written)
-    flaky = FlakyProducer(producer, fail_after=7)
+    flaky = FlakyProducer(producer, fail_after=2)  # 4 partitions: two batches go, then the connection is lost
     with pytest.raises(CrashError):
         await OutboxRelay(pool, flaky, batch_size=100).publish_once()
-    assert flaky.sent == 7
+    assert 0 < flaky.sent < 30
     assert await outbox_rows(pool) == 30  # the round's transaction rolled back: nothing deleted
 
     assert await drain(OutboxRelay(pool, producer, batch_size=100)) == 30
-    events = await topic_contents(kafka_bootstrap, topic, at_least=30)
+    events = await topic_contents(kafka_bootstrap, topic, at_least=30 + flaky.sent)
     assert {e["id"] for e in events} == ids(written)
-    # At-least-once: the 7 sent before the crash may arrive twice, nothing else does.
+    # At-least-once: the records sent before the crash arrive twice, nothing else does.
     resent = [e["seq"] for e in events if sum(x["id"] == e["id"] for x in events) > 1]
-    assert set(resent) <= set(range(7)) and len(events) == 30 + len(set(resent))
+    assert len(set(resent)) == flaky.sent and len(events) == 30 + flaky.sent
     assert seqs_per_key(events, first_occurrence=True) == written_per_key(written)
     assert await outbox_rows(pool) == 0
 
@@ -594,3 +612,12 @@ async def test_a_failing_migration_is_rolled_back_and_not_recorded(shared_db, sc
         assert await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".accounts') is not None
     finally:
         await conn.close()
+
+
+async def test_the_relay_puts_a_key_on_the_partition_the_producer_itself_would(pool, topic, producer):
+    """The relay sends record batches with partitions it chose: they must be the ones a
+    plain send() picks, so a key's events share one partition however they were published."""
+    relay = OutboxRelay(pool, producer)
+    for key in [*KEYS, "anonymous:store-7", "zażółć", "c-" * 40]:
+        sent = await producer.send_and_wait(topic, b"{}", key=key.encode())
+        assert await relay._partition_of(topic, key.encode()) == sent.partition
