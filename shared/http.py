@@ -1,5 +1,5 @@
-"""The ASGI app skeleton every service uses: lifespan, /healthz, /readyz, /metrics, and
-/asyncapi.json next to FastAPI's own /openapi.json."""
+"""The ASGI app skeleton every service uses: lifespan, /healthz, /readyz, /metrics,
+/asyncapi.json next to FastAPI's own /openapi.json, and a request body size limit."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,10 +9,14 @@ from fastapi.responses import JSONResponse, Response
 from faststream.specification import AsyncAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, BodySizeLimit
 from shared.runtime import ServiceRuntime
 
 
-def create_service_app(runtime: ServiceRuntime, *, title: str, description: str, version: str = "0.1.0") -> FastAPI:
+def create_service_app(runtime: ServiceRuntime, *, title: str, description: str, version: str = "0.1.0",
+                       body_limit: BodyLimit | None = None) -> FastAPI:
+    """`body_limit`: the service's limit and 413 body; by default the service's
+    `max_body_bytes` setting, or DEFAULT_MAX_BODY_BYTES for a service without one."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
@@ -23,6 +27,8 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
 
     app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
     app.state.runtime = runtime
+    app.add_middleware(BodySizeLimit, limit=body_limit or BodyLimit(
+        getattr(runtime.settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)))
     asyncapi = AsyncAPI(runtime.broker, title=title, version=version, description=description)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process is up")

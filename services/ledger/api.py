@@ -4,12 +4,14 @@ admin API (X-Admin-Key): the program (versioned) and manual adjustments."""
 import json
 import secrets
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.ledger import domain as d
@@ -18,6 +20,7 @@ from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
 from shared.events.purchases import PurchaseLine, PurchasePayload
+from shared.limits import BodyLimit, ExplainedBodyRoute, declare_body_limit
 from shared.runtime import ServiceRuntime
 
 # PostgreSQL text cannot hold NUL: refused at the door (422) rather than failing in the database.
@@ -32,8 +35,7 @@ class ErrorOut(BaseModel):
 
 # Answers every route may give besides its own, documented so that clients (and the OpenAPI
 # fuzzing in tests/hostile) know them.
-BODY_ERRORS = {400: {"model": ErrorOut, "description": "The body could not be parsed"},
-               413: {"model": ErrorOut, "description": "The body is larger than LEDGER_MAX_BODY_BYTES"}}
+BODY_ERRORS = {413: {"model": ErrorOut, "description": "The body is larger than LEDGER_MAX_BODY_BYTES"}}
 ADMIN_ERRORS = {401: {"model": ErrorOut, "description": "Missing or wrong X-Admin-Key header"},
                 503: {"model": ErrorOut, "description": "The admin API is disabled (LEDGER_ADMIN_API_KEY unset)"}}
 
@@ -140,12 +142,19 @@ def _balance_json(b: d.Balance) -> dict[str, Any]:
 
 
 def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+    # A loop, not recursion: an admin body nested a few hundred levels deep is valid JSON
+    # and would otherwise end in RecursionError (a 500).
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return False
 
 
@@ -153,55 +162,50 @@ def _kind(account_id: str) -> str:
     return account_id.rsplit(":", 1)[-1]
 
 
+def _body_too_large(max_bytes: int) -> dict[str, Any]:
+    return {"detail": f"the body is larger than {max_bytes} bytes"}
+
+
 class BodySizeLimit:
-    """ASGI middleware: a body larger than `max_bytes` is refused with 413 before it is read
-    into memory (by Content-Length, or while a chunked body streams in)."""
+    """ASGI middleware declaring the ledger's body limit (413 in the ledger's shape, counted
+    in ledger_http_refusals_total) for the skeleton's BodySizeLimit, which enforces it while
+    the body streams in. Passing body_limit(...) to create_service_app does the same."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps({"detail": f"the body is larger than {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        self.app, self.limit = app, body_limit(max_bytes)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            metrics.HTTP_REFUSALS.labels("body_too_large").inc()
-            return await self._refuse(send)
-        received, started, refused = 0, False, False
+        declare_body_limit(scope, self.limit)
+        await self.app(scope, receive, send)
 
-        async def limited_receive() -> Any:
-            # Past the limit: answer 413 now and tell the app the client went away (FastAPI
-            # would turn an exception raised here into its own 400).
-            nonlocal received, refused
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes and not refused:
-                    refused = True
-                    metrics.HTTP_REFUSALS.labels("body_too_large").inc()
-                    if not started:
-                        await self._refuse(send)
-                    return {"type": "http.disconnect"}
-            return message
 
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if refused:
-                return  # the 413 has been sent
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+def body_limit(max_bytes: int) -> BodyLimit:
+    return BodyLimit(max_bytes, refusal=_body_too_large, on_refused=metrics.HTTP_REFUSALS.labels("body_too_large").inc)
 
-        await self.app(scope, limited_receive, tracking_send)
+
+class LedgerRoute(ExplainedBodyRoute):
+    """Every refused request body counted: one FastAPI cannot decode (not UTF-8, nested too
+    deep: 422 in FastAPI's validation shape) and one that does not match the schema."""
+
+    def refuse_unreadable(self, request: Request, error_type: str, message: str) -> Response:
+        metrics.HTTP_REFUSALS.labels("malformed_body").inc()
+        return super().refuse_unreadable(request, error_type, message)
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handle = super().get_route_handler()
+
+        async def handle_counted(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except RequestValidationError:
+                metrics.HTTP_REFUSALS.labels("invalid_request").inc()
+                raise
+
+        return handle_counted
 
 
 def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=LedgerRoute)
 
     async def connection() -> Any:
         async with runtime.pool.acquire() as conn:

@@ -16,6 +16,7 @@ from services.purchases.domain import ClaimRefused
 from services.purchases.service import Inbound, Outcome, PurchaseRecorder, claim_purchase
 from services.purchases.settings import PurchasesSettings
 from shared.events import utcnow
+from shared.limits import BodyLimit, ExplainedBodyRoute, declare_body_limit
 from shared.runtime import ServiceRuntime
 
 STATUS_CODES = {"recorded": 201, "duplicate": 200, "conflict": 409, "rejected": 422, "parked": 202}
@@ -51,13 +52,25 @@ class ClaimOut(BaseModel):
     event_id: str
 
 
+def problem_body(reason: str, message: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"status": "rejected", "reason": reason, "message": message, "errors": errors or []}
+
+
 def problem(status: int, reason: str, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
-    return JSONResponse({"status": "rejected", "reason": reason, "message": message, "errors": errors or []},
-                        status_code=status)
+    return JSONResponse(problem_body(reason, message, errors), status_code=status)
+
+
+class PurchasesRoute(ExplainedBodyRoute):
+    """A JSON body that cannot be decoded (not UTF-8, nested too deep) is refused like one
+    that does not parse: 422 malformed_json, counted."""
+
+    def refuse_unreadable(self, request: Request, error_type: str, message: str) -> JSONResponse:
+        metrics.REJECTED.labels("http", "malformed_json").inc()
+        return problem(422, "malformed_json", message, [{"loc": ["body"], "msg": message, "type": error_type}])
 
 
 def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings: PurchasesSettings) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=PurchasesRoute)
 
     async def record(items: list[Inbound]) -> list[Outcome]:
         async with runtime.pool.acquire() as conn:
@@ -201,12 +214,21 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     return problem(422, reason, "the request does not match the contract", errors)
 
 
+def body_limit(max_body_bytes: int) -> BodyLimit:
+    """The purchases service's body limit: 413 body_too_large in its shape, counted."""
+    return BodyLimit(max_body_bytes,
+                     refusal=lambda limit: problem_body("body_too_large", f"request bodies are limited to {limit} bytes"),
+                     on_refused=metrics.REJECTED.labels("http", "body_too_large").inc)
+
+
 def body_size_limit(max_body_bytes: int):
+    """HTTP middleware declaring the purchases limit for the skeleton's BodySizeLimit, which
+    enforces it while the body streams in (Content-Length or chunked). Passing
+    body_limit(...) to create_service_app does the same without this middleware."""
+    limit = body_limit(max_body_bytes)
+
     async def middleware(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            metrics.REJECTED.labels("http", "body_too_large").inc()
-            return problem(413, "body_too_large", f"request bodies are limited to {max_body_bytes} bytes")
+        declare_body_limit(request.scope, limit)
         return await call_next(request)
 
     return middleware
