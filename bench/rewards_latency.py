@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import signal
 import time
 import uuid
@@ -148,11 +149,12 @@ async def run(args: argparse.Namespace) -> dict:
                 warm: list[tuple[float, int, str]] = []
                 await fire(pool, tokens, rate=args.rate, seconds=args.warmup_seconds, label="warm-up", results=warm)
                 results: list[tuple[float, int, str]] = []
-                cpu_before = {s.name: cpu_seconds(s.proc.pid) for s in (rewards, ledger)}
+                cpu_before = cpu_by_process(env, rewards, ledger)
                 achieved = await fire(pool, tokens, rate=args.rate, seconds=args.seconds, label="measured",
                                       results=results)
-                cpu_ms = {name: round((cpu_seconds(svc.proc.pid) - cpu_before[name]) * 1000 / max(len(results), 1), 2)
-                          for name, svc in (("rewards", rewards), ("ledger", ledger))}
+                cpu_after = cpu_by_process(env, rewards, ledger)
+                cpu_ms = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / max(len(results), 1), 2)
+                          for name in cpu_after}
             finally:
                 await pool.close()
             hops = await hop_breakdown(env.bootstrap, env.dsn())
@@ -205,6 +207,29 @@ async def hop_breakdown(bootstrap: str, dsn: str) -> dict[str, list[float]]:
     }
 
 
+def cpu_by_process(env, rewards: Service, ledger: Service) -> dict[str, float]:
+    """CPU seconds so far of each part of the saga: the two services, PostgreSQL (postmaster
+    and every backend), the broker, and this client (which shares the two cores)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = {"rewards": cpu_seconds(rewards.proc.pid), "ledger": cpu_seconds(ledger.proc.pid),
+           "postgres": 0.0, "broker": cpu_seconds(env.broker.pid), "bench client": usage.ru_utime + usage.ru_stime}
+    try:
+        postmaster = int((env.pg.datadir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return cpu
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if int(entry) == postmaster or ppid == postmaster:
+                cpu["postgres"] += cpu_seconds(int(entry))
+        except (OSError, ValueError):
+            continue  # a backend that just ended
+    return cpu
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -245,8 +270,8 @@ def main() -> None:
     hops = report["hops_p50_p99_ms"]
     print(f"  requested -> ledger hold: p50 {hops['requested_to_held'][0]} ms, p99 {hops['requested_to_held'][1]} ms; "
           f"hold -> fulfilled: p50 {hops['held_to_fulfilled'][0]} ms, p99 {hops['held_to_fulfilled'][1]} ms")
-    print(f"  CPU per redemption: rewards {report['cpu_ms_per_redemption']['rewards']} ms, "
-          f"ledger {report['cpu_ms_per_redemption']['ledger']} ms; machine load average {report['load_average_1m']:.1f}")
+    cpu = ", ".join(f"{name} {ms} ms" for name, ms in report["cpu_ms_per_redemption"].items())
+    print(f"  CPU per redemption: {cpu}; machine load average {report['load_average_1m']:.1f}")
     print(json.dumps(report | {"wall_s": round(time.perf_counter() - started, 1)}))
 
 

@@ -2,10 +2,11 @@
 domain rules, write state and outbox together, commit; then wake the relay and the waiters."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Protocol, Union
@@ -317,6 +318,21 @@ def _cancelled_event(ctx: RewardsContext, r: Redemption, *, reason: str, now: da
     return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
 
 
+@contextlib.asynccontextmanager
+async def customer_transaction(conn: asyncpg.Connection, *, customer_id: str) -> AsyncIterator[None]:
+    """A transaction holding the customer's redemption lock (serialises one customer's
+    requests: limit counting, idempotency keys), begun and locked in one round trip."""
+    await RewardsRepository(conn).begin_locked_for_customer(customer_id=customer_id)
+    try:
+        yield
+    except BaseException:
+        # If even the rollback fails, the pool rolls back (or drops the connection) on release.
+        with contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
 @dataclass(frozen=True, slots=True)
 class RequestResult:
     redemption: Redemption
@@ -329,9 +345,8 @@ async def request_redemption(
     """Record the request and emit RedemptionRequested, or return the redemption this
     Idempotency-Key already created."""
     now = ctx.now()
-    async with ctx.pool.acquire() as conn, conn.transaction():
+    async with ctx.pool.acquire() as conn, customer_transaction(conn, customer_id=customer_id):
         repo = RewardsRepository(conn)
-        await repo.lock_customer(customer_id=customer_id)
         context = await repo.request_context(customer_id=customer_id, idempotency_key=idempotency_key,
                                              reward_id=reward_id)
         if context.existing_id is not None:
@@ -351,8 +366,8 @@ async def request_redemption(
             idempotency_key=idempotency_key, cost_points=reward.cost_points, kind=reward.kind, status="requested",
             ledger_status="pending", correlation_id=correlation_id, requested_at=now,
         )
-        await repo.insert_redemption(redemption=redemption)
-        await enqueue(conn, [_requested_event(ctx, redemption, cause="request", now=now)])
+        await repo.insert_redemption_with_event(
+            redemption=redemption, event=_requested_event(ctx, redemption, cause="request", now=now))
     ctx.wake_relay()
     metrics.record_outcome("requested")
     return RequestResult(redemption, replayed=False)
