@@ -237,8 +237,20 @@ class Lot:
     return_ids: list[str] = field(default_factory=list)
     breakdown: list[dict[str, str | int]] = field(default_factory=list)
     reminded_on: date | None = None
+    # The purchase's channel (pos | eshop): with purchase_id, what names the purchase.
+    # None on adjustments, and on lots written before channels were kept.
+    purchase_source: str | None = None
     is_new: bool = False
     changed: bool = False
+
+    def is_lot_of(self, source: str, purchase_id: str) -> bool:
+        return self.purchase_id == purchase_id and self.purchase_source in (source, None)
+
+
+def purchase_ref(source: str, purchase_id: str) -> str:
+    """A purchase's name in derived ids and causes: its channel and its id, since a POS sale
+    and an e-shop order may carry the same id."""
+    return f"{source}:{purchase_id}"
 
 
 @dataclass(slots=True)
@@ -531,11 +543,13 @@ def earn(
     )
     matures_at = purchase.occurred_at + timedelta(days=program.pending_days)
     pending = matures_at > now
+    ref = purchase_ref(purchase.source, purchase.purchase_id)
     lot = Lot(
-        lot_id=derived_event_id("ledger", "lot", purchase.purchase_id),
+        lot_id=derived_event_id("ledger", "lot", ref),
         customer_id=book.customer_id,
         source="purchase",
         purchase_id=purchase.purchase_id,
+        purchase_source=purchase.source,
         occurred_at=purchase.occurred_at,
         amount_points=earning.points,
         remaining_points=earning.points,
@@ -560,13 +574,13 @@ def earn(
     paid = 0
     if earning.points > 0:
         journal.post(Transfer(
-            derived_event_id("ledger", "earn", purchase.purchase_id), ISSUANCE, target.account_id, earning.points,
+            derived_event_id("ledger", "earn", ref), ISSUANCE, target.account_id, earning.points,
             Code.EARN, book.customer_id, purchase.purchase_id, lot_id=lot.lot_id, rule_version=rule_version,
             occurred_at=purchase.occurred_at,
         ))
         if book.debt.debits_posted > book.debt.credits_posted:
             paid = _pay_debt(book, journal, source=target, amount=earning.points,
-                             cause=f"earn:{purchase.purchase_id}", lot=lot)
+                             cause=f"earn:{ref}", lot=lot)
     if in_tier_window(program, purchase.occurred_at, now):
         book.qualifying_points += earning.points
     out: list[Earned | TierMoved] = [Earned(book.customer_id, lot, earning, paid, book.balance())]

@@ -207,7 +207,7 @@ _LOT_COLUMNS = (
     "lot_id", "customer_id", "source", "purchase_id", "occurred_at", "amount_points", "remaining_points",
     "held_points", "expired_points", "pending", "matures_at", "expires_at", "rule_version", "qualifying",
     "earned_points", "reversed_points", "bonus_points", "tier_multiplier", "lines", "breakdown", "return_ids",
-    "reminded_on",
+    "reminded_on", "purchase_source",
 )
 _SELECT_LOTS = f"SELECT {', '.join(_LOT_COLUMNS)} FROM lots"
 
@@ -220,23 +220,27 @@ def _lot(r: asyncpg.Record) -> Lot:
         held_points=r["held_points"], expired_points=r["expired_points"], qualifying=r["qualifying"],
         earned_points=r["earned_points"], reversed_points=r["reversed_points"], bonus_points=r["bonus_points"],
         tier_multiplier=r["tier_multiplier"], lines=[LineEarning.from_json(x) for x in json.loads(r["lines"])],
-        return_ids=list(r["return_ids"]), reminded_on=r["reminded_on"],
+        return_ids=list(r["return_ids"]), reminded_on=r["reminded_on"], purchase_source=r["purchase_source"],
     )
 
 
-async def lots_of_purchases(conn: asyncpg.Connection, *, purchase_ids: Sequence[str]) -> dict[str, Lot]:
-    if not purchase_ids:
+async def lots_of_purchases(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Lot]:
+    """The lots of these purchases, by (source, purchase_id)."""
+    if not keys:
         return {}
-    rows = await conn.fetch(_SELECT_LOTS + " WHERE purchase_id = ANY($1::text[])", list(set(purchase_ids)))
-    return {r["purchase_id"]: _lot(r) for r in rows}
+    rows = await conn.fetch(_SELECT_LOTS + " WHERE purchase_id = ANY($1::text[])", list({pid for _, pid in keys}))
+    lots = [_lot(r) for r in rows]
+    return {key: lot for key in set(keys) for lot in lots if lot.is_lot_of(*key)}
 
 
-async def purchases_with_lots(conn: asyncpg.Connection, *, purchase_ids: Sequence[str]) -> set[str]:
-    """Which of these purchases already earned (cheap: no lot bodies)."""
-    if not purchase_ids:
+async def purchases_with_lots(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these purchases, by (source, purchase_id), already earned (cheap: no lot bodies)."""
+    if not keys:
         return set()
-    rows = await conn.fetch("SELECT purchase_id FROM lots WHERE purchase_id = ANY($1::text[])", list(set(purchase_ids)))
-    return {r["purchase_id"] for r in rows}
+    rows = await conn.fetch("SELECT purchase_id, purchase_source FROM lots WHERE purchase_id = ANY($1::text[])",
+                            list({pid for _, pid in keys}))
+    found = {(r["purchase_source"], r["purchase_id"]) for r in rows}
+    return {(source, pid) for source, pid in keys if (source, pid) in found or (None, pid) in found}
 
 
 async def open_lots(
@@ -276,7 +280,7 @@ async def insert_lots(conn: asyncpg.Connection, *, lots: Sequence[Lot]) -> None:
                   x.remaining_points, x.held_points, x.expired_points, x.pending, x.matures_at, x.expires_at,
                   x.rule_version, x.qualifying, x.earned_points, x.reversed_points, x.bonus_points,
                   x.tier_multiplier, _lines_json(x), json.dumps(x.breakdown), x.return_ids,
-                  x.reminded_on) for x in lots],
+                  x.reminded_on, x.purchase_source) for x in lots],
         columns=_LOT_COLUMNS,
     )
 

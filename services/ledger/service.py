@@ -257,7 +257,7 @@ class Emitter:
         than building and serialising the pydantic model. Every string from outside goes
         through the C JSON string encoder; the result validates as the contract's model
         (tests/unit/test_ledger_events.py holds it to that, hostile strings included)."""
-        event_id = str(derived_event_id("ledger", "PointsEarned", f"earn:{p.purchase_id}"))
+        event_id = str(derived_event_id("ledger", "PointsEarned", f"earn:{d.purchase_ref(p.source, p.purchase_id)}"))
         if self._now_iso is None:
             self._now_iso = _str(self._now.isoformat())
         now, lot, e, b = self._now_iso, o.lot, o.earning, o.balance
@@ -394,6 +394,10 @@ async def _claim(conn: asyncpg.Connection, consumer: str, items: Sequence[Decode
 # ---- earning from purchases.recorded ------------------------------------------------------
 
 
+def _key(payload: PurchasePayload) -> tuple[str, str]:
+    return (payload.source, payload.purchase_id)
+
+
 def _returned_lines(program: Program, payload: PurchasePayload) -> list[tuple[str, str, Decimal]]:
     rate = program.rate_to_program_currency(payload.currency)
     if rate is None:
@@ -418,16 +422,17 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
         returns = [i for i in fresh if i.event is not None and i.event.type == "ReturnRecorded"]
         await uow.lock([i.event.customer_id for i in sales], create=True)
         await uow.lock([i.event.customer_id for i in returns if i.event.customer_id])
-        earned = await repo.purchases_with_lots(conn, purchase_ids=[i.event.payload.purchase_id for i in sales])
+        # A purchase is (source, purchase_id): a POS sale and an e-shop order may share an id.
+        earned = await repo.purchases_with_lots(conn, keys=[_key(i.event.payload) for i in sales])
         lots_by_purchase = await repo.lots_of_purchases(
-            conn, purchase_ids=[i.event.payload.original_purchase_id for i in returns
-                                if i.event.payload.original_purchase_id])
+            conn, keys=[(i.event.payload.source, i.event.payload.original_purchase_id) for i in returns
+                        if i.event.payload.original_purchase_id])
         # A return is booked to the sale's customer; should the event name another, lock the
         # sale's customer too and re-read the lots under that lock.
         others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]
         if others:
             await uow.lock(others)
-            lots_by_purchase = await repo.lots_of_purchases(conn, purchase_ids=list(lots_by_purchase))
+            lots_by_purchase = await repo.lots_of_purchases(conn, keys=list(lots_by_purchase))
         uow.attach_lots(list(lots_by_purchase.values()))
         if program.daily_cap_points is not None and sales:
             since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=1)
@@ -445,18 +450,18 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             cid, cause = event.customer_id, str(event.event_id)
             try:
                 if event.type == "ReturnRecorded":
-                    lot = lots_by_purchase.get(p.original_purchase_id or "")
+                    lot = lots_by_purchase.get((p.source, p.original_purchase_id or ""))
                     if lot is None:
                         # The sale earned nothing here (anonymous, never claimed): nothing to take back.
                         continue
                     book = uow.books[lot.customer_id]
                     outcomes = d.reverse_return(book, uow.journal, program, return_id=p.purchase_id, lot=lot,
                                                 returned=_returned_lines(program, p), now=now)
-                elif cid is None or p.purchase_id in earned:
+                elif cid is None or _key(p) in earned:
                     continue  # anonymous until claimed, or already earned (a claim of a sale we credited)
                 else:
                     outcomes = d.earn(uow.books[cid], uow.journal, program, version, purchase=p, now=now)
-                    earned.add(p.purchase_id)
+                    earned.add(_key(p))
             except d.LedgerError as exc:  # unknown currency, points out of range
                 item.reason, item.errors = exc.reason, [{"loc": ["payload"], "msg": str(exc), "type": exc.reason}]
                 out.messages.append(_dead_letter(ledger, item, now))
@@ -464,7 +469,7 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                 continue
             for o in outcomes:
                 if isinstance(o, d.Earned):
-                    lots_by_purchase[p.purchase_id] = o.lot
+                    lots_by_purchase[_key(p)] = o.lot
                     out.emit_points_earned(o, p, version, correlation_id=event.correlation_id, causation_id=cause)
                 elif isinstance(o, d.Reversed):
                     if o.amount_points == 0:
@@ -472,7 +477,8 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                     out.emit(PointsReversed, PointsReversedPayload(
                         amount_points=o.amount_points, balance=_balance(o.balance), return_id=o.return_id,
                         original_purchase_id=o.lot.purchase_id or "", debt_points_added=o.debt_points_added,
-                    ), customer_id=o.customer_id, cause=f"reverse:{o.return_id}", correlation_id=event.correlation_id,
+                    ), customer_id=o.customer_id, cause=f"reverse:{d.purchase_ref(p.source, o.return_id)}",
+                        correlation_id=event.correlation_id,
                         causation_id=cause)
                 else:
                     out.tier_moved(o, cause=cause, correlation_id=event.correlation_id)

@@ -174,3 +174,28 @@ async def test_unknown_currencies_and_undecodable_inputs_go_to_the_dead_letter_t
                                                  "unknown_event_type"]
     assert all(d["producer"] == "ledger" and d["original_topic"] for d in dead)
     assert earned["payload"]["amount_points"] == 5
+
+
+async def test_a_pos_sale_and_an_eshop_order_with_the_same_id_are_two_purchases(settings, kafka_bootstrap):
+    """The purchases service keys a purchase by (source, purchase_id): the ledger must too.
+    Each earns its own lot, and a return reverses only the lot of its own channel."""
+    customer = unique("c-")
+    shared_id = unique("order-")
+    pos_sale = purchase_recorded(customer, purchase_id=shared_id, amounts=("100.00",), source="pos")
+    eshop_sale = purchase_recorded(customer, purchase_id=shared_id, amounts=("40.00", "60.00"), source="eshop")
+    eshop_return = return_recorded(customer, eshop_sale, ["l1"])
+    async with running_ledger(settings) as (_, client):
+        topic = settings.topic(PURCHASES_RECORDED)
+        await produce(kafka_bootstrap, topic, [pos_sale, eshop_sale], key=customer)
+        earned = await points_events(settings, kafka_bootstrap, 2)
+        await produce(kafka_bootstrap, topic, [eshop_return], key=customer)
+        [*_, reversed_] = await points_events(settings, kafka_bootstrap, 3)
+        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+    assert sorted((e["type"], e["payload"]["source"], e["payload"]["amount_points"]) for e in earned) == [
+        ("PointsEarned", "eshop", 100), ("PointsEarned", "pos", 100)]
+    assert len({e["event_id"] for e in earned}) == 2
+    assert reversed_["type"] == "PointsReversed" and reversed_["payload"]["amount_points"] == 40
+    assert balance["pending_points"] == 160 and balance["qualifying_points"] == 160
+    lots = await ledger_rows(settings.database_url, "SELECT purchase_source, amount_points, reversed_points "
+                             "FROM lots WHERE purchase_id = $1 ORDER BY purchase_source", shared_id)
+    assert [tuple(r) for r in lots] == [("eshop", 100, 40), ("pos", 100, 0)]
