@@ -3,11 +3,18 @@ streamed chunked without one), not UTF-8, or JSON nested deeper than the parser 
 refused with a 4xx in the service's own error shape, counted in /metrics, nothing recorded.
 Also the ledger's refused admin keys, counted per reason."""
 
+import asyncio
+import contextlib
 import json
+import socket
 import uuid
 
+import httpx
 import pytest
+import uvicorn
 
+from services.purchases import repository as purchases_repository
+from services.purchases.main import create_app as create_purchases
 from tests.support.hostile import fetch, metric_total, nested, running_purchases, table_counts
 from tests.support.ledger import ADMIN, ledger_settings, running_ledger
 from tests.support.purchases import purchases_settings, sale
@@ -172,3 +179,39 @@ async def test_a_program_nested_hundreds_of_levels_deep_is_refused_with_422_not_
     async with running_ledger(settings) as (_, client):
         response = await client.put("/v1/admin/program", content=body, headers=ADMIN | JSON)
     assert response.status_code == 422, response.text[:300]
+
+
+@contextlib.asynccontextmanager
+async def over_http(app):
+    """The app behind a real uvicorn server (httptools, as `serve` runs it) on a free port,
+    in this event loop, and a client speaking real HTTP to it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", lifespan="off",
+                                           log_config=None))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_over_real_http_a_client_still_sending_gets_the_413_not_a_connection_reset(base_env):
+    settings = purchases_settings(base_env, max_body_bytes=20_000)
+    app = create_purchases(settings)
+    big = json.dumps(sale(lines=[(f"l{i}", 1, "1.00", "0.00") for i in range(2_000)])).encode()
+    async with app.router.lifespan_context(app):
+        await purchases_repository.add_api_key(app.state.runtime.pool, key="key-store-1", store_id="store-1")
+        async with over_http(app) as client:
+            declared = await client.post("/v1/purchases", content=big, headers=KEY | JSON)
+            streamed = await client.post("/v1/purchases", content=chunked(big), headers=KEY | JSON)
+            after = await client.post("/v1/purchases", json=sale(), headers=KEY)  # the connection is still usable
+    for response in (declared, streamed):
+        assert response.status_code == 413 and response.json()["reason"] == "body_too_large", response.text[:300]
+    assert after.status_code == 201, after.text
+    assert await purchase_count(settings.database_url) == 1
