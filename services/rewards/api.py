@@ -12,10 +12,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from services.rewards import domain, service
+from services.rewards import domain, metrics, service
 from services.rewards.domain import Redemption, Reward
 from services.rewards.service import RewardsContext
 from services.rewards.token import InvalidToken, TokenVerifier
@@ -237,31 +237,43 @@ class RedemptionListOut(BaseModel):
 # ---- routers ---------------------------------------------------------------------------------
 
 
-def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRouter]:
-    bearer = HTTPBearer(auto_error=False, description="Customer JWT from the retailer's identity provider")
+class CustomerBearer(HTTPBearer):
+    """The customer a request acts for: the subject of its verified bearer token, else 401.
+    The security scheme itself (documented as HTTPBearer) rather than a dependency on it:
+    FastAPI solves every dependency of every request, so one level less is CPU saved on each."""
 
-    async def current_customer(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> str:
-        if credentials is None or credentials.scheme.lower() != "bearer":
+    def __init__(self, verifier: TokenVerifier) -> None:
+        super().__init__(auto_error=False, scheme_name="HTTPBearer",
+                         description="Customer JWT from the retailer's identity provider")
+        self.verifier = verifier
+
+    async def __call__(self, request: Request) -> str:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        if credentials is None:
+            metrics.AUTH_REFUSALS.labels("missing_token").inc()
             raise ApiError(401, "missing_token", "an Authorization: Bearer token is required",
                            headers={"WWW-Authenticate": "Bearer"})
         try:
-            customer_id = verifier.customer_id(credentials.credentials)
+            return self.verifier.customer_id(credentials.credentials)
         except InvalidToken as exc:
+            metrics.AUTH_REFUSALS.labels(f"token_{exc.code}").inc()
             raise ApiError(401, "invalid_token", exc.reason,
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
-        request.state.customer_id = customer_id
-        return customer_id
+
+
+
+def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRouter]:
+    customer_bearer = CustomerBearer(verifier)
 
     async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
         expected = ctx.settings.admin_api_key
         if expected is None:
             raise ApiError(503, "admin_api_disabled", "REWARDS_ADMIN_API_KEY is not set")
         if x_admin_key is None or not hmac.compare_digest(x_admin_key.encode(), expected.get_secret_value().encode()):
+            metrics.AUTH_REFUSALS.labels("missing_admin_key" if x_admin_key is None else "invalid_admin_key").inc()
             raise ApiError(401, "invalid_admin_key", "a valid X-Admin-Key header is required")
 
-    Customer = Annotated[str, Depends(current_customer)]
+    Customer = Annotated[str, Depends(customer_bearer)]
 
     customer = APIRouter(prefix="/v1", tags=["customer"])
 

@@ -25,6 +25,12 @@ RECOVERY_ACTIONS = Counter(
 )
 STOCK_REMAINING = Gauge("rewards_stock_remaining", "Units left of a reward with limited stock", ["reward_id"])
 COUPON_POOL_AVAILABLE = Gauge("rewards_coupon_pool_available", "Unassigned coupon codes of a reward", ["reward_id"])
+AUTH_REFUSALS = Counter(
+    "rewards_http_auth_refusals_total",
+    "Requests refused with 401: missing_token, token_<why> (expired, signature_invalid, algorithm_not_accepted, "
+    "...), missing_admin_key, invalid_admin_key",
+    ["reason"],
+)
 POINTS_EVENTS_DEAD_LETTERED = Counter(
     "rewards_points_events_dead_lettered_total", "points.events records sent to rewards.dlq", ["reason"]
 )

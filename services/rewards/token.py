@@ -20,11 +20,12 @@ REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
 
 
 class InvalidToken(Exception):
-    """The token cannot be trusted; `reason` is safe to show to the client."""
+    """The token cannot be trusted; `reason` is safe to show to the client, `code` is one of a
+    few fixed words (a metric label)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.code = reason, code
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TokenVerifier:
             if self.clock() < expires_at + self.leeway_s:
                 return subject
             del self._verified[token]
-            raise InvalidToken("token expired")
+            raise InvalidToken("token expired", "expired")
         subject, expires_at = self._verify(token)
         if len(self._verified) >= self.cache_size:
             self._verified.clear()  # crude but bounded; the next requests re-verify
@@ -66,9 +67,9 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            raise InvalidToken("malformed token") from None
+            raise InvalidToken("malformed token", "malformed") from None
         if header.get("alg") != self.algorithm:
-            raise InvalidToken("token algorithm not accepted")
+            raise InvalidToken("token algorithm not accepted", "algorithm_not_accepted")
         try:
             claims = jwt.decode(
                 token,
@@ -80,21 +81,21 @@ class TokenVerifier:
                 options={"require": REQUIRED_CLAIMS},
             )
         except jwt.ExpiredSignatureError:
-            raise InvalidToken("token expired") from None
+            raise InvalidToken("token expired", "expired") from None
         except jwt.InvalidSignatureError:
-            raise InvalidToken("token signature invalid") from None
+            raise InvalidToken("token signature invalid", "signature_invalid") from None
         except jwt.InvalidAudienceError:
-            raise InvalidToken("token audience not accepted") from None
+            raise InvalidToken("token audience not accepted", "audience_not_accepted") from None
         except jwt.InvalidIssuerError:
-            raise InvalidToken("token issuer not accepted") from None
+            raise InvalidToken("token issuer not accepted", "issuer_not_accepted") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise InvalidToken(f"token lacks the {exc.claim!r} claim") from None
+            raise InvalidToken(f"token lacks the {exc.claim!r} claim", "missing_claim") from None
         except jwt.InvalidTokenError:
-            raise InvalidToken("token invalid") from None
+            raise InvalidToken("token invalid", "invalid") from None
         subject = claims.get("sub")
         if (not isinstance(subject, str) or not subject.strip() or len(subject) > 128
                 or any(ord(c) < 32 or ord(c) == 127 for c in subject)):
-            raise InvalidToken("token subject invalid")
+            raise InvalidToken("token subject invalid", "subject_invalid")
         return subject, float(claims["exp"])
 
 

@@ -160,6 +160,33 @@ async def test_every_admin_endpoint_refuses_a_missing_or_wrong_admin_key_and_cha
     assert reward["cost_points"] == 500 and reward["coupons_available"] == 0
 
 
+async def test_refused_authentication_is_counted_per_reason_in_the_metrics(base_env):
+    settings = rewards_settings(base_env)
+    bad = bad_authorizations(unique("c-"), settings)
+    async with running_rewards(settings) as (_, client):
+        before = auth_refusals((await client.get("/metrics")).text)
+        for authorization in (bad["expired_beyond_leeway"], bad["tampered_signature"], bad["tampered_payload"],
+                              bad["alg_none"], bad["garbage"], bad["no_sub"], None):
+            headers = {"Authorization": authorization} if authorization else {}
+            assert (await client.get("/v1/rewards", headers=headers)).status_code == 401
+        for key in ("admin-test-kez", None):
+            headers = {"X-Admin-Key": key} if key else {}
+            assert (await client.get("/v1/admin/rewards", headers=headers)).status_code == 401
+        assert (await client.get("/v1/rewards", headers=bearer(unique("c-"), settings))).status_code == 200
+        after = auth_refusals((await client.get("/metrics")).text)
+    counted = {reason: after[reason] - before.get(reason, 0.0) for reason in after}
+    expected = {"token_expired": 1, "token_signature_invalid": 2, "token_algorithm_not_accepted": 1,
+                "token_malformed": 1, "token_missing_claim": 1, "missing_token": 1, "invalid_admin_key": 1,
+                "missing_admin_key": 1}
+    assert {reason: n for reason, n in counted.items() if n} == expected, counted
+
+
+def auth_refusals(metrics_text: str) -> dict[str, float]:
+    prefix = 'rewards_http_auth_refusals_total{reason="'
+    return {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics_text.splitlines() if line.startswith(prefix)}
+
+
 async def test_injection_strings_in_free_text_are_stored_and_returned_verbatim(base_env):
     settings = rewards_settings(base_env)
     async with running_rewards(settings) as (_, client):
