@@ -20,7 +20,7 @@ from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
 from shared.events.purchases import PurchaseLine, PurchasePayload
-from shared.limits import BodyLimit, ExplainedBodyRoute, declare_body_limit
+from shared.limits import BodyLimit, ExplainedBodyRoute
 from shared.runtime import ServiceRuntime
 
 # PostgreSQL text cannot hold NUL: refused at the door (422) rather than failing in the database.
@@ -164,19 +164,6 @@ def _kind(account_id: str) -> str:
 
 def _body_too_large(max_bytes: int) -> dict[str, Any]:
     return {"detail": f"the body is larger than {max_bytes} bytes"}
-
-
-class BodySizeLimit:
-    """ASGI middleware declaring the ledger's body limit (413 in the ledger's shape, counted
-    in ledger_http_refusals_total) for the skeleton's BodySizeLimit, which enforces it while
-    the body streams in. Passing body_limit(...) to create_service_app does the same."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.limit = app, body_limit(max_bytes)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        declare_body_limit(scope, self.limit)
-        await self.app(scope, receive, send)
 
 
 def body_limit(max_bytes: int) -> BodyLimit:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.ledger.api import BodySizeLimit, create_router
+from services.ledger.api import body_limit, create_router
 from services.ledger.handlers import register_handlers
 from services.ledger.service import Clock, Ledger, ProgramStore, make_clock, refresh_gauges, run_scheduler
 from services.ledger.settings import LedgerSettings
@@ -66,8 +66,8 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
                       "ledger-gauges")
 
     runtime.on_start(start_background)
-    app = create_service_app(runtime, title="Loyalty ledger", description=DESCRIPTION)
+    app = create_service_app(runtime, title="Loyalty ledger", description=DESCRIPTION,
+                             body_limit=body_limit(settings.max_body_bytes))
     app.state.ledger = ledger
     app.include_router(create_router(runtime, ledger))
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -16,7 +16,7 @@ from services.purchases.domain import ClaimRefused
 from services.purchases.service import Inbound, Outcome, PurchaseRecorder, claim_purchase
 from services.purchases.settings import PurchasesSettings
 from shared.events import utcnow
-from shared.limits import BodyLimit, ExplainedBodyRoute, declare_body_limit
+from shared.limits import BodyLimit, ExplainedBodyRoute
 from shared.runtime import ServiceRuntime
 
 STATUS_CODES = {"recorded": 201, "duplicate": 200, "conflict": 409, "rejected": 422, "parked": 202}
@@ -219,16 +219,3 @@ def body_limit(max_body_bytes: int) -> BodyLimit:
     return BodyLimit(max_body_bytes,
                      refusal=lambda limit: problem_body("body_too_large", f"request bodies are limited to {limit} bytes"),
                      on_refused=metrics.REJECTED.labels("http", "body_too_large").inc)
-
-
-def body_size_limit(max_body_bytes: int):
-    """HTTP middleware declaring the purchases limit for the skeleton's BodySizeLimit, which
-    enforces it while the body streams in (Content-Length or chunked). Passing
-    body_limit(...) to create_service_app does the same without this middleware."""
-    limit = body_limit(max_body_bytes)
-
-    async def middleware(request: Request, call_next):
-        declare_body_limit(request.scope, limit)
-        return await call_next(request)
-
-    return middleware

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from services.purchases.api import body_size_limit, create_router, validation_error_handler
+from services.purchases.api import body_limit, create_router, validation_error_handler
 from services.purchases.handlers import register_handlers
 from services.purchases.service import Clock, PurchaseRecorder
 from services.purchases.settings import PurchasesSettings
@@ -53,8 +53,8 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
         runtime.spawn(expire_parked_returns_forever(), "parked-returns")
 
     runtime.on_start(start_background)
-    app = create_service_app(runtime, title="Loyalty purchases", description=DESCRIPTION)
+    app = create_service_app(runtime, title="Loyalty purchases", description=DESCRIPTION,
+                             body_limit=body_limit(settings.max_body_bytes))
     app.include_router(create_router(runtime, recorder, settings))
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.middleware("http")(body_size_limit(settings.max_body_bytes))
     return app
