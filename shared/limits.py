@@ -21,11 +21,6 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 REFUSED = Counter("http_requests_refused_total",
                   "HTTP requests refused by the shared skeleton before reaching a route, per reason", ["reason"])
 
-# A service's own limit for this request, declared by an outer middleware of the service
-# and enforced by the skeleton's BodySizeLimit (see declare_body_limit).
-_SCOPE_KEY = "loyalty.body_limit"
-
-
 def default_refusal(max_bytes: int) -> dict[str, Any]:
     return {"error": "body_too_large", "detail": f"the body is larger than {max_bytes} bytes"}
 
@@ -40,11 +35,6 @@ class BodyLimit:
     on_refused: Callable[[], None] | None = None
 
 
-def declare_body_limit(scope: dict[str, Any], limit: BodyLimit) -> None:
-    """For a middleware outside the skeleton's: this service's limit and 413 body apply."""
-    scope[_SCOPE_KEY] = limit
-
-
 class BodySizeLimit:
     """Pure ASGI middleware: a body over the limit gets 413 before it is read, by its
     Content-Length, or, streamed without one (Transfer-Encoding: chunked), as soon as the
@@ -56,7 +46,7 @@ class BodySizeLimit:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit: BodyLimit = scope.get(_SCOPE_KEY, self.limit)
+        limit = self.limit
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit.max_bytes:
             return await _refuse(limit, send)
