@@ -244,6 +244,8 @@ def map_woocommerce_order(order: Mapping[str, Any], *, store_id: str) -> dict[st
     a full return, or None for a status that records nothing (pending, on-hold, ...)."""
     _require_mapping(order, "order")
     status = _get(order, "status", "order")
+    if not isinstance(status, str):
+        raise WebhookPayloadError("order.status: expected a string")
     if status not in WOOCOMMERCE_SALE_STATUSES and status != WOOCOMMERCE_REFUNDED_STATUS:
         return None
     order_id = _id(_get(order, "id", "order"), "order.id")

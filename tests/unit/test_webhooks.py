@@ -339,6 +339,8 @@ def test_bad_shopify_orders_raise_a_named_error(mutate, message):
 
 BAD_WOO_ORDERS = {
     "no status": (lambda o: o.pop("status"), "order.status"),
+    "status not a string": (lambda o: o.update(status=["processing"]), "order.status: expected a string"),
+    "status an object": (lambda o: o.update(status={"a": 1}), "order.status: expected a string"),
     "no line items": (lambda o: o.update(line_items=[]), "no line"),
     "subtotal missing": (lambda o: o["line_items"][0].pop("subtotal"), r"line_items\[0\].subtotal"),
     "total above subtotal": (lambda o: o["line_items"][1].update(total="13.00"), "exceeds subtotal"),
