@@ -27,11 +27,13 @@ async def produce(bootstrap: str, topic: str, values: list[Any], *, key: str | N
 
 
 async def consume(
-    bootstrap: str, topic: str, *, count: int | None = None, timeout_s: float = 15.0, idle_s: float | None = None
+    bootstrap: str, topic: str, *, count: int | None = None, timeout_s: float = 15.0, idle_s: float | None = None,
+    distinct: str | None = None,
 ) -> list[dict[str, Any]]:
     """Read a topic from the beginning (no group) until `count` messages arrived, the timeout
     passed, or (with `idle_s`) nothing new came for that long. Returns decoded JSON values
-    with `_key` added."""
+    with `_key` added. With `distinct` (a field, e.g. "event_id"), a repeat of a value already
+    read (an at-least-once redelivery) is dropped and does not count."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
@@ -45,6 +47,7 @@ async def consume(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         out: list[dict[str, Any]] = []
+        seen: set[Any] = set()
         deadline = time.monotonic() + timeout_s
         last_new = time.monotonic()
         while time.monotonic() < deadline:
@@ -58,6 +61,10 @@ async def consume(
                         value = {"_raw": r.value.decode(errors="replace")}
                     if isinstance(value, dict):
                         value["_key"] = r.key.decode() if r.key else None
+                        if distinct is not None:
+                            if value.get(distinct) in seen:
+                                continue
+                            seen.add(value.get(distinct))
                     out.append(value)
                     got = True
             if got:
