@@ -63,24 +63,28 @@ class HttpPool:
                    f"Content-Length: {len(data)}\r\n{head}\r\n").encode() + data
         try:
             for _attempt in range(2):
-                writer.write(request)
-                await writer.drain()
-                status_line = await reader.readline()
-                if status_line:
+                writer.write(request)  # a few hundred bytes: never above the transport's high-water mark
+                try:
+                    # The whole head at once: one await per response, not one per header line.
+                    response_head = await reader.readuntil(b"\r\n\r\n")
                     break
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        raise
                 # The server closed this idle keep-alive connection (uvicorn: after 5 s): reconnect.
                 writer.close()
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             else:
                 raise ConnectionResetError("connection closed twice")
+            status = int(response_head.split(b" ", 2)[1])
             length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
+            for line in response_head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
                     length = int(value)
             payload = json.loads(await reader.readexactly(length)) if length else {}
             self._idle.put_nowait((reader, writer))
-            return int(status_line.split()[1]), payload
+            return status, payload
         except Exception:
             writer.close()
             self._idle.put_nowait(await asyncio.open_connection(self.host, self.port))
