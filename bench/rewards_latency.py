@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.harness import Service, infra, percentile, progress, progress_done
 from services.rewards.token import mint_token
-from shared.topics import POINTS_EVENTS
+from shared.topics import POINTS_EVENTS, REWARDS_EVENTS
 
 JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123"
 REWARDS_ADMIN = "bench-rewards-admin"
@@ -101,12 +101,14 @@ async def fire(pool: HttpPool, tokens: list[str], *, rate: float, seconds: float
 
     async def one(i: int, scheduled: float) -> None:
         headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}", "Idempotency-Key": str(uuid.uuid4())}
+        redemption_id = None
         try:
             code, body = await pool.post("/v1/redemptions", {"reward_id": "bench-voucher"}, headers)
-            status = body.get("status", str(code))
+            status, redemption_id = body.get("status", str(code)), body.get("redemption_id")
         except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
             status, code = type(exc).__name__, 0
-        results.append((loop.time() - scheduled, code, status))
+        # (latency s, HTTP status, outcome, redemption id, wall clock at the answer: for the hops)
+        results.append((loop.time() - scheduled, code, status, redemption_id, time.time()))
 
     for i in range(total):
         scheduled = t0 + i / rate
@@ -161,7 +163,7 @@ async def run(args: argparse.Namespace) -> dict:
                           for name in cpu_after}
             finally:
                 await pool.close()
-            hops = await hop_breakdown(env.bootstrap, env.dsn())
+            hops = await hop_breakdown(env.bootstrap, env.dsn(), results)
     latencies_ms = sorted(r[0] * 1000 for r in results)
     outcomes = Counter(r[2] for r in results)
     return {
@@ -176,16 +178,21 @@ async def run(args: argparse.Namespace) -> dict:
     }
 
 
-async def hop_breakdown(bootstrap: str, dsn: str) -> dict[str, list[float]]:
-    """Where the time goes, per redemption, from the timestamps the two services recorded:
-    requested (rewards commit) -> held (ledger's PointsHeld) -> fulfilled (rewards commit)."""
+async def hop_breakdown(bootstrap: str, dsn: str, results: list[tuple]) -> dict[str, list[float]]:
+    """Where the time goes, per redemption, from the clocks of this one machine: the request's
+    scheduled start, requested_at (rewards, before its transaction), the Kafka timestamp of
+    RedemptionRequested (when the rewards relay sent it), PointsHeld's recorded_at (the ledger
+    applying the request), the Kafka timestamp of PointsHeld (the ledger relay sending it),
+    fulfilled_at (rewards applying the hold, before its commit), and the answer's arrival."""
     rows = await fetch_rows(dsn, "SELECT redemption_id, requested_at, fulfilled_at FROM rewards.redemptions "
                                  "WHERE status = 'fulfilled'")
-    held: dict[str, datetime] = {}
+    held: dict[str, tuple[float, float]] = {}  # recorded_at, sent (epoch seconds)
+    requested_sent: dict[str, float] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
-        tps = [TopicPartition(POINTS_EVENTS, p) for p in consumer.partitions_for_topic(POINTS_EVENTS) or []]
+        tps = [TopicPartition(topic, p) for topic in (POINTS_EVENTS, REWARDS_EVENTS)
+               for p in consumer.partitions_for_topic(topic) or []]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -193,22 +200,35 @@ async def hop_breakdown(bootstrap: str, dsn: str) -> dict[str, list[float]]:
             for records in (await consumer.getmany(timeout_ms=200, max_records=5000)).values():
                 for r in records:
                     event = json.loads(r.value)
+                    rid = event.get("payload", {}).get("redemption_id")
                     if event.get("type") == "PointsHeld":
-                        held[event["payload"]["redemption_id"]] = datetime.fromisoformat(event["recorded_at"])
+                        held[rid] = (datetime.fromisoformat(event["recorded_at"]).timestamp(), r.timestamp / 1000)
+                    elif event.get("type") == "RedemptionRequested":
+                        requested_sent.setdefault(rid, r.timestamp / 1000)
     finally:
         await consumer.stop()
-    to_hold, to_fulfil = [], []
+    answered = {r[3]: (r[4] - r[0], r[4]) for r in results if len(r) > 4 and r[3]}  # scheduled, answered
+    hops: dict[str, list[float]] = {name: [] for name in (
+        "requested_to_held", "held_to_fulfilled", "client_to_requested", "rewards_commit_and_relay",
+        "ledger_consume", "ledger_commit_and_relay", "rewards_consume", "rewards_commit_and_answer")}
     for row in rows:
-        h = held.get(str(row["redemption_id"]))
-        if h is not None:
-            to_hold.append((h - row["requested_at"]).total_seconds() * 1000)
-            to_fulfil.append((row["fulfilled_at"] - h).total_seconds() * 1000)
-    to_hold.sort()
-    to_fulfil.sort()
-    return {
-        "requested_to_held": [round(percentile(to_hold, 50), 1), round(percentile(to_hold, 99), 1)],
-        "held_to_fulfilled": [round(percentile(to_fulfil, 50), 1), round(percentile(to_fulfil, 99), 1)],
-    }
+        rid = str(row["redemption_id"])
+        requested, fulfilled = row["requested_at"].timestamp(), row["fulfilled_at"].timestamp()
+        if rid not in held:
+            continue
+        held_at, held_sent = held[rid]
+        hops["requested_to_held"].append(held_at - requested)
+        hops["held_to_fulfilled"].append(fulfilled - held_at)
+        hops["ledger_commit_and_relay"].append(held_sent - held_at)
+        hops["rewards_consume"].append(fulfilled - held_sent)
+        if rid in requested_sent:
+            hops["rewards_commit_and_relay"].append(requested_sent[rid] - requested)
+            hops["ledger_consume"].append(held_at - requested_sent[rid])
+        if rid in answered:
+            hops["client_to_requested"].append(requested - answered[rid][0])
+            hops["rewards_commit_and_answer"].append(answered[rid][1] - fulfilled)
+    return {name: [round(percentile(sorted(v), 50) * 1000, 1), round(percentile(sorted(v), 99) * 1000, 1)]
+            for name, v in hops.items() if v}
 
 
 def cpu_by_process(env, rewards: Service, ledger: Service) -> dict[str, float]:
@@ -274,6 +294,9 @@ def main() -> None:
     hops = report["hops_p50_p99_ms"]
     print(f"  requested -> ledger hold: p50 {hops['requested_to_held'][0]} ms, p99 {hops['requested_to_held'][1]} ms; "
           f"hold -> fulfilled: p50 {hops['held_to_fulfilled'][0]} ms, p99 {hops['held_to_fulfilled'][1]} ms")
+    split = [name for name in ("client_to_requested", "rewards_commit_and_relay", "ledger_consume",
+                               "ledger_commit_and_relay", "rewards_consume", "rewards_commit_and_answer") if name in hops]
+    print("  hops p50/p99 ms: " + ", ".join(f"{name.replace('_', ' ')} {hops[name][0]}/{hops[name][1]}" for name in split))
     cpu = ", ".join(f"{name} {ms} ms" for name, ms in report["cpu_ms_per_redemption"].items())
     print(f"  CPU per redemption: {cpu}; machine load average {report['load_average_1m']:.1f}")
     print(json.dumps(report | {"wall_s": round(time.perf_counter() - started, 1)}))
