@@ -130,11 +130,6 @@ INSERT INTO outbox (topic, key, value, headers) VALUES ($11, $12, $13, $14::json
 SELECT_REDEMPTION = f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE redemption_id = $1"
 SELECT_CUSTOMER_REDEMPTION = SELECT_REDEMPTION + " AND customer_id = $2"
 SELECT_CUSTOMER_REDEMPTION_FOR_UPDATE = SELECT_CUSTOMER_REDEMPTION + " FOR UPDATE"
-# Locked in id order so that two transactions never wait on each other in a cycle.
-SELECT_REDEMPTIONS_FOR_UPDATE = (
-    f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE redemption_id = ANY($1::uuid[]) "
-    "ORDER BY redemption_id FOR UPDATE"
-)
 SELECT_STATUSES = "SELECT redemption_id, status FROM redemptions WHERE redemption_id = ANY($1::uuid[])"
 LIST_CUSTOMER_REDEMPTIONS = f"""
 SELECT {_REDEMPTION_COLUMNS} FROM redemptions
@@ -175,7 +170,7 @@ WHERE redemption_id = $1
 RETURNING {_REDEMPTION_COLUMNS}
 """
 # A consumer batch's decisions, written in one statement: the rows were locked by
-# SELECT_REDEMPTIONS_FOR_UPDATE in the same transaction and changed in Python (domain.py).
+# LOCK_ANSWERED in the same transaction and changed in Python (domain.py).
 SAVE_REDEMPTIONS = """
 UPDATE redemptions r SET status = u.status, ledger_status = u.ledger_status, failure_reason = u.failure_reason,
     code = u.code, hold_expires_at = u.hold_expires_at, fulfilled_at = u.fulfilled_at, finished_at = u.finished_at
@@ -213,6 +208,7 @@ WHERE customer_standing.as_of <= EXCLUDED.as_of
 SELECT_STANDING = "SELECT available_points, tier FROM customer_standing WHERE customer_id = $1"
 
 
+
 @dataclass(frozen=True, slots=True)
 class StandingRow:
     customer_id: str
@@ -243,6 +239,30 @@ _REQUEST_REWARD_FIELDS = (
     "reward_id", "name", "description", "cost_points", "kind", "active", "voucher_value", "voucher_currency",
     "stock_remaining", "per_customer_limit", "valid_from", "valid_until", "min_tier",
 )
+
+
+# What a points.events batch reads first, in one round trip: the customers' standings are
+# recorded (idempotent: a redelivered BalanceAfter changes nothing), and the redemptions the
+# ledger answered are locked (in id order, so that two transactions never wait on each other
+# in a cycle), each with its reward (read, not locked: LOCK_STOCK locks what is taken).
+_REDEMPTION_FIELDS = tuple(c.strip() for c in _REDEMPTION_COLUMNS.split(","))
+_REWARD_FIELDS = _REQUEST_REWARD_FIELDS
+LOCK_ANSWERED = f"""
+WITH standings AS ({UPSERT_STANDINGS})
+SELECT {", ".join(f"d.{c}" for c in _REDEMPTION_FIELDS)}, {", ".join(f"w.{c} AS w_{c}" for c in _REWARD_FIELDS)}
+FROM redemptions d JOIN rewards w ON w.reward_id = d.reward_id
+WHERE d.redemption_id = ANY($7::uuid[])
+ORDER BY d.redemption_id
+FOR UPDATE OF d
+"""
+
+# The batch's changed redemptions and the events they emit (outbox rows, as
+# shared.outbox.enqueue writes them) in one statement.
+SAVE_REDEMPTIONS_AND_ENQUEUE = f"""
+WITH saved AS ({SAVE_REDEMPTIONS})
+INSERT INTO outbox (topic, key, value, headers)
+SELECT * FROM unnest($9::text[], $10::text[], $11::bytea[], $12::jsonb[])
+"""
 
 
 def _reward(row: asyncpg.Record) -> Reward:
@@ -360,12 +380,6 @@ class RewardsRepository:
         row = await self._conn.fetchrow(sql, redemption_id, customer_id)
         return _redemption(row) if row else None
 
-    async def lock_redemptions(self, *, redemption_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Redemption]:
-        if not redemption_ids:
-            return {}
-        rows = await self._conn.fetch(SELECT_REDEMPTIONS_FOR_UPDATE, list(set(redemption_ids)))
-        return {r["redemption_id"]: _redemption(r) for r in rows}
-
     async def statuses(self, *, redemption_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
         rows = await self._conn.fetch(SELECT_STATUSES, list(redemption_ids))
         return {r["redemption_id"]: r["status"] for r in rows}
@@ -387,15 +401,33 @@ class RewardsRepository:
     async def mark_cancelled(self, *, redemption_id: uuid.UUID, reason: str, now: datetime) -> Redemption:
         return _redemption(await self._conn.fetchrow(MARK_CANCELLED, redemption_id, reason, now))
 
-    async def save_redemptions(self, *, redemptions: Sequence[Redemption]) -> None:
-        """Write the state of redemptions this transaction locked and changed."""
-        if not redemptions:
+    async def lock_answered(
+        self, *, redemption_ids: Sequence[uuid.UUID], standings: Sequence[StandingRow]
+    ) -> dict[uuid.UUID, tuple[Redemption, Reward]]:
+        """Record the standings; lock the redemptions (until the transaction ends), each with
+        its reward as it is now."""
+        if not redemption_ids and not standings:
+            return {}
+        s = standings
+        rows = await self._conn.fetch(
+            LOCK_ANSWERED, [r.customer_id for r in s], [r.available_points for r in s], [r.held_points for r in s],
+            [r.tier for r in s], [r.qualifying_points for r in s], [r.as_of for r in s], list(set(redemption_ids)),
+        )
+        return {row["redemption_id"]: (Redemption(**{f: row[f] for f in _REDEMPTION_FIELDS}),
+                                       Reward(**{f: row[f"w_{f}"] for f in _REWARD_FIELDS}))
+                for row in rows}
+
+    async def save_and_enqueue(self, *, redemptions: Sequence[Redemption], messages: Sequence[OutboxMessage]) -> None:
+        """Write the state of redemptions this transaction locked and changed, and add the
+        messages to the outbox."""
+        if not redemptions and not messages:
             return
-        rs = redemptions
+        rs, ms = redemptions, messages
         await self._conn.execute(
-            SAVE_REDEMPTIONS, [r.redemption_id for r in rs], [r.status for r in rs], [r.ledger_status for r in rs],
-            [r.failure_reason for r in rs], [r.code for r in rs], [r.hold_expires_at for r in rs],
-            [r.fulfilled_at for r in rs], [r.finished_at for r in rs],
+            SAVE_REDEMPTIONS_AND_ENQUEUE, [r.redemption_id for r in rs], [r.status for r in rs],
+            [r.ledger_status for r in rs], [r.failure_reason for r in rs], [r.code for r in rs],
+            [r.hold_expires_at for r in rs], [r.fulfilled_at for r in rs], [r.finished_at for r in rs],
+            [m.topic for m in ms], [m.key for m in ms], [m.value for m in ms], [json.dumps(m.headers) for m in ms],
         )
 
     async def lock_unanswered(self, *, requested_before: datetime, limit: int) -> list[tuple[Redemption, int]]:
@@ -406,15 +438,6 @@ class RewardsRepository:
         return await self._conn.fetchval(MARK_REQUESTED_AGAIN, redemption_id, now)
 
     # ---- projection of the ledger ----------------------------------------------------------
-
-    async def upsert_standings(self, *, rows: Sequence[StandingRow]) -> None:
-        if not rows:
-            return
-        await self._conn.execute(
-            UPSERT_STANDINGS,
-            [r.customer_id for r in rows], [r.available_points for r in rows], [r.held_points for r in rows],
-            [r.tier for r in rows], [r.qualifying_points for r in rows], [r.as_of for r in rows],
-        )
 
     async def get_standing(self, *, customer_id: str) -> CustomerStanding:
         row = await self._conn.fetchrow(SELECT_STANDING, customer_id)

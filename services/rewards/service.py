@@ -603,18 +603,16 @@ async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> Bat
             if e.event_id in new_ids:
                 new_ids.discard(e.event_id)
                 fresh.append(e)
-        await repo.upsert_standings(rows=_latest_standings(fresh))
         saga = [e for e in fresh if isinstance(e, (PointsHeld, PointsHoldRejected, PointsRedeemed, PointsReleased))]
-        answers = _LedgerAnswers(
-            ctx, repo, await repo.lock_redemptions(redemption_ids=[e.payload.redemption_id for e in saga]), now=now
-        )
+        locked = await repo.lock_answered(redemption_ids=[e.payload.redemption_id for e in saga],
+                                          standings=_latest_standings(fresh))
+        answers = _LedgerAnswers(ctx, repo, locked, now=now)
         for event in saga:
             await answers.apply(event)
         await answers.reserve_held()
-        await repo.save_redemptions(redemptions=answers.changed())
+        await repo.save_and_enqueue(redemptions=answers.changed(), messages=messages + answers.messages)
         outcome.finished = answers.finished()
         outcome.applied = len(fresh)
-        await enqueue(conn, messages + answers.messages)
     return outcome
 
 
@@ -650,14 +648,14 @@ class _LedgerAnswers:
     a few statements per batch and reward instead of several per redemption, and every
     changed row is written back in one statement (RewardsRepository.save_redemptions)."""
 
-    def __init__(self, ctx: RewardsContext, repo: RewardsRepository, locked: dict[uuid.UUID, Redemption], *,
-                 now: datetime) -> None:
+    def __init__(self, ctx: RewardsContext, repo: RewardsRepository,
+                 locked: dict[uuid.UUID, tuple[Redemption, Reward]], *, now: datetime) -> None:
         self.ctx, self.repo, self.now = ctx, repo, now
-        self.initial = locked
-        self.current = dict(locked)
+        self.initial = {rid: r for rid, (r, _) in locked.items()}
+        self.current = dict(self.initial)
         self.messages: list[OutboxMessage] = []
         self._held: dict[uuid.UUID, _Held] = {}
-        self._rewards: dict[str, Reward | None] = {}
+        self._rewards: dict[str, Reward | None] = {reward.reward_id: reward for _, reward in locked.values()}
 
     async def apply(self, event: Any) -> None:
         rid = event.payload.redemption_id
