@@ -32,7 +32,7 @@ from bench import redemption
 from bench.harness import (
     Service, bulk_producer, create_topics, infra, percentile, produce_all, progress, progress_done,
 )
-from shared.topics import ALL_TOPICS, POINTS_EVENTS, PURCHASES_RAW
+from shared.topics import ALL_TOPICS, POINTS_EVENTS, PURCHASES_RAW, PURCHASES_RECORDED
 
 SIZES = {  # events for the sustained phase, seconds per latency rate, naive window
     "quick": {"events": 30_000, "latency_s": 5, "naive_s": 5, "redeem_s": 5},
@@ -59,18 +59,20 @@ def purchase(i: int, customers: int, rng: random.Random, tag: str) -> tuple[byte
 
 
 class EarnedWatcher:
-    """Follows points.events and notes when each purchase's PointsEarned arrived."""
+    """Follows points.events and notes when each purchase's PointsEarned arrived; also
+    purchases.recorded, so that latency splits into its two hops (purchases, then ledger)."""
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self.seen: dict[str, float] = {}
+        self.recorded: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                           fetch_max_wait_ms=20, max_partition_fetch_bytes=8 * 1024 * 1024)
         await self._consumer.start()
-        tps = [TopicPartition(POINTS_EVENTS, p) for p in range(PARTITIONS)]
+        tps = [TopicPartition(topic, p) for topic in (POINTS_EVENTS, PURCHASES_RECORDED) for p in range(PARTITIONS)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         self._task = asyncio.create_task(self._run())
@@ -79,7 +81,11 @@ class EarnedWatcher:
         while True:
             batch = await self._consumer.getmany(timeout_ms=50, max_records=20_000)
             now = time.monotonic()
-            for records in batch.values():
+            for tp, records in batch.items():
+                if tp.topic == PURCHASES_RECORDED:
+                    for r in records:
+                        self.recorded.setdefault(json.loads(r.value)["payload"]["purchase_id"], now)
+                    continue
                 for r in records:
                     if ("type", b"PointsEarned") in (r.headers or ()):
                         self.seen.setdefault(json.loads(r.value)["payload"]["purchase_id"], now)
@@ -107,7 +113,10 @@ async def sustained(env, watcher, events: int, customers: int) -> dict:
     took = await produce_all(env.bootstrap, PURCHASES_RAW, ((k, v) for k, v, _ in messages))
     print(f"pre-loaded {events:,} purchases on {PURCHASES_RAW} in {took:.1f} s")
     services = [Service(env, "purchases", {"TOPIC_PARTITIONS": str(PARTITIONS)}),
-                Service(env, "ledger", {"TOPIC_PARTITIONS": str(PARTITIONS), "SCHEDULER_INTERVAL_S": "3600"})]
+                # With the admin key the redemption phase needs: no restart (a restarted member
+                # rejoining its group can wait long on the embedded broker's coordinator).
+                Service(env, "ledger", {"TOPIC_PARTITIONS": str(PARTITIONS), "SCHEDULER_INTERVAL_S": "3600",
+                                        "ADMIN_API_KEY": redemption.ADMIN_KEY})]
     started = time.monotonic()
     for s in services:
         s.start()
@@ -148,10 +157,16 @@ async def latency_at(env, watcher, rate: int, seconds: float, customers: int) ->
     progress_done()
     await wait_for(watcher, list(sent), label=f"latency at {rate:,}/s", timeout_s=120)
     latencies = sorted((watcher.seen[p] - t) * 1000 for p, t in sent.items() if p in watcher.seen)
+    # The two hops: purchases.raw -> purchases.recorded, then purchases.recorded -> PointsEarned.
+    hop1 = sorted((watcher.recorded[p] - t) * 1000 for p, t in sent.items() if p in watcher.recorded)
+    hop2 = sorted((watcher.seen[p] - watcher.recorded[p]) * 1000 for p in sent
+                  if p in watcher.seen and p in watcher.recorded)
     achieved = len(sent) / seconds
     return {"offered_per_s": rate, "achieved_send_per_s": round(achieved), "count": len(latencies),
             "missing": len(sent) - len(latencies), "p50_ms": percentile(latencies, 50),
-            "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99)}
+            "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99),
+            "purchases_hop_p50_p99_ms": [percentile(hop1, 50), percentile(hop1, 99)],
+            "ledger_hop_p50_p99_ms": [percentile(hop2, 50), percentile(hop2, 99)]}
 
 
 async def raw_ceiling(env, events: int) -> float:
@@ -263,6 +278,8 @@ def print_table(f: dict) -> None:
         goal = "p99 < 250 ms" if lat["offered_per_s"] == 5000 else ""
         print(f"{'latency at ' + format(lat['offered_per_s'], ',') + '/s  p50 / p95 / p99 (ms)':<52} "
               f"{lat['p50_ms']:>5.0f} /{lat['p95_ms']:>5.0f} /{lat['p99_ms']:>5.0f}   {goal}")
+        (a50, a99), (b50, b99) = lat["purchases_hop_p50_p99_ms"], lat["ledger_hop_p50_p99_ms"]
+        print(f"{'  of which purchases hop / ledger hop, p50 (p99)':<52} {a50:>5.0f} ({a99:.0f}) / {b50:.0f} ({b99:.0f})")
     r = f.get("redemption")
     if r:
         print(f"{'redemption saga at ' + format(r['offered_per_s'], ',') + '/s  p50 / p99 (ms)':<52} "
