@@ -88,6 +88,8 @@ def service_env(name: str, state: dict) -> dict[str, str]:
         "LEDGER_ADMIN_API_KEY": creds["ledger_admin_api_key"],
         "REWARDS_ADMIN_API_KEY": creds["rewards_admin_api_key"],
         "REWARDS_JWT_SECRET": creds["rewards_jwt_secret"],
+        # One local identity provider: a customer's token reads their ledger balance too.
+        "LEDGER_JWT_SECRET": creds["rewards_jwt_secret"],
         "REWARDS_LEDGER_URL": f"http://127.0.0.1:{ports.get('ledger', 0)}",
     }
     return env

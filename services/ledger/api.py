@@ -20,6 +20,7 @@ from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
 from shared.events.purchases import PurchaseLine, PurchasePayload
+from shared.auth import InvalidToken
 from shared.limits import BodyLimit, ExplainedBodyRoute
 from shared.runtime import ServiceRuntime
 
@@ -212,9 +213,43 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
             metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
             raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
 
+    verifier = ledger.settings.token_verifier() if ledger.settings.jwt_configured() else None
+
+    async def reader(customer_id: PathCustomerId, x_admin_key: Annotated[str | None, Header()] = None,
+                     authorization: Annotated[str | None, Header()] = None) -> None:
+        """A customer's points are read by that customer (their bearer token, whose subject
+        must be the customer in the path) or by the back office (X-Admin-Key)."""
+        expected = ledger.settings.admin_api_key
+        if x_admin_key is not None:
+            if expected and secrets.compare_digest(x_admin_key.encode(), expected.encode()):
+                return
+            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
+            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            metrics.HTTP_REFUSALS.labels("missing_credentials").inc()
+            raise HTTPException(401, detail="a bearer token for this customer (or X-Admin-Key) is required",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if verifier is None:
+            metrics.HTTP_REFUSALS.labels("customer_tokens_disabled").inc()
+            raise HTTPException(401, detail="customer tokens are not accepted here: LEDGER_JWT_* is not configured",
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            subject = verifier.customer_id(token.strip())
+        except InvalidToken as exc:
+            metrics.HTTP_REFUSALS.labels("invalid_token").inc()
+            raise HTTPException(401, detail=exc.reason, headers={"WWW-Authenticate": "Bearer"}) from None
+        if subject != customer_id:
+            metrics.HTTP_REFUSALS.labels("other_customer").inc()
+            raise HTTPException(403, detail="a customer token reads only its own customer's points")
+
+    READ_ERRORS = {401: {"model": ErrorOut, "description": "No credentials, or a token or admin key not accepted"},
+                   403: {"model": ErrorOut, "description": "The token is another customer's"}}
+
     @router.get("/v1/customers/{customer_id}/balance", response_model=BalanceOut, tags=["customers"],
                 summary="Available, pending, held, debt, tier, qualifying points and the next expiry",
-                responses={404: {"description": "The ledger has no account for this customer"}})
+                dependencies=[Depends(reader)],
+                responses={404: {"description": "The ledger has no account for this customer"}, **READ_ERRORS})
     async def get_balance(customer_id: PathCustomerId, conn: Conn) -> BalanceOut:
         view = await balance_of(conn, ledger, customer_id)
         if view is None:
@@ -223,7 +258,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                           next_expiry_points=view.next_expiry_points)
 
     @router.get("/v1/customers/{customer_id}/transactions", response_model=TransactionsPage, tags=["customers"],
-                summary="The customer's transfers, newest first, with the rule that earned each credit")
+                summary="The customer's transfers, newest first, with the rule that earned each credit",
+                dependencies=[Depends(reader)], responses=READ_ERRORS)
     async def get_transactions(
         customer_id: PathCustomerId, conn: Conn, limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$", description="next_cursor of the previous page")] = None,

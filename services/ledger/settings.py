@@ -6,12 +6,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared.auth import CustomerTokenSettings
 from shared.settings import ServiceSettings
 
 DEFAULT_PROGRAM_FILE = Path(__file__).parent / "program.yaml"
 
 
-class LedgerSettings(ServiceSettings):
+class LedgerSettings(ServiceSettings, CustomerTokenSettings):
     model_config = SettingsConfigDict(env_prefix="LEDGER_", extra="ignore")
 
     http_port: int = 8102
@@ -20,8 +21,12 @@ class LedgerSettings(ServiceSettings):
     program_file: Path = DEFAULT_PROGRAM_FILE
     # Larger request bodies are refused with 413 before being read (a program document is the largest).
     max_body_bytes: int = Field(default=1_000_000, gt=0)
-    # X-Admin-Key for /v1/admin/*; without it the admin API answers 503 (disabled).
+    # X-Admin-Key for /v1/admin/*; without it the admin API answers 503 (disabled). The
+    # customer reads (balance, transactions) take it too, for back-office tools.
     admin_api_key: str | None = None
+    # The customer reads also take the customer's own bearer token (the same tokens as the
+    # rewards API: jwt_* settings of shared/auth.py, LEDGER_JWT_SECRET, ...), for the customer
+    # it names only. With no key configured, only the admin key reads.
     # A RedemptionRequested without a usable hold_timeout_s gets this; none lives longer
     # than max_hold_timeout_s, whatever the request says.
     hold_timeout_s: int = Field(default=300, gt=0)

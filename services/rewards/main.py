@@ -10,7 +10,6 @@ from services.rewards.api import create_routers, install_error_handlers
 from services.rewards.handlers import register_handlers
 from services.rewards.service import RewardsContext
 from services.rewards.settings import RewardsSettings
-from services.rewards.token import TokenVerifier
 from shared.events.rewards import RedemptionRequested
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
@@ -25,10 +24,7 @@ DESCRIPTION = (
 
 def create_app(settings: RewardsSettings | None = None) -> FastAPI:
     settings = settings or RewardsSettings()
-    verifier = TokenVerifier(
-        key=settings.jwt_verification_key(), algorithm=settings.jwt_algorithm, issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience, leeway_s=settings.jwt_leeway_s,
-    )
+    verifier = settings.token_verifier()
     runtime = ServiceRuntime(
         settings, service=SERVICE, schema="rewards", migrations_dir=Path(__file__).parent / "migrations",
         description=DESCRIPTION,

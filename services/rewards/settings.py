@@ -1,33 +1,19 @@
 """Settings of the rewards service (env prefix REWARDS_)."""
 
-from typing import Literal
-
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from shared.auth import CustomerTokenSettings
 from shared.settings import ServiceSettings
 
-# The only algorithms a customer token may be signed with. 'none' is never among them, and
-# one deployment accepts exactly one of them, so an RS256 public key can never be misused
-# as an HS256 secret (the classic key-confusion attack).
-JwtAlgorithm = Literal["HS256", "RS256"]
 
-
-class RewardsSettings(ServiceSettings):
+class RewardsSettings(ServiceSettings, CustomerTokenSettings):
     model_config = SettingsConfigDict(env_prefix="REWARDS_", extra="ignore")
 
     http_port: int = 8103
 
-    # Customer tokens come from the retailer's identity provider.
-    jwt_issuer: str = "loyalty-local"
-    jwt_audience: str = "loyalty-rewards"
-    jwt_algorithm: JwtAlgorithm = "HS256"
-    jwt_secret: SecretStr | None = None
-    # PEM text of the RS256 public key, or a path to it.
-    jwt_public_key: str | None = None
-    jwt_public_key_file: str | None = None
-    # Clock skew tolerated between the identity provider and us.
-    jwt_leeway_s: int = Field(default=30, ge=0, le=300)
+    # Customer tokens come from the retailer's identity provider: the jwt_* settings of
+    # shared/auth.py (REWARDS_JWT_SECRET, REWARDS_JWT_ISSUER, REWARDS_JWT_AUDIENCE, ...).
 
     # Admin API (X-Admin-Key). Unset: the admin API answers 503 (never open by default).
     admin_api_key: SecretStr | None = None
@@ -56,25 +42,6 @@ class RewardsSettings(ServiceSettings):
     tier_order: str = "Bronze,Silver,Gold"
     # Stock and coupon pool gauges are re-read from the database this often.
     metrics_sample_interval_s: float = Field(default=10.0, gt=0)
-
-    def jwt_public_key_or_none(self) -> str | None:
-        if self.jwt_public_key:
-            return self.jwt_public_key
-        if self.jwt_public_key_file:
-            with open(self.jwt_public_key_file) as f:
-                return f.read()
-        return None
-
-    def jwt_verification_key(self) -> str:
-        """The key customer tokens are verified with; refuses to start without one."""
-        if self.jwt_algorithm == "HS256":
-            if self.jwt_secret is None or len(self.jwt_secret.get_secret_value()) < 32:
-                raise ValueError("REWARDS_JWT_SECRET must be set (at least 32 characters) for HS256")
-            return self.jwt_secret.get_secret_value()
-        key = self.jwt_public_key_or_none()
-        if not key:
-            raise ValueError("REWARDS_JWT_PUBLIC_KEY or REWARDS_JWT_PUBLIC_KEY_FILE must be set for RS256")
-        return key
 
     def tiers(self) -> list[str]:
         return [t.strip() for t in self.tier_order.split(",") if t.strip()]

@@ -100,7 +100,8 @@ async def test_kill_9_mid_stream_then_restart_ends_every_redemption_and_balances
                 answered = all(r["ledger_status"] in ("redeemed", "released", "rejected") for r in rows)
                 if not (done and answered):
                     return None
-                balances = {c: (await ledger_client.get(f"/v1/customers/{c}/balance")).json() for c in customers}
+                balances = {c: (await ledger_client.get(f"/v1/customers/{c}/balance", headers=ledger_support.ADMIN)).json()
+                            for c in customers}
                 return (rows, balances) if all(b["held_points"] == 0 for b in balances.values()) else None
 
             rows, balances = await eventually(all_settled, timeout_s=90, interval_s=0.3)

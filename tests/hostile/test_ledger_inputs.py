@@ -81,7 +81,7 @@ async def test_hostile_purchase_envelopes_are_dead_lettered_and_the_partition_mo
         dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), idle_s=1.0, timeout_s=10)
         ready = await client.get("/readyz")
         counted = await metric_total(client, "ledger_dead_letters_total") - counted_before
-        injected_balances = [await client.get(f"/v1/customers/{quote(s, safe='')}/balance") for s in READABLE]
+        injected_balances = [await client.get(f"/v1/customers/{quote(s, safe='')}/balance", headers=ADMIN) for s in READABLE]
     assert ready.status_code == 200
     assert counted == len(dead), "every dead letter is counted"
     earned_by = {e["payload"]["purchase_id"]: e for e in events if e["type"] == "PointsEarned"}
@@ -121,7 +121,7 @@ async def test_hostile_rewards_envelopes_are_dead_lettered_and_a_later_hold_stil
         produced = await produce_raw(kafka_bootstrap, settings.topic(REWARDS_EVENTS), items, key=customer.encode())
         events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), timeout_s=30, idle_s=2.0)
         dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), idle_s=1.0, timeout_s=10)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
         ready = await client.get("/readyz")
     assert ready.status_code == 200
     held = {e["payload"]["redemption_id"]: e for e in events if e["type"] == "PointsHeld"}

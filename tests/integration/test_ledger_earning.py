@@ -12,6 +12,7 @@ from services.ledger.settings import LedgerSettings
 from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 from tests.support.kafka import consume, produce, unique
 from tests.support.ledger import (
+    ADMIN,
     ledger_rows,
     ledger_settings,
     purchase_claimed,
@@ -48,9 +49,9 @@ async def test_a_sale_earns_pending_points_shown_by_the_balance_and_history_apis
         sale = purchase_recorded(customer, amounts=("10.50", "20.00", "0.99"))
         await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), [sale], key=customer)
         [earned] = await points_events(settings, kafka_bootstrap, 1)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
-        history = (await client.get(f"/v1/customers/{customer}/transactions")).json()
-        unknown = await client.get("/v1/customers/nobody/balance")
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+        history = (await client.get(f"/v1/customers/{customer}/transactions", headers=ADMIN)).json()
+        unknown = await client.get("/v1/customers/nobody/balance", headers=ADMIN)
     assert earned["type"] == "PointsEarned" and earned["_key"] == customer
     p = earned["payload"]
     assert p["amount_points"] == 31 and p["pending"] is True and p["rule_version"] == 1  # 31.49 floored
@@ -96,7 +97,7 @@ async def test_every_input_delivered_twice_changes_nothing_the_second_time(setti
         after_all = await points_events(settings, kafka_bootstrap, 10, timeout_s=20)
         await asyncio.sleep(0.3)
         after = await ledger_state(settings.database_url)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     types = sorted(e["type"] for e in once)
     assert types == sorted(["PointsAdjusted", "PointsEarned", "PointsReversed", "PointsEarned", "PointsEarned",
                             "TierChanged", "PointsHeld", "PointsRedeemed"])
@@ -151,7 +152,7 @@ async def test_a_return_of_spent_points_becomes_debt_that_the_next_purchase_pays
                       [return_recorded(customer, sale, ["l1"]), return_recorded(customer, sale, ["l2"]),
                        purchase_recorded(customer, amounts=("50.00",))], key=customer)
         events = await points_events(settings, kafka_bootstrap, 7)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     reversed_ = [e["payload"] for e in events if e["type"] == "PointsReversed"]
     # first return: 60 back, 20 from the lot and 40 as debt; second: 40 more debt
     assert [(r["amount_points"], r["debt_points_added"]) for r in reversed_] == [(60, 40), (40, 40)]
@@ -190,7 +191,7 @@ async def test_a_pos_sale_and_an_eshop_order_with_the_same_id_are_two_purchases(
         earned = await points_events(settings, kafka_bootstrap, 2)
         await produce(kafka_bootstrap, topic, [eshop_return], key=customer)
         [*_, reversed_] = await points_events(settings, kafka_bootstrap, 3)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     assert sorted((e["type"], e["payload"]["source"], e["payload"]["amount_points"]) for e in earned) == [
         ("PointsEarned", "eshop", 100), ("PointsEarned", "pos", 100)]
     assert len({e["event_id"] for e in earned}) == 2

@@ -37,7 +37,7 @@ async def test_500_concurrent_requests_against_a_balance_covering_k_give_exactly
         # five producers at once, interleaving their requests
         await asyncio.gather(*(produce(kafka_bootstrap, topic, requests[i::5], key=customer) for i in range(5)))
         events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=501, timeout_s=30)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     held = [e for e in events if e["type"] == "PointsHeld"]
     rejected = [e for e in events if e["type"] == "PointsHoldRejected"]
     assert len(held) == k and len(rejected) == 500 - k
@@ -96,9 +96,9 @@ async def test_the_saga_posts_voids_refunds_and_rejects_with_reasons(settings, k
                                distinct="event_id")
         dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), count=1, timeout_s=60)
         assert len(events) == 13
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
-        history = (await client.get(f"/v1/customers/{customer}/transactions", params={"limit": 4})).json()
-        older = (await client.get(f"/v1/customers/{customer}/transactions",
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+        history = (await client.get(f"/v1/customers/{customer}/transactions", headers=ADMIN, params={"limit": 4})).json()
+        older = (await client.get(f"/v1/customers/{customer}/transactions", headers=ADMIN,
                                   params={"limit": 50, "cursor": history["next_cursor"]})).json()
     by_type: dict[str, list] = {}
     for e in events:  # partitions come back in any order: the stranger's event may be first
@@ -134,7 +134,7 @@ async def test_a_hold_that_times_out_is_voided_by_the_scheduler_and_fulfilment_a
                       [redemption("RedemptionFulfilled", customer, rid, 40)], key=customer)
         events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=3)
         dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), count=1)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     assert (early.voided_holds, late.voided_holds, again.voided_holds) == (0, 1, 0)
     released = events[2]
     assert released["type"] == "PointsReleased"

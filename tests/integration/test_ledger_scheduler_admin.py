@@ -34,7 +34,7 @@ async def test_the_scheduler_matures_reminds_expires_and_retiers_once_however_of
             runs[label] = await run_scheduler(pool, ledger, now=t0 + timedelta(days=days))
         app.state.runtime.relay.wake()
         events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=6)
-        balance = (await client.get(f"/v1/customers/{customer}/balance")).json()
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     assert runs["before"].matured_points == 0
     assert runs["matured"].matured_points == 1100 and runs["matured again"].matured_points == 0
     assert runs["reminded"].reminders == 1 and runs["reminded again"].reminders == 0
@@ -97,7 +97,7 @@ async def test_adjustments_are_audited_idempotent_and_never_overdraw(settings, k
         debit = await client.post("/v1/admin/adjustments", headers=ADMIN, json={
             **body, "adjustment_id": str(uuid.uuid4()), "amount_points": -20, "reason_code": "correction"})
         [adjusted, _] = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=2)
-        history = (await client.get(f"/v1/customers/{customer}/transactions")).json()
+        history = (await client.get(f"/v1/customers/{customer}/transactions", headers=ADMIN)).json()
         await refresh_gauges(app.state.runtime.pool)
         metrics = (await client.get("/metrics")).text
     assert (first.status_code, again.status_code, overdraw.status_code, zero.status_code, debit.status_code) == (

@@ -71,7 +71,7 @@ async def fund(ledger_client, client, settings, points: int, *, count: int) -> l
 
 
 async def balance(ledger_client, customer_id: str) -> dict:
-    return (await ledger_client.get(f"/v1/customers/{customer_id}/balance")).json()
+    return (await ledger_client.get(f"/v1/customers/{customer_id}/balance", headers=ledger_support.ADMIN)).json()
 
 
 async def settled_balances(ledger_client, customers: list[str]) -> dict[str, dict]:
