@@ -128,6 +128,9 @@ async def fire(pool: HttpPool, tokens: list[str], *, rate: float, seconds: float
 async def run(args: argparse.Namespace) -> dict:
     with infra(durable=not args.no_fsync) as env:
         common = {"TOPIC_PARTITIONS": str(args.partitions), "LOG_JSON": "true"}
+        if args.unix_socket:  # the services reach PostgreSQL through its Unix socket instead of TCP
+            common["DATABASE_URL"] = f"postgresql://{env.dsn().split('://', 1)[1].split('@', 1)[0]}@/loyalty" \
+                                     f"?host={env.pg.datadir}&port={env.pg.port}"
         ledger = Service(env, "ledger", {**common, "ADMIN_API_KEY": LEDGER_ADMIN, "SCHEDULER_INTERVAL_S": "3600",
                                           **json.loads(os.environ.get("BENCH_LEDGER_ENV", "{}"))})
         rewards = Service(env, "rewards", {
@@ -175,7 +178,7 @@ async def run(args: argparse.Namespace) -> dict:
         "http_202": sum(1 for r in results if r[1] == 202),
         "p50_ms": round(percentile(latencies_ms, 50), 1), "p90_ms": round(percentile(latencies_ms, 90), 1),
         "p99_ms": round(percentile(latencies_ms, 99), 1), "max_ms": round(latencies_ms[-1], 1),
-        "partitions": args.partitions, "fsync": not args.no_fsync, "hops_p50_p99_ms": hops,
+        "partitions": args.partitions, "fsync": not args.no_fsync, "unix_socket": args.unix_socket, "hops_p50_p99_ms": hops,
         # CPU each service spent per redemption: a busy machine inflates latency, not this.
         "cpu_ms_per_redemption": cpu_ms, "load_average_1m": os.getloadavg()[0],
     }
@@ -281,6 +284,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--connections", type=int, default=256, help="keep-alive HTTP connections of the client")
     parser.add_argument("--no-fsync", action="store_true", help="PostgreSQL without fsync (not the real figure)")
+    parser.add_argument("--unix-socket", action="store_true",
+                        help="services connect to PostgreSQL through its Unix socket (default: TCP on 127.0.0.1)")
     args = parser.parse_args()
 
     def terminate(*_: object) -> None:
