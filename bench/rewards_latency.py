@@ -64,16 +64,20 @@ class HttpPool:
         request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(data)}\r\n{head}\r\n").encode() + data
         try:
-            for _attempt in range(2):
-                writer.write(request)  # a few hundred bytes: never above the transport's high-water mark
+            for attempt in range(2):
                 try:
+                    writer.write(request)  # a few hundred bytes: never above the transport's high-water mark
                     # The whole head at once: one await per response, not one per header line.
                     response_head = await reader.readuntil(b"\r\n\r\n")
                     break
                 except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
+                    if exc.partial or attempt:
                         raise
-                # The server closed this idle keep-alive connection (uvicorn: after 5 s): reconnect.
+                except (ConnectionResetError, BrokenPipeError):
+                    if attempt:
+                        raise
+                # The server closed this idle keep-alive connection (uvicorn: after 5 s), maybe
+                # as we sent: reconnect and send again (the Idempotency-Key makes that safe).
                 writer.close()
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             else:
