@@ -95,8 +95,11 @@ INSERT INTO outbox_failed (id, topic, key, value, headers, created_at, error)
 SELECT id, topic, key, value, headers, created_at, $2 FROM moved
 """
 
-_CLAIM = """
+# The claim takes the one-relay lock first (a one-time filter): no rows when another relay
+# of this schema is publishing, in the same round trip as the claim.
+_CLAIM = f"""
 SELECT id, topic, key, value, headers FROM outbox
+WHERE ({_ONE_RELAY})
 ORDER BY id
 LIMIT $1
 FOR UPDATE SKIP LOCKED
@@ -146,9 +149,7 @@ class OutboxRelay:
     async def publish_once(self) -> int:
         """One round: claim, send, await acknowledgements, delete. Returns rows published."""
         async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(_ONE_RELAY):
-                return 0  # another relay of this service is publishing
-            rows = await conn.fetch(_CLAIM, self._batch_size)
+            rows = await conn.fetch(_CLAIM, self._batch_size)  # none if another relay is publishing
             if not rows:
                 return 0
             try:
@@ -243,6 +244,7 @@ class OutboxRelay:
         backoff_s = 0.1
         sampled_at = 0.0
         while True:
+            self._wakeup.clear()  # before the round: a commit that wakes it during the round gets its own
             try:
                 published = await self.publish_once()
                 backoff_s = 0.1
@@ -261,7 +263,6 @@ class OutboxRelay:
                 continue  # more is waiting
             if self._stopping:
                 return
-            self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
             except asyncio.TimeoutError:
