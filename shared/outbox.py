@@ -174,7 +174,7 @@ class OutboxRelay:
 
     async def _send_in_batches(self, rows: Sequence[asyncpg.Record]) -> list[tuple[asyncpg.Record, BaseException]]:
         """The rows as one record batch per partition (in row order within each), all sent
-        at once: a future per batch rather than per row, a third of the relay's CPU.
+        at once: a future per batch rather than per row.
         Partitions are chosen as the producer's own send() would (murmur2 of the key), so a
         key's events stay on one partition whichever way they were published. Rows too
         large for any request are returned as failed without being sent."""
@@ -197,7 +197,8 @@ class OutboxRelay:
                 batch = producer.create_batch()
                 open_batches.append(batch)
                 if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                    raise RecordTooLargeError("a record does not fit in an empty batch")  # never: size checked
+                    # never: an empty batch takes any first record (sizes were checked above)
+                    raise RecordTooLargeError("a record does not fit in an empty batch")
         for (topic, partition), built in batches.items():
             for batch in built:
                 batch.close()
