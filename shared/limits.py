@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter
 from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 # Above the largest body any service's contract allows (a rewards coupon upload: 50,000
@@ -77,7 +77,13 @@ class BodySizeLimit:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        await self.app(scope, limited_receive, tracking_send)
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except ClientDisconnect:
+            # A route that reads the body itself (the webhooks) sees the refused body as a
+            # client gone: the 413 is already the answer, nothing to log or re-raise.
+            if not refused:
+                raise
 
 
 def _count(limit: BodyLimit) -> None:

@@ -86,6 +86,12 @@ NEVER_ACCEPTED = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLa
 _murmur2 = functools.lru_cache(maxsize=200_000)(murmur2)
 _record_size = DefaultRecordBatchBuilder.estimate_size_in_bytes
 
+def _record(row: asyncpg.Record) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """An outbox row as Kafka key, value and headers."""
+    key = row["key"].encode() if row["key"] is not None else None
+    return key, row["value"], [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
+
+
 # One publisher per schema at a time keeps each key's events in order.
 _ONE_RELAY = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox-relay'))"
 
@@ -155,8 +161,9 @@ class OutboxRelay:
             try:
                 failed = await self._send_in_batches(rows)
             except NEVER_ACCEPTED:
-                # A batch the broker refused as a whole: find the culprit row by row (the
-                # rows of the round already sent go again; consumers drop the repeats).
+                # A batch the broker refused as a whole: send the round again a row per batch,
+                # so only the culprits are refused (rows already sent go twice; consumers
+                # drop the repeats).
                 failed = await self._send_one_by_one(rows)
             failed_ids = {row["id"] for row, _ in failed}
             published = [r for r in rows if r["id"] not in failed_ids]
@@ -183,12 +190,10 @@ class OutboxRelay:
         batches: dict[tuple[str, int], list] = {}
         sends = []
         for row in rows:
-            topic, value = row["topic"], row["value"]
-            key = row["key"].encode() if row["key"] is not None else None
-            headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
+            topic = row["topic"]
+            key, value, headers = _record(row)
             if _record_size(key, value, headers) > self._max_request_size:
-                too_large.append((row, MessageSizeTooLargeError(
-                    f"the record is larger than max_request_size ({self._max_request_size} bytes)")))
+                too_large.append((row, self._too_large()))
                 continue
             partition = await self._partition_of(topic, key)
             open_batches = batches.setdefault((topic, partition), [])
@@ -209,26 +214,34 @@ class OutboxRelay:
         return too_large
 
     async def _send_one_by_one(self, rows: Sequence[asyncpg.Record]) -> list[tuple[asyncpg.Record, BaseException]]:
-        """Each row on its own: the rows the broker can never accept are returned as failed;
-        any other error fails the round."""
-        sends: list[tuple[asyncpg.Record, asyncio.Future | BaseException]] = []
+        """Each row in a record batch of its own (in row order, so a key's events keep their
+        order): the rows the broker can never accept are returned as failed, every other row
+        is sent; any other error fails the round."""
+        failed: list[tuple[asyncpg.Record, BaseException]] = []
+        sends: list[tuple[asyncpg.Record, asyncio.Future]] = []
         for row in rows:
-            headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
-            key = row["key"].encode() if row["key"] is not None else None
+            key, value, headers = _record(row)
+            if _record_size(key, value, headers) > self._max_request_size:
+                failed.append((row, self._too_large()))
+                continue
+            batch = self._producer.create_batch()
+            batch.append(timestamp=None, key=key, value=value, headers=headers)
+            batch.close()
             try:
-                sends.append((row, await self._producer.send(row["topic"], row["value"], key=key, headers=headers)))
-            except NEVER_ACCEPTED as exc:  # refused before sending
-                sends.append((row, exc))
-        results = await asyncio.gather(*(f for _, f in sends if isinstance(f, asyncio.Future)), return_exceptions=True)
-        outcomes = iter(results)
-        failed = []
-        for row, sent in sends:
-            error = sent if isinstance(sent, BaseException) else next(outcomes)
-            if isinstance(error, NEVER_ACCEPTED):
-                failed.append((row, error))
-            elif isinstance(error, BaseException):
-                raise error  # the whole round is retried: nothing deleted
+                partition = await self._partition_of(row["topic"], key)
+                sends.append((row, await self._producer.send_batch(batch, row["topic"], partition=partition)))
+            except NEVER_ACCEPTED as exc:  # refused before sending (e.g. a topic name Kafka refuses)
+                failed.append((row, exc))
+        outcomes = await asyncio.gather(*(f for _, f in sends), return_exceptions=True)
+        for (row, _), outcome in zip(sends, outcomes):
+            if isinstance(outcome, NEVER_ACCEPTED):
+                failed.append((row, outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome  # the whole round is retried: nothing deleted
         return failed
+
+    def _too_large(self) -> MessageSizeTooLargeError:
+        return MessageSizeTooLargeError(f"the record is larger than max_request_size ({self._max_request_size} bytes)")
 
     async def _partition_of(self, topic: str, key: bytes | None) -> int:
         partitions = self._partitions.get(topic)

@@ -243,14 +243,13 @@ class Lot:
     is_new: bool = False
     changed: bool = False
 
-    def is_lot_of(self, source: str, purchase_id: str) -> bool:
-        return self.purchase_id == purchase_id and self.purchase_source in (source, None)
-
 
 def purchase_ref(source: str, purchase_id: str) -> str:
-    """A purchase's name in derived ids and causes: its channel and its id, since a POS sale
-    and an e-shop order may carry the same id."""
-    return f"{source}:{purchase_id}"
+    """A purchase's name inside derived ids: its channel and its id, since a POS sale and an
+    e-shop order may carry the same id. Joined with derived_event_id's own separator (\x1f),
+    so it is the same as passing the two as separate parts, and no id derived from a purchase
+    id alone (lots written before channels were kept) can ever equal it. Never shown."""
+    return f"{source}\x1f{purchase_id}"
 
 
 @dataclass(slots=True)
@@ -500,13 +499,14 @@ def in_tier_window(program: Program, occurred_at: datetime, now: datetime) -> bo
 
 
 def _pay_debt(book: CustomerBook, journal: Journal, *, source: Account, amount: int, cause: str,
-              lot: Lot | None) -> int:
-    """Debt is paid first from new credits: up to `amount` leaves `source` for the debt account."""
+              lot: Lot | None, ref: str | None = None) -> int:
+    """Debt is paid first from new credits: up to `amount` leaves `source` for the debt account.
+    `cause` derives the transfer id; `ref` (default: the cause) is what the history shows."""
     pay = min(amount, book.debt_points)
     if pay > 0:
         journal.post(Transfer(
             derived_event_id("ledger", "debt_payoff", cause), source.account_id, book.debt.account_id, pay,
-            Code.DEBT_PAYOFF, book.customer_id, cause, lot_id=lot.lot_id if lot else None,
+            Code.DEBT_PAYOFF, book.customer_id, ref or cause, lot_id=lot.lot_id if lot else None,
         ))
         if lot is not None:
             lot.remaining_points -= pay
@@ -580,7 +580,7 @@ def earn(
         ))
         if book.debt.debits_posted > book.debt.credits_posted:
             paid = _pay_debt(book, journal, source=target, amount=earning.points,
-                             cause=f"earn:{ref}", lot=lot)
+                             cause=f"earn:{ref}", ref=f"earn:{purchase.purchase_id}", lot=lot)
     if in_tier_window(program, purchase.occurred_at, now):
         book.qualifying_points += earning.points
     out: list[Earned | TierMoved] = [Earned(book.customer_id, lot, earning, paid, book.balance())]

@@ -229,8 +229,12 @@ async def lots_of_purchases(conn: asyncpg.Connection, *, keys: Sequence[tuple[st
     if not keys:
         return {}
     rows = await conn.fetch(_SELECT_LOTS + " WHERE purchase_id = ANY($1::text[])", list({pid for _, pid in keys}))
-    lots = [_lot(r) for r in rows]
-    return {key: lot for key in set(keys) for lot in lots if lot.is_lot_of(*key)}
+    by_key: dict[tuple[str | None, str], Lot] = {}
+    for r in rows:
+        lot = _lot(r)
+        by_key[(lot.purchase_source, lot.purchase_id or "")] = lot
+    # A lot written before channels were kept (None) answers for either channel.
+    return {key: lot for key in set(keys) if (lot := by_key.get(key) or by_key.get((None, key[1]))) is not None}
 
 
 async def purchases_with_lots(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -69,6 +69,21 @@ async def test_a_chunked_body_over_the_purchases_limit_is_refused_with_413_count
     assert await purchase_count(settings.database_url) == 1  # only the small one
 
 
+async def test_a_chunked_body_over_the_limit_at_a_webhook_is_a_413_not_an_application_error(base_env):
+    """The webhook routes read the body themselves: the refused body must end as the 413,
+    not as a ClientDisconnect raised out of the app (logged as an error, connection dropped)."""
+    settings = purchases_settings(base_env, max_body_bytes=20_000)
+    app = create_purchases(settings)
+    async with app.router.lifespan_context(app):
+        # raise_app_exceptions: an exception escaping the app fails the test instead of a 500.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=True),
+                                     base_url="http://purchases") as client:
+            for path in ("/v1/webhooks/shopify", "/v1/webhooks/woocommerce"):
+                response = await client.post(path, content=chunked(b"x" * 60_000), headers=JSON)
+                assert response.status_code == 413, (path, response.text[:300])
+                assert response.json()["reason"] == "body_too_large"
+
+
 async def test_the_ledger_counts_body_refusals_in_the_shared_metric_too(base_env):
     settings = ledger_settings(base_env, max_body_bytes=10_000)
     big = json.dumps({"customer_id": "c", "amount_points": 1, "reason_code": "other", "actor": "a",

@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import RecordListTooLargeError
 
 from deploy.local.infra import free_port, start_broker, stop_process_group
 from shared.events import derived_event_id, envelope
@@ -76,6 +77,22 @@ class FlakyProducer(_Wrapped):
             raise CrashError("connection to the broker lost")
         self._left -= 1
         self.sent += batch.record_count()
+        return await self._real.send_batch(batch, topic, partition=partition)
+
+
+class PickyProducer(_Wrapped):
+    """A real producer in front of a broker that refuses any record batch larger than
+    `limit` bytes (as a topic's max.message.bytes would; the embedded broker enforces none)."""
+
+    def __init__(self, real: AIOKafkaProducer, *, limit: int) -> None:
+        super().__init__(real)
+        self.limit = limit
+        self.refused = 0
+
+    async def send_batch(self, batch, topic, *, partition):
+        if batch.size() > self.limit:
+            self.refused += 1
+            raise RecordListTooLargeError(f"batch of {batch.size()} bytes over {self.limit}")
         return await self._real.send_batch(batch, topic, partition=partition)
 
 
@@ -621,3 +638,21 @@ async def test_the_relay_puts_a_key_on_the_partition_the_producer_itself_would(p
     for key in [*KEYS, "anonymous:store-7", "zażółć", "c-" * 40]:
         sent = await producer.send_and_wait(topic, b"{}", key=key.encode())
         assert await relay._partition_of(topic, key.encode()) == sent.partition
+
+
+async def test_a_batch_the_broker_refuses_is_sent_again_row_by_row_and_only_the_culprit_is_set_aside(
+        pool, topic, producer, kafka_bootstrap):
+    small = messages_for(topic, 20)
+    big = OutboxMessage(topic=topic, key=KEYS[0], value=json.dumps(
+        {"id": "big", "key": KEYS[0], "seq": 999, "pad": "x" * 6_000}).encode())
+    async with pool.acquire() as conn:
+        await apply_and_enqueue(conn, [*small[:10], big, *small[10:]])
+    picky = PickyProducer(producer, limit=5_000)  # each small row fits alone, the big one never
+    assert await drain(OutboxRelay(pool, picky, batch_size=100)) == 21
+    assert picky.refused >= 2  # a batch with the big row, then the big row alone
+    events = await topic_contents(kafka_bootstrap, topic, at_least=20)
+    assert {e["id"] for e in events} == ids(small)
+    assert seqs_per_key(events, first_occurrence=True) == written_per_key(small)
+    assert await outbox_rows(pool) == 0
+    [failed] = await pool.fetch("SELECT key, error FROM outbox_failed")
+    assert failed["key"] == KEYS[0] and "RecordListTooLarge" in failed["error"]
