@@ -201,17 +201,21 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     Conn = Annotated[asyncpg.Connection, Depends(connection)]
 
-    async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
+    def check_admin_key(x_admin_key: str) -> None:
+        """A given X-Admin-Key must be the configured one: 401, counted, otherwise."""
         expected = ledger.settings.admin_api_key
-        if not expected:
+        if not expected or not secrets.compare_digest(x_admin_key.encode(), expected.encode()):
+            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
+            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+
+    async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
+        if not ledger.settings.admin_api_key:
             metrics.HTTP_REFUSALS.labels("admin_api_disabled").inc()
             raise HTTPException(503, detail="the admin API is disabled: LEDGER_ADMIN_API_KEY is not set")
         if x_admin_key is None:
             metrics.HTTP_REFUSALS.labels("missing_admin_key").inc()
             raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
-        if not secrets.compare_digest(x_admin_key.encode(), expected.encode()):
-            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
-            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+        check_admin_key(x_admin_key)
 
     verifier = ledger.settings.token_verifier() if ledger.settings.jwt_configured() else None
 
@@ -219,12 +223,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                      authorization: Annotated[str | None, Header()] = None) -> None:
         """A customer's points are read by that customer (their bearer token, whose subject
         must be the customer in the path) or by the back office (X-Admin-Key)."""
-        expected = ledger.settings.admin_api_key
         if x_admin_key is not None:
-            if expected and secrets.compare_digest(x_admin_key.encode(), expected.encode()):
-                return
-            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
-            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+            return check_admin_key(x_admin_key)
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             metrics.HTTP_REFUSALS.labels("missing_credentials").inc()

@@ -30,7 +30,7 @@ from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import STACKING_ORDER, Program, load_program_file
 from services.ledger.settings import LedgerSettings
-from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, utcnow
+from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, json_opt_str, json_str, utcnow
 from shared.events.points import (
     BalanceAfter,
     PointsAdjusted,
@@ -259,22 +259,22 @@ class Emitter:
         (tests/unit/test_ledger_events.py holds it to that, hostile strings included)."""
         event_id = str(derived_event_id("ledger", "PointsEarned", f"earn:{d.purchase_ref(p.source, p.purchase_id)}"))
         if self._now_iso is None:
-            self._now_iso = _str(self._now.isoformat())
+            self._now_iso = json_str(self._now.isoformat())
         now, lot, e, b = self._now_iso, o.lot, o.earning, o.balance
         correlation_id = correlation_id or event_id
         value = (
             f'{{"event_id":"{event_id}","type":"PointsEarned","schema_version":{SCHEMA_VERSION},'
             f'"occurred_at":{now},"recorded_at":{now},"producer":"{PRODUCER}",'
-            f'"correlation_id":{_str(correlation_id)},'
-            f'"causation_id":{"null" if causation_id is None else _str(causation_id)},'
-            f'"customer_id":{_str(o.customer_id)},"payload":{{"amount_points":{e.points},'
+            f'"correlation_id":{json_str(correlation_id)},'
+            f'"causation_id":{json_opt_str(causation_id)},'
+            f'"customer_id":{json_str(o.customer_id)},"payload":{{"amount_points":{e.points},'
             f'"balance":{{"available_points":{b.available_points},"pending_points":{b.pending_points},'
-            f'"held_points":{b.held_points},"debt_points":{b.debt_points},"tier":{_str(b.tier)},'
+            f'"held_points":{b.held_points},"debt_points":{b.debt_points},"tier":{json_str(b.tier)},'
             f'"qualifying_points":{b.qualifying_points}}},'
-            f'"purchase_id":{_str(p.purchase_id)},"source":{_str(p.source)},"rule_version":{rule_version},'
+            f'"purchase_id":{json_str(p.purchase_id)},"source":{json_str(p.source)},"rule_version":{rule_version},'
             f'"pending":{"true" if lot.pending else "false"},'
-            f'"matures_at":{_str(lot.matures_at.isoformat()) if lot.pending else "null"},'
-            f'"expires_at":{_str(lot.expires_at.isoformat())},"tier_multiplier":{_str(str(e.tier_multiplier))},'
+            f'"matures_at":{json_str(lot.matures_at.isoformat()) if lot.pending else "null"},'
+            f'"expires_at":{json_str(lot.expires_at.isoformat())},"tier_multiplier":{json_str(str(e.tier_multiplier))},'
             f'"breakdown":{_dumps(e.breakdown)}}}}}'
         )
         self.messages.append(OutboxMessage(self._topic, o.customer_id, value.encode(),
@@ -289,7 +289,6 @@ class Emitter:
 
 # ASCII-only output: lone surrogates or control characters in an id cannot break the JSON.
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_str = json.encoder.encode_basestring_ascii  # a JSON string literal, quotes included
 
 
 # ---- persistence shared by the use cases --------------------------------------------------

@@ -11,9 +11,8 @@ from typing import Any
 
 import asyncpg
 
-from pydantic import TypeAdapter
-
-from services.purchases.domain import LineIn, PurchaseIn, RecordedSale
+from services.purchases.domain import PurchaseIn, RecordedSale
+from shared.events.purchases import lines_json
 
 _FIND_HASHES = """
 SELECT p.source, p.purchase_id, p.content_hash
@@ -51,11 +50,6 @@ ON CONFLICT (key_hash) DO UPDATE SET store_id = EXCLUDED.store_id, revoked_at = 
 """
 
 
-_LINES = TypeAdapter(list[LineIn])
-
-
-def lines_json(p: PurchaseIn) -> str:
-    return _LINES.dump_json(p.lines).decode()
 
 
 async def find_hashes(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
@@ -85,7 +79,7 @@ async def insert_purchases(
         [p.occurred_at for p, *_ in purchases],
         [p.currency for p, *_ in purchases],
         [p.total for p, *_ in purchases],
-        [lines_json(p) for p, *_ in purchases],
+        [lines_json(p.lines) for p, *_ in purchases],
         [h for _, _, h, _, _ in purchases],
         [door for *_, door, _ in purchases],
         [eid for *_, eid in purchases],

@@ -63,6 +63,16 @@ class PurchaseClaimed(Envelope[PurchaseClaimedPayload]):
 
 
 
+def lines_json(lines) -> str:
+    """Purchase lines (objects with PurchaseLine's fields) as a JSON array, money as the
+    contract writes it: the event template's and the purchases table's serialisation."""
+    return "[" + ",".join(
+        f'{{"line_id":{json_str(line.line_id)},"sku":{json_str(line.sku)},"category":{json_str(line.category)},'
+        f'"quantity":{int(line.quantity)},"unit_price":"{format(line.unit_price, "f")}",'
+        f'"discount":"{format(line.discount, "f")}"}}'
+        for line in lines) + "]"
+
+
 def purchase_event_json(*, event_type: str, event_id: str, recorded_at: datetime, producer: str,
                         correlation_id: str, customer_id: str | None, purchase, door: str) -> bytes:
     """PurchaseRecorded or ReturnRecorded as JSON, written from a template: the purchases
@@ -71,11 +81,7 @@ def purchase_event_json(*, event_type: str, event_id: str, recorded_at: datetime
     tests/unit/test_purchase_events.py holds it to the contract models."""
     p = purchase
     occurred = json_str(p.occurred_at.isoformat())
-    lines = ",".join(
-        f'{{"line_id":{json_str(line.line_id)},"sku":{json_str(line.sku)},"category":{json_str(line.category)},'
-        f'"quantity":{int(line.quantity)},"unit_price":"{format(line.unit_price, "f")}",'
-        f'"discount":"{format(line.discount, "f")}"}}'
-        for line in p.lines)
+    lines = lines_json(p.lines)
     return (
         f'{{"event_id":"{event_id}","type":"{event_type}","schema_version":{SCHEMA_VERSION},'
         f'"occurred_at":{occurred},"recorded_at":{json_str(recorded_at.isoformat())},"producer":{json_str(producer)},'
@@ -83,5 +89,5 @@ def purchase_event_json(*, event_type: str, event_id: str, recorded_at: datetime
         f'"payload":{{"purchase_id":{json_str(p.purchase_id)},"type":{json_str(p.type)},'
         f'"original_purchase_id":{json_opt_str(p.original_purchase_id)},"source":{json_str(p.source)},'
         f'"store_id":{json_str(p.store_id)},"occurred_at":{occurred},"currency":{json_str(p.currency)},'
-        f'"lines":[{lines}],"total":"{format(p.total, "f")}","door":{json_str(door)}}}}}'
+        f'"lines":{lines},"total":"{format(p.total, "f")}","door":{json_str(door)}}}}}'
     ).encode()
