@@ -9,7 +9,8 @@ of all debits always equals the sum of all credits.
 Each customer has three accounts:
 - available (credit-normal): spendable points; holds are pending debits on it;
 - pending (credit-normal): earned points still inside the return window;
-- debt (debit-normal): points reversed by a return after they had been spent.
+- debt (debit-normal): points owed: reversed by a return after they had been spent, or
+  redeemed by a fulfilment that arrived after its hold was voided and found them spent.
 
 `CustomerBook` is one customer's state as loaded for a batch (accounts, the lots and holds
 the batch needs); operations mutate it and append transfers to a `Journal`. The service
@@ -216,7 +217,7 @@ class Lot:
 
     lot_id: uuid.UUID
     customer_id: str
-    source: str  # purchase | adjustment
+    source: str  # purchase | adjustment | refund (see refund)
     purchase_id: str | None
     occurred_at: datetime
     amount_points: int
@@ -260,7 +261,9 @@ class Hold:
     state: str  # held | posted | voided | refunded
     expires_at: datetime
     transfer_id: uuid.UUID
-    allocations: dict[str, int]  # lot_id (str) -> points taken from it
+    # lot_id (str) -> points taken from it. They add up to the amount, except after a late
+    # redemption (redeem_after_void), where what the lots could not cover became debt.
+    allocations: dict[str, int]
     is_new: bool = False
     changed: bool = False
 
@@ -775,21 +778,87 @@ def void_hold(book: CustomerBook, journal: Journal, h: Hold) -> bool:
     return True
 
 
-def refund(book: CustomerBook, journal: Journal, h: Hold) -> bool:
+@dataclass(frozen=True, slots=True)
+class LateRedemption:
+    """A fulfilment that arrived after its hold was voided, redeemed all the same: `taken`
+    points from the available lots, the rest (`debt_points_added`) as debt."""
+
+    hold: Hold
+    taken_points: int
+    debt_points_added: int
+    balance: Balance
+
+
+def redeem_after_void(book: CustomerBook, journal: Journal, h: Hold) -> LateRedemption | None:
+    """The reward was given although the hold had been voided (the fulfilment reached us
+    after the timeout): never a reward without points, so the hold's amount is redeemed now,
+    from the lots that expire first, like any spending. What the available points no longer
+    cover (spent meanwhile; pending points are not spendable) becomes debt, which later
+    earnings pay first. The hold becomes posted, so a cancellation refunds it like any
+    other. None if the hold is not voided. The book must hold every available lot."""
+    if h.state != "voided":
+        return None
+    rid = str(h.redemption_id)
+    taken = min(h.amount_points, book.available_points)
+    shortfall = h.amount_points - taken
+    allocations = _take_from_lots(book, taken) if taken else {}
+    if taken:
+        journal.post(Transfer(
+            derived_event_id("ledger", "post_after_void", rid), book.available.account_id, REDEMPTION, taken,
+            Code.POST, book.customer_id, rid,
+        ))
+    if shortfall:
+        journal.post(Transfer(
+            derived_event_id("ledger", "debt", "redemption", rid), book.debt.account_id, REDEMPTION, shortfall,
+            Code.DEBT, book.customer_id, rid,
+        ))
+    # The void gave the first allocations back; these are the lots a refund returns to.
+    h.allocations = allocations
+    h.state, h.changed = "posted", True
+    return LateRedemption(h, taken, shortfall, book.balance())
+
+
+def refund(book: CustomerBook, journal: Journal, h: Hold, program: Program, *, now: datetime) -> bool:
     """Give redeemed points back (a fulfilled redemption was cancelled): to the lots they
     came from, with those lots' expiry dates, so a refund never extends a point's life.
-    Debt is paid first. False if the hold was not posted."""
+    Debt is paid first. False if the hold was not posted.
+
+    A late redemption may have left part of the amount as debt instead of lots: that part
+    cancels what is still owed, and what the customer already repaid comes back as a new
+    lot (expiring like an adjustment; the lots that repaid the debt are not traced)."""
     if h.state != "posted":
         return False
-    journal.post(Transfer(
-        derived_event_id("ledger", "refund", str(h.redemption_id)), REDEMPTION, book.available.account_id,
-        h.amount_points, Code.REFUND, book.customer_id, str(h.redemption_id),
-    ))
+    rid = str(h.redemption_id)
+    restored = sum(h.allocations.values())
+    if restored:
+        journal.post(Transfer(
+            derived_event_id("ledger", "refund", rid), REDEMPTION, book.available.account_id, restored,
+            Code.REFUND, book.customer_id, rid,
+        ))
     for lot_id, taken in h.allocations.items():
         lot = book.lots[uuid.UUID(lot_id)]
         lot.remaining_points += taken
         lot.changed = True
-    left = h.amount_points
+    unallocated = h.amount_points - restored
+    forgiven = min(unallocated, book.debt_points)
+    if forgiven:
+        journal.post(Transfer(
+            derived_event_id("ledger", "refund", "debt", rid), REDEMPTION, book.debt.account_id, forgiven,
+            Code.REFUND, book.customer_id, rid,
+        ))
+    repaid = unallocated - forgiven
+    if repaid:
+        lot = Lot(
+            lot_id=derived_event_id("ledger", "lot", "refund", rid), customer_id=book.customer_id, source="refund",
+            purchase_id=None, occurred_at=now, amount_points=repaid, remaining_points=repaid, pending=False,
+            matures_at=now, expires_at=now + timedelta(days=program.expiry_days), rule_version=None, is_new=True,
+        )
+        book.lots[lot.lot_id] = lot
+        journal.post(Transfer(
+            derived_event_id("ledger", "refund", "lot", rid), REDEMPTION, book.available.account_id, repaid,
+            Code.REFUND, book.customer_id, rid, lot_id=lot.lot_id,
+        ))
+    left = h.amount_points - forgiven
     for lot in spendable_lots(book):
         if book.debt_points == 0 or left == 0:
             break

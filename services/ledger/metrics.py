@@ -12,6 +12,11 @@ POSTINGS = Counter("ledger_postings_total", "Transfers written, per code (rate()
 HTTP_REFUSALS = Counter("ledger_http_refusals_total", "HTTP requests refused before reaching a route, per reason",
                         ["reason"])
 HOLDS = Counter("ledger_holds_total", "Redemption hold decisions, per outcome", ["outcome"])
+LATE_FULFILMENTS = Counter(
+    "ledger_late_fulfilments_total",
+    "Fulfilments that arrived after their hold was voided, redeemed all the same: covered by the available "
+    "points, or with a shortfall that became debt", ["outcome"],
+)
 
 LIABILITY = Gauge("ledger_liability_points", "Outstanding points owed to customers, per state", ["state"])
 BREAKAGE = Gauge("ledger_breakage_ratio", "Expired / (expired + redeemed) points, ledger-wide")

@@ -347,10 +347,13 @@ async def save_holds(conn: asyncpg.Connection, *, holds: Sequence[Hold]) -> None
             [json.dumps(h.allocations) for h in new],
         )
     if changed:
+        # Allocations too: a late redemption takes its points from other lots than the hold did.
         await conn.execute(
-            "UPDATE holds h SET state = u.state, updated_at = now() FROM unnest($1::uuid[], $2::text[])"
-            " AS u(redemption_id, state) WHERE h.redemption_id = u.redemption_id",
+            "UPDATE holds h SET state = u.state, allocations = u.allocations, updated_at = now()"
+            " FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS u(redemption_id, state, allocations)"
+            " WHERE h.redemption_id = u.redemption_id",
             [h.redemption_id for h in changed], [h.state for h in changed],
+            [json.dumps(h.allocations) for h in changed],
         )
 
 

@@ -306,6 +306,7 @@ class UnitOfWork:
         self.books: dict[str, d.CustomerBook] = {}
         self.journal = d.Journal(d.new_program_accounts())
         self.holds: dict[uuid.UUID, d.Hold] = {}
+        self.late_redemptions: list[d.LateRedemption] = []
 
     @property
     def window_start(self) -> datetime:
@@ -357,9 +358,18 @@ class UnitOfWork:
         for code, n in by_code.items():
             metrics.POSTINGS.labels(code.value).inc(n)
         metrics.POINTS_ISSUED.inc(issued)
-        metrics.POINTS_REVERSED.inc(points[d.Code.REVERSE] + points[d.Code.DEBT])
-        metrics.POINTS_REDEEMED.inc(points[d.Code.POST])
+        # Debt is owed for a return (against issuance) or a late redemption (against redemption).
+        redeemed_as_debt = sum(t.amount_points for t in self.journal.transfers
+                               if t.code is d.Code.DEBT and t.credit_account_id == d.REDEMPTION)
+        metrics.POINTS_REVERSED.inc(points[d.Code.REVERSE] + points[d.Code.DEBT] - redeemed_as_debt)
+        metrics.POINTS_REDEEMED.inc(points[d.Code.POST] + redeemed_as_debt)
         metrics.POINTS_EXPIRED.inc(points[d.Code.EXPIRE])
+        for late in self.late_redemptions:
+            metrics.LATE_FULFILMENTS.labels("debt" if late.debt_points_added else "covered").inc()
+            log.warning("fulfilment after the hold was voided: points redeemed late", extra={
+                "customer_id": late.hold.customer_id, "redemption_id": str(late.hold.redemption_id),
+                "amount_points": late.hold.amount_points, "taken_points": late.taken_points,
+                "debt_points_added": late.debt_points_added})
 
 
 @dataclass
@@ -517,7 +527,8 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
         await uow.lock([e.customer_id for e in events if e.customer_id])
         holds = await repo.holds_by_id(conn, redemption_ids=[e.payload.redemption_id for e in events])
         await uow.lock([h.customer_id for h in holds.values()])
-        requesting = sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id in uow.books})
+        requesting = {e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id in uow.books}
+        requesting = sorted(requesting | _may_redeem_late(events, holds))
         allocated = [uuid.UUID(lot_id) for h in holds.values() for lot_id in h.allocations]
         if requesting or allocated:
             uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
@@ -544,6 +555,24 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
     metrics.BATCH_SECONDS.labels("rewards").observe(time.perf_counter() - started)
     _latency("rewards", fresh)
     return result
+
+
+def _may_redeem_late(events: Sequence[Any], holds: dict[uuid.UUID, d.Hold]) -> set[str]:
+    """Customers whose fulfilment may find its hold voided (timed out before, or failed or
+    cancelled earlier in this batch): a late redemption spends from all their available
+    lots, so all must be loaded, as for a new hold."""
+    voiding: set[uuid.UUID] = set()
+    customers: set[str] = set()
+    for e in events:
+        rid = e.payload.redemption_id
+        h = holds.get(rid)
+        if h is None:
+            continue
+        if e.type in ("RedemptionFailed", "RedemptionCancelled"):
+            voiding.add(rid)
+        elif e.type == "RedemptionFulfilled" and (h.state == "voided" or rid in voiding):
+            customers.add(h.customer_id)
+    return customers
 
 
 def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
@@ -588,19 +617,25 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
         return "fulfilled_without_hold" if event.type == "RedemptionFulfilled" else None
     book = uow.books[h.customer_id]
     if event.type == "RedemptionFulfilled":
-        if h.state == "voided":
-            return "fulfilled_after_hold_voided"
         if d.post_hold(book, uow.journal, h):
             out.emit(PointsRedeemed, PointsRedeemedPayload(amount_points=h.amount_points,
                                                            balance=_balance(book.balance()), redemption_id=rid),
                      customer_id=book.customer_id, cause=f"post:{rid}", **kw)
+        elif late := d.redeem_after_void(book, uow.journal, h):
+            # The reward was given after we voided the hold (we or the rewards' outbox lagged
+            # past the timeout): the points are taken now, the shortfall as debt.
+            uow.late_redemptions.append(late)
+            out.emit(PointsRedeemed, PointsRedeemedPayload(
+                amount_points=h.amount_points, balance=_balance(late.balance), redemption_id=rid,
+                after_hold_voided=True, debt_points_added=late.debt_points_added,
+            ), customer_id=book.customer_id, cause=f"post:{rid}", **kw)
         return None
     reason = p.reason
     if d.void_hold(book, uow.journal, h):
         out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
                                                        redemption_id=rid, phase="void", reason=reason),
                  customer_id=book.customer_id, cause=f"void:{rid}", **kw)
-    elif h.state == "posted" and d.refund(book, uow.journal, h):
+    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.program, now=uow.now):
         # Cancelled after fulfilment (or a failure reported after posting): points go back.
         out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
                                                        redemption_id=rid, phase="refund", reason=reason),

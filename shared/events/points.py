@@ -66,6 +66,10 @@ class PointsHoldRejectedPayload(_PointsPayload):
 
 class PointsRedeemedPayload(_PointsPayload):
     redemption_id: uuid.UUID
+    # True when the fulfilment arrived after the ledger had voided the hold (timed out): the
+    # points were taken then, from the balance, and what it no longer covered became debt.
+    after_hold_voided: bool = False
+    debt_points_added: int = 0
 
 
 class PointsReleasedPayload(_PointsPayload):

@@ -1,18 +1,18 @@
 """The redemption saga against the real broker and PostgreSQL: holds under a race, posts,
-voids, refunds, timeouts."""
+voids, refunds, timeouts, fulfilments after a timeout."""
 
 import asyncio
 import json
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from services.ledger.service import Record, apply_rewards, run_scheduler
 from services.ledger.settings import LedgerSettings
-from shared.topics import POINTS_DLQ, POINTS_EVENTS, REWARDS_EVENTS
+from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 from tests.support.kafka import consume, produce, unique
-from tests.support.ledger import ADMIN, ledger_rows, ledger_settings, redemption, running_ledger
+from tests.support.ledger import ADMIN, ledger_rows, ledger_settings, purchase_recorded, redemption, running_ledger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -117,27 +117,139 @@ async def test_the_saga_posts_voids_refunds_and_rejects_with_reasons(settings, k
     assert sorted(codes) == sorted(["adjust", "hold", "post", "hold", "void", "hold", "post", "refund", "hold"])
 
 
-async def test_a_hold_that_times_out_is_voided_by_the_scheduler_and_fulfilment_after_it_is_dead_lettered(
-        settings, kafka_bootstrap):
+async def earn(settings, kafka_bootstrap, customer: str, amount: str) -> dict:
+    """A sale old enough to be past its return window: its points are available at once."""
+    sale = purchase_recorded(customer, amounts=(amount,), occurred_at=datetime.now(timezone.utc) - timedelta(days=30))
+    await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), [sale], key=customer)
+    return sale
+
+
+async def points_events(settings, kafka_bootstrap, count: int) -> list[dict]:
+    return await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=count, timeout_s=30,
+                         distinct="event_id")
+
+
+async def ledger_state(dsn: str) -> tuple:
+    """Every row an input could change (transfers, accounts, lots, holds), to compare."""
+    tables = ("SELECT transfer_id, amount_points FROM transfers ORDER BY seq",
+              "SELECT * FROM accounts ORDER BY account_id",
+              "SELECT lot_id, remaining_points, held_points FROM lots ORDER BY lot_id",
+              "SELECT redemption_id, state, allocations FROM holds ORDER BY redemption_id")
+    return tuple([[tuple(r) for r in await ledger_rows(dsn, sql)] for sql in tables])
+
+
+async def books_of(dsn: str, customer: str) -> dict:
+    """What the invariants are checked on, straight from the tables."""
+    [totals] = await ledger_rows(dsn, "SELECT sum(debits_posted) - sum(credits_posted) AS posted,"
+                                      " sum(debits_pending) - sum(credits_pending) AS pending FROM accounts")
+    [lots] = await ledger_rows(dsn, "SELECT coalesce(sum(remaining_points), 0) AS remaining,"
+                                    " coalesce(min(remaining_points), 0) AS lowest FROM lots"
+                                    " WHERE customer_id = $1 AND NOT pending", customer)
+    [available] = await ledger_rows(dsn, "SELECT credits_posted - debits_posted - debits_pending AS points"
+                                         " FROM accounts WHERE account_id = $1", f"customer:{customer}:available")
+    return {"trial_balance": (totals["posted"], totals["pending"]), "available": available["points"],
+            "lots_remaining": lots["remaining"], "lowest_lot": lots["lowest"]}
+
+
+async def test_a_fulfilment_after_the_scheduler_voided_the_hold_takes_the_points_once(settings, kafka_bootstrap):
+    """Never a reward without points: the fulfilment reached the ledger after its hold timed
+    out, so the points are redeemed then, from the balance; delivered again (the same event,
+    or a re-sent fulfilment with a new id), nothing changes."""
     customer, rid = unique("c-"), uuid.uuid4()
+    fulfilled = redemption("RedemptionFulfilled", customer, rid, 40)
     async with running_ledger(settings) as (app, client):
-        await credit(client, customer, 50)
+        await earn(settings, kafka_bootstrap, customer, "100.00")
+        await points_events(settings, kafka_bootstrap, 1)
         await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
                       [redemption("RedemptionRequested", customer, rid, 40, hold_timeout_s=60)], key=customer)
-        await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=2)
+        await points_events(settings, kafka_bootstrap, 2)
         ledger, pool = app.state.ledger, app.state.runtime.pool
         early = await run_scheduler(pool, ledger, now=ledger.clock() + timedelta(seconds=30))
         late = await run_scheduler(pool, ledger, now=ledger.clock() + timedelta(seconds=61))
         again = await run_scheduler(pool, ledger, now=ledger.clock() + timedelta(seconds=62))
         app.state.runtime.relay.wake()
-        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
-                      [redemption("RedemptionFulfilled", customer, rid, 40)], key=customer)
-        events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=3)
-        dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), count=1)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS), [fulfilled], key=customer)
+        once = await points_events(settings, kafka_bootstrap, 4)
+        before = await ledger_state(settings.database_url)
+        # again: the same record, and a re-sent fulfilment (new event id); then a probe behind
+        # them in the same partition (a stranger's request: rejected, it changes no books)
+        resent = redemption("RedemptionFulfilled", customer, rid, 40)
+        probe = redemption("RedemptionRequested", unique("stranger-"), uuid.uuid4(), 1)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS), [fulfilled, resent, probe], key=customer)
+        twice = await points_events(settings, kafka_bootstrap, 5)
+        after = await ledger_state(settings.database_url)
+        dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), timeout_s=2)
         balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     assert (early.voided_holds, late.voided_holds, again.voided_holds) == (0, 1, 0)
-    released = events[2]
-    assert released["type"] == "PointsReleased"
-    assert (released["payload"]["phase"], released["payload"]["reason"]) == ("void", "hold_timeout")
-    assert dead[0]["reason"] == "fulfilled_after_hold_voided"
-    assert (balance["available_points"], balance["held_points"]) == (50, 0)
+    assert [e["type"] for e in once] == ["PointsEarned", "PointsHeld", "PointsReleased", "PointsRedeemed"]
+    assert (once[2]["payload"]["phase"], once[2]["payload"]["reason"]) == ("void", "hold_timeout")
+    redeemed = once[3]["payload"]
+    assert (redeemed["redemption_id"], redeemed["amount_points"]) == (str(rid), 40)
+    assert (redeemed["after_hold_voided"], redeemed["debt_points_added"]) == (True, 0)
+    assert (redeemed["balance"]["available_points"], redeemed["balance"]["debt_points"]) == (60, 0)
+    assert [e["type"] for e in twice if e["event_id"] not in {x["event_id"] for x in once}] == ["PointsHoldRejected"]
+    assert after == before
+    assert dead == []
+    assert (balance["available_points"], balance["held_points"], balance["debt_points"]) == (60, 0, 0)
+    [hold] = await ledger_rows(settings.database_url, "SELECT state FROM holds WHERE redemption_id = $1", rid)
+    assert hold["state"] == "posted"
+    transfers = await ledger_rows(settings.database_url, "SELECT code, phase, amount_points FROM transfers"
+                                                         " WHERE ref = $1 ORDER BY seq", str(rid))
+    assert [tuple(t) for t in transfers] == [("hold", "pending", 40), ("void", "void_pending", 40),
+                                             ("post", "posted", 40)]
+    books = await books_of(settings.database_url, customer)
+    assert books["trial_balance"] == (0, 0) and books["available"] == books["lots_remaining"] == 60
+
+
+async def test_a_late_fulfilment_the_balance_no_longer_covers_leaves_debt_and_a_cancellation_gives_it_all_back(
+        settings, kafka_bootstrap):
+    """The customer spent the released points before the late fulfilment arrived: what the
+    balance still has is taken, the rest becomes debt that the next purchase pays first.
+    Cancelled afterwards, the redemption is refunded like any posted one: the points back
+    to their lot, the debt still owed forgiven, and the part already repaid as a new lot."""
+    customer, late_rid, spent_rid = unique("c-"), uuid.uuid4(), uuid.uuid4()
+    R = redemption
+    async with running_ledger(settings) as (app, client):
+        await earn(settings, kafka_bootstrap, customer, "100.00")
+        await points_events(settings, kafka_bootstrap, 1)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
+                      [R("RedemptionRequested", customer, late_rid, 80, hold_timeout_s=60)], key=customer)
+        await points_events(settings, kafka_bootstrap, 2)
+        ledger, pool = app.state.ledger, app.state.runtime.pool
+        assert (await run_scheduler(pool, ledger, now=ledger.clock() + timedelta(seconds=61))).voided_holds == 1
+        app.state.runtime.relay.wake()
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
+                      [R("RedemptionRequested", customer, spent_rid, 70),
+                       R("RedemptionFulfilled", customer, spent_rid, 70),
+                       R("RedemptionFulfilled", customer, late_rid, 80)], key=customer)
+        await points_events(settings, kafka_bootstrap, 6)
+        await earn(settings, kafka_bootstrap, customer, "20.00")
+        await points_events(settings, kafka_bootstrap, 7)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
+                      [R("RedemptionCancelled", customer, late_rid, 80, was_fulfilled=True)], key=customer)
+        events = await points_events(settings, kafka_bootstrap, 8)
+        dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), timeout_s=2)
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+    assert [e["type"] for e in events] == ["PointsEarned", "PointsHeld", "PointsReleased", "PointsHeld",
+                                           "PointsRedeemed", "PointsRedeemed", "PointsEarned", "PointsReleased"]
+    late = events[5]["payload"]
+    assert (late["redemption_id"], late["amount_points"], late["after_hold_voided"]) == (str(late_rid), 80, True)
+    # 100 earned, 70 spent meanwhile: 30 taken, 50 owed
+    assert late["debt_points_added"] == 50
+    assert (late["balance"]["available_points"], late["balance"]["debt_points"]) == (0, 50)
+    assert events[4]["payload"]["after_hold_voided"] is False
+    assert events[6]["payload"]["balance"]["debt_points"] == 30  # the next purchase paid 20 of it
+    refund = events[7]["payload"]
+    assert (refund["redemption_id"], refund["phase"], refund["amount_points"]) == (str(late_rid), "refund", 80)
+    # 30 back to the first lot, 30 of debt forgiven, the 20 repaid as a new lot: 100 + 20 - 70
+    assert (refund["balance"]["available_points"], refund["balance"]["debt_points"]) == (50, 0)
+    assert (balance["available_points"], balance["debt_points"]) == (50, 0)
+    assert dead == []
+    [hold] = await ledger_rows(settings.database_url, "SELECT state FROM holds WHERE redemption_id = $1", late_rid)
+    assert hold["state"] == "refunded"
+    lots = await ledger_rows(settings.database_url, "SELECT source, remaining_points FROM lots WHERE customer_id = $1"
+                                                    " ORDER BY source, amount_points", customer)
+    assert [tuple(x) for x in lots] == [("purchase", 0), ("purchase", 30), ("refund", 20)]
+    books = await books_of(settings.database_url, customer)
+    assert books["trial_balance"] == (0, 0) and books["available"] == books["lots_remaining"] == 50
+    assert books["lowest_lot"] >= 0

@@ -1,5 +1,6 @@
 """Stateful property tests of the ledger's rules: an in-memory ledger driven by any sequence
-of sales, returns, holds, posts, voids, refunds, expiries and adjustments keeps its books."""
+of sales, returns, holds, posts, voids, fulfilments after a void, refunds, expiries and
+adjustments keeps its books."""
 
 import uuid
 from dataclasses import astuple
@@ -89,7 +90,16 @@ class MemoryLedger:
         self._hold_op(d.void_hold, redemption_id)
 
     def refund(self, redemption_id: uuid.UUID) -> None:
-        self._hold_op(d.refund, redemption_id)
+        self._hold_op(lambda book, journal, h: d.refund(book, journal, h, PROGRAM, now=self.now), redemption_id)
+
+    def fulfil_late(self, redemption_id: uuid.UUID) -> d.LateRedemption | None:
+        for book in self.books.values():
+            if redemption_id in book.holds:
+                return d.redeem_after_void(book, self.journal(book), book.holds[redemption_id])
+        return None
+
+    def hold_of(self, redemption_id: uuid.UUID) -> tuple[d.CustomerBook, d.Hold]:
+        return next((b, b.holds[redemption_id]) for b in self.books.values() if redemption_id in b.holds)
 
     def scheduler(self) -> None:
         for book in self.books.values():
@@ -177,6 +187,48 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), op=st.sampled_from(["post", "void", "refund"]))
     def settle(self, data, op):
         self.do((op, data.draw(st.sampled_from(self.redemptions))))
+
+    @precondition(lambda self: any(self.ledger.hold_of(r)[1].state == "voided" for r in self.redemptions))
+    @rule(data=st.data(), spent_meanwhile=st.sampled_from(["nothing", "some", "all"]),
+          then=st.sampled_from(["kept", "cancelled", "cancelled after the debt was repaid"]))
+    def fulfil_after_the_hold_was_voided(self, data, spent_meanwhile, then):
+        """The reward was given after the hold timed out: the points are taken all the same,
+        from the available lots, the shortfall as debt; a redelivery changes nothing. The
+        customer may have spent part or all of the points in between (a debit adjustment);
+        a cancellation afterwards gives back exactly what was taken, debt included."""
+        voided = [r for r in self.redemptions if self.ledger.hold_of(r)[1].state == "voided"]
+        redemption_id = data.draw(st.sampled_from(voided))
+        book, h = self.ledger.hold_of(redemption_id)
+        left = {"nothing": book.available_points, "some": min(book.available_points, h.amount_points // 2),
+                "all": 0}[spent_meanwhile]
+        if book.available_points > left:
+            self.do(("adjust", book.customer_id, uuid.UUID(int=10**6 + self.counter), left - book.available_points))
+            self.fresh("a")
+        available, pending, debt = book.available_points, book.pending_points, book.debt_points
+        late = self.do(("fulfil_late", redemption_id))
+        assert late is not None and h.state == "posted"
+        assert late.taken_points == min(h.amount_points, available)
+        assert late.taken_points + late.debt_points_added == h.amount_points
+        assert book.available_points == available - late.taken_points
+        assert book.debt_points == debt + late.debt_points_added
+        assert book.pending_points == pending, "pending points are not spendable"
+        assert sum(h.allocations.values()) == late.taken_points
+        assert late.balance == book.balance()
+        before = self.ledger.snapshot()
+        assert self.do(("fulfil_late", redemption_id)) is None
+        self.do(("post", redemption_id))  # nor does a fulfilment on the normal path
+        assert self.ledger.snapshot() == before
+        if then == "kept":
+            return
+        net_before_refund = book.available_points - book.debt_points
+        if then == "cancelled after the debt was repaid" and book.debt_points:
+            repaid = book.debt_points
+            self.do(("adjust", book.customer_id, uuid.UUID(int=10**6 + self.counter), repaid))
+            self.fresh("a")
+            net_before_refund += repaid
+        self.do(("refund", redemption_id))
+        assert h.state == "refunded"
+        assert book.available_points - book.debt_points == net_before_refund + h.amount_points
 
     @rule(days=st.integers(0, 200))
     def time_passes_and_the_scheduler_runs(self, days):
