@@ -74,15 +74,15 @@ def create_broker(settings: ServiceSettings, *, client_id: str, description: str
 def consumer_options(settings: ServiceSettings, *, service: str, purpose: str = "main",
                      bulk: bool = False) -> dict[str, Any]:
     """Subscriber options shared by every consumer: a group, manual-style commits after
-    the database transaction, and micro-batches. `bulk` streams may wait longer on an idle
-    fetch (see ServiceSettings.consumer_bulk_fetch_max_wait_ms)."""
+    the database transaction, and micro-batches. `bulk` streams may wait longer when idle
+    (ServiceSettings.consumer_bulk_fetch_max_wait_ms and consumer_bulk_batch_timeout_ms)."""
     return {
         "group_id": settings.group_id(service, purpose),
         "auto_offset_reset": "earliest",
         "session_timeout_ms": settings.consumer_session_timeout_ms,
         "heartbeat_interval_ms": settings.consumer_heartbeat_interval_ms,
         "max_records": settings.consumer_batch_max_records,
-        "batch_timeout_ms": settings.consumer_batch_timeout_ms,
+        "batch_timeout_ms": settings.consumer_bulk_batch_timeout_ms if bulk else settings.consumer_batch_timeout_ms,
         "fetch_max_wait_ms": settings.consumer_bulk_fetch_max_wait_ms if bulk else settings.consumer_fetch_max_wait_ms,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
     }

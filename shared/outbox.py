@@ -2,10 +2,13 @@
 
 A use case calls `enqueue` in the same transaction as its state change. The relay claims
 rows with FOR UPDATE SKIP LOCKED (so several relays never publish the same row at once and
-never skip one the way "id > last id" does when transactions commit out of order), sends
-them, waits for the broker's acknowledgement, then deletes them in the same transaction.
-A crash after the send and before the delete re-sends those rows: consumers de-duplicate by
-event_id, so that costs nothing but a duplicate delivery.
+never skip one the way "id > last id" does when transactions commit out of order), deleting
+them in the same statement, sends them, waits for the broker's acknowledgement, and only then
+commits; a failed send rolls the transaction back and the rows are there again. A crash
+after the send and before the commit re-sends those rows: consumers de-duplicate by
+event_id, so that costs nothing but a duplicate delivery. For the same reason the relay's
+commit need not wait for the disk (synchronous_commit off for that transaction only): a
+delete lost in a crash only means a re-send.
 
 One relay publishes at a time per schema (a transaction-level advisory lock): with two
 service instances, two relays publishing in parallel would let a customer's later event
@@ -96,19 +99,23 @@ def _record(row: asyncpg.Record) -> tuple[bytes | None, bytes, list[tuple[str, b
 _ONE_RELAY = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox-relay'))"
 
 _MOVE_FAILED = """
-WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
 INSERT INTO outbox_failed (id, topic, key, value, headers, created_at, error)
-SELECT id, topic, key, value, headers, created_at, $2 FROM moved
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 
-# The claim takes the one-relay lock first (a one-time filter): no rows when another relay
-# of this schema is publishing, in the same round trip as the claim.
+# One statement claims and deletes (the transaction is rolled back if the send fails). Its
+# one-time filter, an InitPlan evaluated once before any row: the one-relay lock (no rows
+# when another relay of this schema is publishing) and an asynchronous commit for this
+# transaction only.
 _CLAIM = f"""
-SELECT id, topic, key, value, headers FROM outbox
-WHERE ({_ONE_RELAY})
-ORDER BY id
-LIMIT $1
-FOR UPDATE SKIP LOCKED
+DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox
+    WHERE ({_ONE_RELAY} AND set_config('synchronous_commit', 'off', true) = 'off')
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, topic, key, value, headers, created_at
 """
 
 
@@ -153,11 +160,13 @@ class OutboxRelay:
                 self._task.cancel()
 
     async def publish_once(self) -> int:
-        """One round: claim, send, await acknowledgements, delete. Returns rows published."""
+        """One round: claim (and delete), send, await acknowledgements, commit. Returns rows
+        published or set aside."""
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_CLAIM, self._batch_size)  # none if another relay is publishing
-            if not rows:
+            claimed = await conn.fetch(_CLAIM, self._batch_size)  # none if another relay is publishing
+            if not claimed:
                 return 0
+            rows = sorted(claimed, key=lambda r: r["id"])  # RETURNING has no order; ids are the outbox order
             try:
                 failed = await self._send_in_batches(rows)
             except NEVER_ACCEPTED:
@@ -165,14 +174,13 @@ class OutboxRelay:
                 # so only the culprits are refused (rows already sent go twice; consumers
                 # drop the repeats).
                 failed = await self._send_one_by_one(rows)
-            failed_ids = {row["id"] for row, _ in failed}
-            published = [r for r in rows if r["id"] not in failed_ids]
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in published])
             for row, error in failed:
-                await conn.execute(_MOVE_FAILED, row["id"], f"{type(error).__name__}: {error}")
+                await conn.execute(_MOVE_FAILED, row["id"], row["topic"], row["key"], row["value"], row["headers"],
+                                   row["created_at"], f"{type(error).__name__}: {error}")
                 log.error("outbox row refused by the broker for good; moved to outbox_failed",
                           extra={"outbox_id": row["id"], "topic": row["topic"], "error": repr(error)})
-        for topic, n in Counter_(r["topic"] for r in published).items():
+        failed_ids = {row["id"] for row, _ in failed}
+        for topic, n in Counter_(r["topic"] for r in rows if r["id"] not in failed_ids).items():
             OUTBOX_PUBLISHED.labels(topic).inc(n)
         for row, _ in failed:
             OUTBOX_FAILED.labels(row["topic"]).inc()

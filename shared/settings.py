@@ -25,7 +25,12 @@ class ServiceSettings(BaseSettings):
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 3_000
     consumer_batch_max_records: int = Field(default=1000, ge=1)
-    consumer_batch_timeout_ms: int = 20
+    # FastStream's batch subscriber waits this long for records and, when none came, sleeps
+    # as long again before the next try: records that arrive in that sleep wait for it. Any
+    # record already fetched is handed over at once, so a short wait costs only idle wake-ups.
+    consumer_batch_timeout_ms: int = Field(default=5, ge=1)
+    # Bulk streams (see below) wake less often when idle: under load they never sleep.
+    consumer_bulk_batch_timeout_ms: int = Field(default=50, ge=1)
     # How long the broker may hold an idle fetch. The embedded broker answers an idle fetch
     # only at this wait, so it bounds the latency of a quiet stream (aiokafka's default: 500).
     # Saga consumers (a customer waits on them) use consumer_fetch_max_wait_ms; bulk streams

@@ -10,6 +10,7 @@ import glob
 import importlib.resources
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -196,6 +197,8 @@ class PgCluster:
         ]
         if not durable:  # tests: a crash of the machine may lose the cluster, nothing else
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        # For investigations, e.g. "-c shared_preload_libraries=pg_stat_statements".
+        options += shlex.split(os.environ.get("LOYALTY_PG_EXTRA_OPTIONS", ""))
         self.log_path.touch()
         user = _pg_os_user()
         if user is not None:

@@ -689,9 +689,12 @@ class _LedgerAnswers:
             self._set(replace(r, ledger_status="redeemed"))
         elif isinstance(event, PointsReleased):
             if r.status == "fulfilled" and event.payload.phase == "void":
-                # The ledger voided a hold we fulfilled (it expired first): a reward without
-                # points. Kept visible (ledger_status) for reconciliation; never silently fixed.
-                log.error("ledger voided the hold of a fulfilled redemption", extra={"redemption_id": str(r.redemption_id)})
+                # The ledger voided a hold we fulfilled (it expired first). Our
+                # RedemptionFulfilled still reaches the ledger, which then takes the points
+                # anyway (debt for what the balance no longer covers) and answers
+                # PointsRedeemed, which sets ledger_status to redeemed below.
+                log.warning("ledger voided the hold of a fulfilled redemption; it redeems late",
+                            extra={"redemption_id": str(r.redemption_id)})
             self._set(replace(r, ledger_status="released"))
 
     def _set(self, r: Redemption) -> None:

@@ -35,9 +35,6 @@ class RewardsSettings(ServiceSettings, CustomerTokenSettings):
     # Longest a fetch of points.events waits at the broker when there is nothing new: bounds
     # the latency the ledger's answers add to the saga (at the cost of more idle fetches).
     consumer_fetch_max_wait_ms: int = Field(default=10, ge=1, le=500)
-    # Short micro-batch wait: FastStream waits this long for records, then sleeps as long again
-    # when none came, so it bounds the latency each hop of the saga adds.
-    consumer_batch_timeout_ms: int = 5
     # Tier names from lowest to highest, as the ledger reports them in BalanceAfter.tier.
     tier_order: str = "Bronze,Silver,Gold"
     # Stock and coupon pool gauges are re-read from the database this often.
