@@ -15,6 +15,9 @@ POINTS_EVENTS = "points.events"
 POINTS_DLQ = "points.dlq"
 REWARDS_EVENTS = "rewards.events"
 REWARDS_DLQ = "rewards.dlq"
+# The back office's manual adjustments, as the ledger accepted them: part of the ledger's
+# replayable input, next to purchases.recorded and rewards.events.
+LEDGER_ADJUSTMENTS = "ledger.adjustments"
 ENGAGEMENT_EVENTS = "engagement.events"
 CHURN_ALERTS = "churn.alerts"
 
@@ -26,6 +29,7 @@ ALL_TOPICS = (
     POINTS_DLQ,
     REWARDS_EVENTS,
     REWARDS_DLQ,
+    LEDGER_ADJUSTMENTS,
     ENGAGEMENT_EVENTS,
     CHURN_ALERTS,
 )

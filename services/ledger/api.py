@@ -328,6 +328,9 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     @router.post("/v1/admin/adjustments", response_model=AdjustmentOut, status_code=201, tags=["admin"],
                  dependencies=[Depends(admin)], summary="Credit or debit a customer by hand, with a reason (audited)",
+                 description="Applied at once (the answer carries the balance after it) and, in the same "
+                             "transaction, written to ledger.adjustments as AdjustmentRecorded, so that a ledger "
+                             "rebuilt from its topics keeps it. A refused adjustment is not written.",
                  responses={**ADMIN_ERRORS, **BODY_ERRORS,
                             200: {"description": "This adjustment_id was already applied; nothing changed"},
                             409: {"description": "A debit larger than the available points"},

@@ -868,6 +868,29 @@ def refund(book: CustomerBook, journal: Journal, h: Hold, program: Program, *, n
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """The audit row of a manual adjustment: who, why, when, and the transfer it caused."""
+
+    adjustment_id: uuid.UUID
+    customer_id: str
+    amount_points: int
+    reason_code: str
+    actor: str
+    note: str | None
+    occurred_at: datetime
+
+    @property
+    def transfer_id(self) -> uuid.UUID:
+        return adjustment_transfer_id(self.adjustment_id)
+
+
+def adjustment_transfer_id(adjustment_id: uuid.UUID) -> uuid.UUID:
+    """The transfer of an adjustment derives from the admin's id alone, so the adjustment
+    replayed from ledger.adjustments posts the very transfer the admin API posted."""
+    return derived_event_id("ledger", "adjust", str(adjustment_id))
+
+
 def adjust(
     book: CustomerBook,
     journal: Journal,
@@ -883,7 +906,7 @@ def adjust(
     if amount_points == 0 or abs(amount_points) > MAX_POINTS_PER_POSTING:
         raise InvalidAmount(f"an adjustment must move a non-zero number of points, at most {MAX_POINTS_PER_POSTING}")
     ref = str(adjustment_id)
-    transfer_id = derived_event_id("ledger", "adjust", ref)
+    transfer_id = adjustment_transfer_id(adjustment_id)
     if amount_points < 0:
         if -amount_points > book.available_points:
             raise InsufficientPoints(f"cannot take {-amount_points}, {book.available_points} available")

@@ -1,7 +1,8 @@
-"""FastStream subscribers of the ledger: purchases.recorded and rewards.events, consumed in
-micro-batches. Decode nothing here (the use case dead-letters what it cannot read), apply
-the batch in one transaction, let FastStream commit the offsets after it. Publishers are
-declared for the AsyncAPI document; the outbox relay does the publishing."""
+"""FastStream subscribers of the ledger: purchases.recorded, rewards.events and its own
+ledger.adjustments, consumed in micro-batches. Decode nothing here (the use case
+dead-letters what it cannot read), apply the batch in one transaction, let FastStream commit
+the offsets after it. Publishers are declared for the AsyncAPI document; the outbox relay
+does the publishing."""
 
 import asyncio
 import logging
@@ -14,22 +15,25 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
 
 from services.ledger.service import (
+    ADJUSTMENTS_CONSUMER,
     PURCHASES_CONSUMER,
     REWARDS_CONSUMER,
     Apply,
     Ledger,
     Record,
+    apply_adjustments,
     apply_one_by_one,
     apply_purchases,
     apply_rewards,
 )
 from services.ledger.settings import LedgerSettings
 from shared.events import DeadLetter
+from shared.events.adjustments import AdjustmentRecorded
 from shared.events.points import POINTS_EVENT_TYPES
 from shared.kafka import consumer_options
 from shared.logging import correlation_id
 from shared.metrics import observe_consumer_lag
-from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +108,17 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
                                  "key customer_id", schema=Union[POINTS_EVENT_TYPES])  # type: ignore[valid-type]
     broker.publisher(settings.topic(POINTS_DLQ), title="points.dlq",
                      description="Inputs the ledger could not apply, with the reason", schema=DeadLetter)
+    broker.publisher(settings.topic(LEDGER_ADJUSTMENTS), title="ledger.adjustments",
+                     description="Manual adjustments accepted by the admin API, written in the transaction that "
+                                 "applied them (never a refused one); event_id derives from adjustment_id; "
+                                 "key customer_id. The ledger's own replayable input", schema=AdjustmentRecorded)
 
     purchases = BatchConsumer(stream="purchases", consumer=PURCHASES_CONSUMER, apply=apply_purchases, ledger=ledger,
                               pool_getter=pool_getter, on_committed=on_committed)
     rewards = BatchConsumer(stream="rewards", consumer=REWARDS_CONSUMER, apply=apply_rewards, ledger=ledger,
                             pool_getter=pool_getter, on_committed=on_committed)
+    adjustments = BatchConsumer(stream="adjustments", consumer=ADJUSTMENTS_CONSUMER, apply=apply_adjustments,
+                                ledger=ledger, pool_getter=pool_getter, on_committed=on_committed)
 
     # Several consumers of purchases.recorded in one group and one process: each owns some
     # partitions (so, some customers), and while one batch waits for PostgreSQL another is
@@ -136,3 +146,16 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
     )
     async def on_rewards(body: Any, message: KafkaMessage = Context("message")) -> None:
         await rewards(message)
+
+    # The admin API applied each of these already and put its id in the inbox: here they are
+    # no-ops. Read from offset 0 into an empty database (a rebuild), they apply the
+    # adjustments again, with the same ids.
+    @broker.subscriber(
+        settings.topic(LEDGER_ADJUSTMENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+        # Its own title: the publisher above already names the channel "ledger.adjustments".
+        title="ledger.adjustments#consumer",
+        description="Manual adjustments: already applied by the admin API (inbox); applied again by a rebuild",
+        **consumer_options(settings, service="ledger", purpose="adjustments"),
+    )
+    async def on_adjustments(body: Any, message: KafkaMessage = Context("message")) -> None:
+        await adjustments(message)

@@ -13,14 +13,15 @@ from services.ledger.service import Clock, Ledger, ProgramStore, make_clock, ref
 from services.ledger.settings import LedgerSettings
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
-from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "The points ledger: double-entry accounts and append-only transfers, earning by versioned program "
     "rules from purchases.recorded, lots with expiry, returns and debt, two-phase redemption holds from "
-    "rewards.events, tiers; everything it does goes out on points.events."
+    "rewards.events, tiers, manual adjustments (admin API, also written to ledger.adjustments so that a "
+    "rebuild from the topics keeps them); everything it does goes out on points.events."
 )
 
 
@@ -44,7 +45,7 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
         schema="ledger",
         migrations_dir=Path(__file__).parent / "migrations",
         description=DESCRIPTION,
-        topics=(PURCHASES_RECORDED, REWARDS_EVENTS, POINTS_EVENTS, POINTS_DLQ),
+        topics=(PURCHASES_RECORDED, REWARDS_EVENTS, LEDGER_ADJUSTMENTS, POINTS_EVENTS, POINTS_DLQ),
     )
     ledger = Ledger(settings, ProgramStore(settings.program_file), clock or make_clock(settings))
     register_handlers(runtime.broker, settings=settings, ledger=ledger, pool_getter=lambda: runtime.pool,

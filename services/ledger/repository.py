@@ -14,6 +14,7 @@ import asyncpg
 from services.ledger.domain import (
     PROGRAM_ACCOUNTS,
     Account,
+    Adjustment,
     CustomerBook,
     Hold,
     LineEarning,
@@ -364,14 +365,31 @@ async def find_adjustment(conn: asyncpg.Connection, *, adjustment_id: uuid.UUID)
     return await conn.fetchrow("SELECT * FROM adjustments WHERE adjustment_id = $1", adjustment_id)
 
 
-async def insert_adjustment(
-    conn: asyncpg.Connection, *, adjustment_id: uuid.UUID, customer_id: str, amount_points: int, reason_code: str,
-    actor: str, note: str | None, transfer_id: uuid.UUID,
-) -> None:
+_INSERT_ADJUSTMENTS = """
+INSERT INTO adjustments (adjustment_id, customer_id, amount_points, reason_code, actor, note, transfer_id, created_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::uuid[],
+                     $8::timestamptz[])
+"""
+
+
+async def applied_adjustments(conn: asyncpg.Connection, *, adjustment_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """The ones among `adjustment_ids` that already have their audit row (so their transfer)."""
+    if not adjustment_ids:
+        return set()
+    rows = await conn.fetch("SELECT adjustment_id FROM adjustments WHERE adjustment_id = ANY($1::uuid[])",
+                            list(adjustment_ids))
+    return {r["adjustment_id"] for r in rows}
+
+
+async def insert_adjustments(conn: asyncpg.Connection, *, adjustments: Sequence[Adjustment]) -> None:
+    """The audit rows. `created_at` is when the ledger accepted the adjustment (the event's
+    occurred_at), not when the row was written, so a rebuilt ledger keeps the original times."""
+    if not adjustments:
+        return
     await conn.execute(
-        "INSERT INTO adjustments (adjustment_id, customer_id, amount_points, reason_code, actor, note, transfer_id)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        adjustment_id, customer_id, amount_points, reason_code, actor, note, transfer_id,
+        _INSERT_ADJUSTMENTS, [a.adjustment_id for a in adjustments], [a.customer_id for a in adjustments],
+        [a.amount_points for a in adjustments], [a.reason_code for a in adjustments], [a.actor for a in adjustments],
+        [a.note for a in adjustments], [a.transfer_id for a in adjustments], [a.occurred_at for a in adjustments],
     )
 
 

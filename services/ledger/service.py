@@ -31,6 +31,7 @@ from services.ledger import repository as repo
 from services.ledger.program import STACKING_ORDER, Program, load_program_file
 from services.ledger.settings import LedgerSettings
 from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, json_opt_str, json_str, utcnow
+from shared.events.adjustments import AdjustmentRecorded, AdjustmentRecordedPayload
 from shared.events.points import (
     BalanceAfter,
     PointsAdjusted,
@@ -58,13 +59,14 @@ from shared.events.purchases import PurchaseClaimed, PurchasePayload, PurchaseRe
 from shared.events.rewards import RedemptionCancelled, RedemptionFailed, RedemptionFulfilled, RedemptionRequested
 from shared.inbox import claim_new
 from shared.outbox import OutboxMessage, enqueue
-from shared.topics import POINTS_DLQ, POINTS_EVENTS
+from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "ledger"
 PURCHASES_CONSUMER = "ledger.purchases"
 REWARDS_CONSUMER = "ledger.rewards"
+ADJUSTMENTS_CONSUMER = "ledger.adjustments"
 
 Clock = Callable[[], datetime]
 
@@ -147,6 +149,10 @@ class Ledger:
     def dlq_topic(self) -> str:
         return self.settings.topic(POINTS_DLQ)
 
+    @property
+    def adjustments_topic(self) -> str:
+        return self.settings.topic(LEDGER_ADJUSTMENTS)
+
 
 # ---- inputs -------------------------------------------------------------------------------
 
@@ -166,8 +172,10 @@ PurchaseEvent = Annotated[Union[PurchaseRecorded, ReturnRecorded, PurchaseClaime
 RewardsEvent = Annotated[
     Union[RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled], Field(discriminator="type")
 ]
+AdjustmentEvent = Annotated[Union[AdjustmentRecorded], Field(discriminator="type")]
 _PURCHASE_EVENT = TypeAdapter(PurchaseEvent)
 _REWARDS_EVENT = TypeAdapter(RewardsEvent)
+_ADJUSTMENT_EVENT = TypeAdapter(AdjustmentEvent)
 
 
 @dataclass(slots=True)
@@ -307,6 +315,7 @@ class UnitOfWork:
         self.journal = d.Journal(d.new_program_accounts())
         self.holds: dict[uuid.UUID, d.Hold] = {}
         self.late_redemptions: list[d.LateRedemption] = []
+        self.adjustments: list[d.Adjustment] = []
 
     @property
     def window_start(self) -> datetime:
@@ -340,6 +349,7 @@ class UnitOfWork:
         await repo.insert_lots(conn, lots=[x for x in lots if x.is_new])
         await repo.update_lots(conn, lots=[x for x in lots if x.changed and not x.is_new])
         await repo.save_holds(conn, holds=[h for h in self.holds.values() if h.is_new or h.changed])
+        await repo.insert_adjustments(conn, adjustments=self.adjustments)
         await repo.update_customers(conn, books=self.books.values())
         # Last: the shared program-account rows are locked only for the end of the transaction.
         await repo.add_to_accounts(conn, transfers=transfers)
@@ -646,6 +656,8 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
 # ---- bad batches --------------------------------------------------------------------------
 
 Apply = Callable[[asyncpg.Connection, Ledger, Sequence[Record]], Any]
+_ADAPTERS = {PURCHASES_CONSUMER: _PURCHASE_EVENT, REWARDS_CONSUMER: _REWARDS_EVENT,
+             ADJUSTMENTS_CONSUMER: _ADJUSTMENT_EVENT}
 
 
 async def apply_one_by_one(pool: asyncpg.Pool, ledger: Ledger, records: Sequence[Record], apply: Apply,
@@ -661,8 +673,7 @@ async def apply_one_by_one(pool: asyncpg.Pool, ledger: Ledger, records: Sequence
             total.dead_lettered += r.dead_lettered
         except Exception as exc:  # noqa: BLE001 - the reason travels with the dead letter
             log.exception("record failed on its own; dead-lettering", extra={"offset": record.offset})
-            adapter = _PURCHASE_EVENT if consumer == PURCHASES_CONSUMER else _REWARDS_EVENT
-            item = decode(record, adapter)
+            item = decode(record, _ADAPTERS[consumer])
             item.reason = "processing_failed"
             item.errors = [{"loc": [], "msg": f"{type(exc).__name__}: {exc}"[:2000], "type": "processing_failed"}]
             async with pool.acquire() as conn, conn.transaction():
@@ -797,14 +808,55 @@ class AdjustmentOutcome:
     balance: d.Balance | None
 
 
+def adjustment_recorded(
+    *, adjustment_id: uuid.UUID, customer_id: str, amount_points: int, reason_code: str, actor: str,
+    note: str | None, occurred_at: datetime,
+) -> AdjustmentRecorded:
+    """The admin's adjustment as an input of the ledger (ledger.adjustments). Its id derives
+    from the adjustment id, so a re-sent request names the same event."""
+    event_id = derived_event_id("ledger", "AdjustmentRecorded", str(adjustment_id))
+    return AdjustmentRecorded(
+        event_id=event_id, occurred_at=occurred_at, recorded_at=occurred_at, producer=PRODUCER,
+        correlation_id=str(event_id), customer_id=customer_id,
+        payload=AdjustmentRecordedPayload(adjustment_id=adjustment_id, customer_id=customer_id,
+                                          amount_points=amount_points, reason_code=reason_code, actor=actor,
+                                          note=note, occurred_at=occurred_at),
+    )
+
+
+def _apply_adjustment(uow: UnitOfWork, out: Emitter, event: AdjustmentRecorded) -> None:
+    """One adjustment, the same whether the admin API just accepted it or it is replayed from
+    ledger.adjustments: every id derives from the adjustment id and every date from the
+    event's occurred_at, so a rebuild posts the very transfers, lot and PointsAdjusted of the
+    original. The customer is locked with their lots attached. Raises InvalidAmount,
+    InsufficientPoints."""
+    p = event.payload
+    book = uow.books[p.customer_id]
+    d.adjust(book, uow.journal, uow.program, adjustment_id=p.adjustment_id, amount_points=p.amount_points,
+             now=p.occurred_at)
+    out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=p.amount_points, balance=_balance(book.balance()),
+                                                   reason_code=p.reason_code, actor=p.actor, note=p.note),
+             customer_id=p.customer_id, cause=f"adjust:{p.adjustment_id}", correlation_id=event.correlation_id,
+             causation_id=str(event.event_id))
+    uow.adjustments.append(d.Adjustment(p.adjustment_id, p.customer_id, p.amount_points, p.reason_code, p.actor,
+                                        p.note, p.occurred_at))
+
+
 async def adjust_points(
     conn: asyncpg.Connection, ledger: Ledger, *, adjustment_id: uuid.UUID, customer_id: str, amount_points: int,
     reason_code: str, actor: str, note: str | None,
 ) -> AdjustmentOutcome:
     """A manual credit or debit, audited (who, why) next to its transfer. Idempotent by
-    adjustment_id. Raises InvalidAmount, InsufficientPoints."""
+    adjustment_id. Raises InvalidAmount, InsufficientPoints.
+
+    In the same transaction the adjustment goes out on ledger.adjustments (outbox) and its
+    event id into this ledger's inbox for that stream: the consumer then skips it, while a
+    ledger rebuilt from offset 0 applies it again. A refused adjustment rolls back with its
+    event, so the topic only ever holds what was applied."""
     await ledger.programs.ensure_loaded(conn)
     now = ledger.clock()
+    event = adjustment_recorded(adjustment_id=adjustment_id, customer_id=customer_id, amount_points=amount_points,
+                                reason_code=reason_code, actor=actor, note=note, occurred_at=now)
     async with conn.transaction():
         uow = UnitOfWork(conn, ledger, now)
         await uow.lock([customer_id], create=True)
@@ -816,19 +868,65 @@ async def adjust_points(
                                      book.balance() if book else None)
         book = uow.books[customer_id]
         uow.attach_lots(await repo.open_lots(conn, customer_ids=[customer_id]))
-        d.adjust(book, uow.journal, uow.program, adjustment_id=adjustment_id, amount_points=amount_points, now=now)
         out = Emitter(ledger, now)
-        out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=amount_points, balance=_balance(book.balance()),
-                                                       reason_code=reason_code, actor=actor, note=note),
-                 customer_id=customer_id, cause=f"adjust:{adjustment_id}")
-        await repo.insert_adjustment(conn, adjustment_id=adjustment_id, customer_id=customer_id,
-                                     amount_points=amount_points, reason_code=reason_code, actor=actor, note=note,
-                                     transfer_id=derived_event_id("ledger", "adjust", str(adjustment_id)))
+        out.messages.append(OutboxMessage.event(ledger.adjustments_topic, event, key=customer_id))
+        _apply_adjustment(uow, out, event)
+        await claim_new(conn, consumer=ADJUSTMENTS_CONSUMER, event_ids=[event.event_id])
         await uow.save(out.messages)
     uow.count_postings()
     log.info("adjustment", extra={"customer_id": customer_id, "amount_points": amount_points,
                                   "reason_code": reason_code, "actor": actor})
     return AdjustmentOutcome(True, adjustment_id, customer_id, amount_points, reason_code, actor, note, book.balance())
+
+
+async def apply_adjustments(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
+    """ledger.adjustments: one transaction per batch. In normal operation every event is
+    already in the inbox (the admin API applied it) and nothing happens; replayed into an
+    empty database, each is applied as the API applied it. One the balance no longer covers
+    (the streams were replayed in another order) is dead-lettered, never half-applied."""
+    started = time.perf_counter()
+    await ledger.programs.ensure_loaded(conn)
+    now = ledger.clock()
+    items = [decode(r, _ADJUSTMENT_EVENT) for r in records]
+    result = BatchResult()
+    async with conn.transaction():
+        fresh, result.duplicates = await _claim(conn, ADJUSTMENTS_CONSUMER, items)
+        uow = UnitOfWork(conn, ledger, now)
+        out = Emitter(ledger, now)
+        events = [i.event for i in fresh if i.event is not None]
+        await uow.lock([e.customer_id for e in events], create=True)
+        # The audit row is the proof an adjustment was applied, whatever event id carried it.
+        applied = await repo.applied_adjustments(conn, adjustment_ids=[e.payload.adjustment_id for e in events])
+        to_apply = sorted({e.customer_id for e in events if e.payload.adjustment_id not in applied})
+        if to_apply:
+            uow.attach_lots(await repo.open_lots(conn, customer_ids=to_apply))
+        for item in fresh:
+            event = item.event
+            if event is None:
+                out.messages.append(_dead_letter(ledger, item, now))
+                result.dead_lettered += 1
+                continue
+            if event.payload.adjustment_id in applied:
+                result.duplicates += 1
+                continue
+            try:
+                _apply_adjustment(uow, out, event)
+            except d.LedgerError as exc:  # the balance does not cover a debit; 0 or out-of-range points
+                item.reason, item.errors = exc.reason, [{"loc": ["payload", "amount_points"], "msg": str(exc),
+                                                         "type": exc.reason}]
+                out.messages.append(_dead_letter(ledger, item, now))
+                result.dead_lettered += 1
+                continue
+            applied.add(event.payload.adjustment_id)
+            metrics.EVENTS.labels(event.type, "applied").inc()
+            result.processed += 1
+        await uow.save(out.messages)
+    uow.count_postings()
+    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
+    metrics.BATCH_SIZE.labels("adjustments").observe(len(records))
+    metrics.BATCH_SECONDS.labels("adjustments").observe(time.perf_counter() - started)
+    _latency("adjustments", fresh)
+    return result
 
 
 # ---- read side ----------------------------------------------------------------------------

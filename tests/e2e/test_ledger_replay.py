@@ -1,65 +1,37 @@
-"""Replay: the ledger rebuilt from purchases.recorded and rewards.events, read again from
-offset 0, holds exactly the state it held (a hash of its accounts, customers, lots, holds and
-transfers, without processing timestamps); replaying into the populated database adds nothing.
+"""Replay: the ledger rebuilt from purchases.recorded, ledger.adjustments and rewards.events,
+read again from offset 0, holds exactly the state it held (a hash of its accounts, customers,
+lots, holds, transfers and adjustments, without processing timestamps); replaying into the
+populated database adds nothing.
 
-The two topics have no order between them, while a redemption depends on the points earned
-before it. A rebuild therefore applies purchases.recorded first: the test keeps the new
-rewards.events consumer group busy (a member of its own that takes every partition) until the
-new purchases group has caught up, and the original stream was fed in that order too.
+The topics have no order between them, while an adjustment (a debit) and a redemption depend
+on the points earned before them, and a redemption on the adjustments before it. A rebuild
+therefore applies them in that order: the test keeps the new ledger.adjustments and
+rewards.events consumer groups busy (a member of their own that takes every partition) until
+the stream before them has caught up, and the original stream was fed in that order too.
 """
 
 import asyncio
-import hashlib
-import json
 import random
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
-from bench.harness import group_lag
-from shared.topics import PURCHASES_RECORDED, REWARDS_EVENTS
-from tests.support.kafka import produce, unique
+from shared.topics import LEDGER_ADJUSTMENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from tests.support.kafka import consume, produce, unique
 from tests.support.ledger import (
-    ledger_settings, purchase_claimed, purchase_recorded, redemption, return_recorded, running_ledger,
+    ADMIN, caught_up, ledger_settings, ledger_state_hash, purchase_claimed, purchase_recorded, redemption,
+    return_recorded, running_ledger,
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 PARTITIONS = 4
-
-# What defines the ledger, row by row in a stable order. Left out: when a row was written
-# (created_at, updated_at, seq) and hold expiries (processing time plus the timeout).
-STATE_QUERIES = {
-    "accounts": "SELECT account_id, customer_id, kind, debits_pending, debits_posted, credits_pending, credits_posted "
-                "FROM accounts ORDER BY account_id",
-    "customers": "SELECT customer_id, tier, has_purchased, qualifying_points FROM customers ORDER BY customer_id",
-    "lots": "SELECT lot_id, customer_id, source, purchase_id, occurred_at, amount_points, remaining_points, "
-            "held_points, expired_points, pending, matures_at, expires_at, rule_version, qualifying, earned_points, "
-            "reversed_points, bonus_points, tier_multiplier, lines, breakdown, return_ids FROM lots ORDER BY lot_id",
-    "holds": "SELECT redemption_id, customer_id, amount_points, state, transfer_id, allocations FROM holds "
-             "ORDER BY redemption_id",
-    "transfers": "SELECT transfer_id, debit_account_id, credit_account_id, amount_points, code, phase, pending_id, "
-                 "customer_id, ref, lot_id, rule_version, occurred_at FROM transfers ORDER BY transfer_id",
-}
-
-
-async def ledger_state_hash(dsn: str) -> tuple[str, dict[str, int]]:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": "ledger"})
-    try:
-        digest, counts = hashlib.sha256(), {}
-        for name, sql in STATE_QUERIES.items():
-            rows = await conn.fetch(sql)
-            counts[name] = len(rows)
-            for row in rows:
-                digest.update(json.dumps([name, *row.values()], default=str, sort_keys=True).encode())
-        return digest.hexdigest(), counts
-    finally:
-        await conn.close()
+STREAMS = ((PURCHASES_RECORDED, "purchases"), (LEDGER_ADJUSTMENTS, "adjustments"), (REWARDS_EVENTS, "rewards"))
 
 
 async def outbox_rows(dsn: str) -> int:
@@ -70,25 +42,18 @@ async def outbox_rows(dsn: str) -> int:
         await conn.close()
 
 
-async def caught_up(bootstrap: str, group: str, topic: str, *, timeout_s: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        lag = await group_lag(bootstrap, group, topic, PARTITIONS)
-        if not any(lag.values()):
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"{group} still lags on {topic}: {lag}"
-        await asyncio.sleep(0.2)
-
-
 async def settled(settings, bootstrap: str) -> None:
-    """Both consumer groups at the end of their topics and the outbox published."""
-    for topic, purpose in ((PURCHASES_RECORDED, "purchases"), (REWARDS_EVENTS, "rewards")):
-        await caught_up(bootstrap, settings.group_id("ledger", purpose), settings.topic(topic))
-    for _ in range(100):
-        if await outbox_rows(settings.database_url) == 0:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the ledger's outbox never emptied")
+    """Every consumer group at the end of its topic and the outbox published."""
+    for _ in range(2):  # the outbox may publish what a consumer has to read again
+        for topic, purpose in STREAMS:
+            await caught_up(bootstrap, settings.group_id("ledger", purpose), settings.topic(topic),
+                            partitions=PARTITIONS)
+        for _ in range(100):
+            if await outbox_rows(settings.database_url) == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the ledger's outbox never emptied")
 
 
 class TakeEverything(AbstractPartitionAssignor):
@@ -128,13 +93,14 @@ async def hold_group(bootstrap: str, group: str, topic: str) -> AIOKafkaConsumer
     raise AssertionError(f"the holder never got {topic}'s partitions: {holder.assignment()}")
 
 
-def the_stream() -> tuple[list[dict], list[dict]]:
+def the_stream() -> tuple[list[dict], list[dict], list[dict]]:
     """Sales (old ones already available, recent ones pending), partial returns, a claim,
-    a customer crossing into Silver; then redemptions fulfilled, failed, cancelled after
-    fulfilment, and one the balance cannot cover."""
+    a customer crossing into Silver; then adjustments through the admin API (credits,
+    debits, a re-sent one, one refused as an overdraft); then redemptions fulfilled, failed,
+    cancelled after fulfilment, and one the balance cannot cover."""
     rng = random.Random(5)
     old = datetime.now(timezone.utc) - timedelta(days=20)
-    purchases, rewards = [], []
+    purchases, adjustments, rewards = [], [], []
     customers = [unique("replay-") for _ in range(24)]
     for n, customer in enumerate(customers):
         for k in range(rng.randint(1, 3)):
@@ -149,6 +115,22 @@ def the_stream() -> tuple[list[dict], list[dict]]:
         if n == 1:
             anonymous = purchase_recorded(None, amounts=("42.00",), occurred_at=old)
             purchases += [anonymous, purchase_claimed(customer, anonymous)]
+    # Customers 0-11 also redeem below, so the points they redeem come after the adjustments.
+    for n, customer in enumerate(customers[:12]):
+        body = {"adjustment_id": str(uuid.uuid4()), "customer_id": customer, "reason_code": "correction",
+                "actor": f"ops-{n}@back-office", "note": f"ticket {n}"}
+        if n % 3 == 0:
+            adjustments.append({**body, "amount_points": rng.randint(20, 500), "reason_code": "goodwill"})
+        elif n % 3 == 1:
+            adjustments.append({**body, "amount_points": -1})  # from the old (available) sale's lot
+        else:
+            credit = {**body, "amount_points": 40, "reason_code": "service_recovery", "note": None}
+            debit = {**body, "adjustment_id": str(uuid.uuid4()), "amount_points": -25}  # lots expiring first
+            adjustments += [credit, credit, debit]  # the credit re-sent: applied once
+    adjustments.append({"adjustment_id": str(uuid.uuid4()), "customer_id": customers[3], "amount_points": -1_000_000,
+                        "reason_code": "fraud", "actor": "ops@back-office"})  # refused: never on the topic
+    adjustments.append({"adjustment_id": str(uuid.uuid4()), "customer_id": unique("replay-new-"),
+                        "amount_points": 300, "reason_code": "migration", "actor": "ops@back-office"})  # new account
     for n, customer in enumerate(customers[:16]):
         rid = uuid.uuid4()
         cost = rng.randint(1, 5)
@@ -160,47 +142,63 @@ def the_stream() -> tuple[list[dict], list[dict]]:
             if n % 4 == 1:
                 rewards.append(redemption("RedemptionCancelled", customer, rid, cost, was_fulfilled=True))
     rewards.append(redemption("RedemptionRequested", customers[2], uuid.uuid4(), 1_000_000))  # rejected
-    return purchases, rewards
+    return purchases, adjustments, rewards
 
 
 async def test_a_ledger_rebuilt_from_offset_zero_holds_the_same_state_and_a_replay_adds_nothing(
         base_env, kafka_bootstrap, pg_cluster):
     original = ledger_settings(base_env)
     purchases_topic, rewards_topic = original.topic(PURCHASES_RECORDED), original.topic(REWARDS_EVENTS)
-    purchases, rewards = the_stream()
+    adjustments_topic = original.topic(LEDGER_ADJUSTMENTS)
+    purchases, adjustments, rewards = the_stream()
 
-    async with running_ledger(original):
+    async with running_ledger(original) as (_, client):
         await produce(kafka_bootstrap, purchases_topic, purchases, key_field="customer_id")
+        await settled(original, kafka_bootstrap)
+        answers = [(await client.post("/v1/admin/adjustments", headers=ADMIN, json=body)).status_code
+                   for body in adjustments]
         await settled(original, kafka_bootstrap)
         await produce(kafka_bootstrap, rewards_topic, rewards, key_field="customer_id")
         await settled(original, kafka_bootstrap)
+    # the overdraft refused (and any debit beyond what a customer had left), the re-sent credits answered 200
+    assert answers[-2] == 409 and answers.count(200) == 4, answers
+    accepted = {body["adjustment_id"] for body, status in zip(adjustments, answers) if status == 201}
+    on_topic = await consume(kafka_bootstrap, adjustments_topic, idle_s=1.0)
+    assert sorted(e["payload"]["adjustment_id"] for e in on_topic) == sorted(accepted)  # once each, none refused
     state, counts = await ledger_state_hash(original.database_url)
-    # the stream did what it says: earnings, reversals, holds posted, voided, refunded
+    # the stream did what it says: earnings, reversals, adjustments, holds posted, voided, refunded
     transfers = await asyncpg.connect(original.database_url)
     try:
         codes = {r["code"]: r["n"] for r in await transfers.fetch(
             "SELECT code, count(*) AS n FROM ledger.transfers GROUP BY code")}
         tiers = {r["tier"] for r in await transfers.fetch("SELECT DISTINCT tier FROM ledger.customers")}
+        signs = {r["positive"] for r in await transfers.fetch("SELECT amount_points > 0 AS positive FROM ledger.adjustments")}
     finally:
         await transfers.close()
-    assert {"earn", "reverse", "hold", "post", "void", "refund"} <= set(codes), codes
+    assert {"earn", "reverse", "adjust", "hold", "post", "void", "refund"} <= set(codes), codes
+    assert codes["adjust"] == counts["adjustments"] == len(accepted) and signs == {True, False}
     assert tiers == {"Bronze", "Silver"}
 
-    # a fresh ledger on an empty database, with new consumer groups, from offset 0
+    # a fresh ledger on an empty database, with new consumer groups, from offset 0:
+    # purchases.recorded first, then ledger.adjustments, then rewards.events
     name = f"t_{uuid.uuid4().hex[:12]}"
     pg_cluster.psql("postgres", f'CREATE DATABASE "{name}"')
     rebuilt = ledger_settings(base_env, database_url=pg_cluster.dsn(name),
                               consumer_group_prefix=unique("rebuild-"))
-    holder = await hold_group(kafka_bootstrap, rebuilt.group_id("ledger", "rewards"), rewards_topic)
+    holders = {topic: await hold_group(kafka_bootstrap, rebuilt.group_id("ledger", purpose), rebuilt.topic(topic))
+               for topic, purpose in STREAMS[1:]}
     try:
         async with running_ledger(rebuilt):
-            await caught_up(kafka_bootstrap, rebuilt.group_id("ledger", "purchases"), purchases_topic)
-            # still the leader and owner of every partition: nothing of rewards.events was read yet
-            assert len(holder.assignment()) == PARTITIONS, holder.assignment()
-            await holder.stop()
+            for (before, purpose), (topic, _) in zip(STREAMS, STREAMS[1:]):
+                await caught_up(kafka_bootstrap, rebuilt.group_id("ledger", purpose), rebuilt.topic(before),
+                                partitions=PARTITIONS)
+                # still the leader and owner of every partition: nothing of `topic` was read yet
+                assert len(holders[topic].assignment()) == PARTITIONS, holders[topic].assignment()
+                await holders[topic].stop()
             await settled(rebuilt, kafka_bootstrap)
     finally:
-        await holder.stop()
+        for holder in holders.values():
+            await holder.stop()
     assert await ledger_state_hash(rebuilt.database_url) == (state, counts)
 
     # the same topics once more, into the populated original database: nothing added

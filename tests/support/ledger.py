@@ -1,7 +1,11 @@
-"""Builders for the ledger's inputs (purchases.recorded and rewards.events envelopes, as the
-purchases and rewards services publish them) and an in-process ledger service."""
+"""Builders for the ledger's inputs (purchases.recorded, rewards.events and ledger.adjustments
+envelopes, as the purchases and rewards services and the ledger's admin API publish them), an
+in-process ledger service, and what a test reads back: the ledger's state, consumer lag."""
 
+import asyncio
 import contextlib
+import hashlib
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -10,8 +14,10 @@ from typing import Any
 import asyncpg
 import httpx
 
+from bench.harness import group_lag
 from services.ledger.main import create_app
 from services.ledger.settings import LedgerSettings
+from shared.events import derived_event_id
 
 ADMIN_KEY = "ledger-admin-test-key"
 ADMIN = {"X-Admin-Key": ADMIN_KEY}
@@ -74,6 +80,19 @@ def redemption(type_: str, customer_id: str, redemption_id: uuid.UUID, cost_poin
     return _envelope(type_, customer_id, payload, producer="rewards")
 
 
+def adjustment_recorded(customer_id: str, amount_points: int, *, adjustment_id: uuid.UUID | None = None,
+                        occurred_at: datetime | None = None, event_id: str | None = None,
+                        reason_code: str = "goodwill", actor: str = "ops@test", note: str | None = None) -> dict[str, Any]:
+    """An AdjustmentRecorded as the admin API writes it (event id derived from the adjustment id)."""
+    adjustment_id = adjustment_id or uuid.uuid4()
+    occurred_at = occurred_at or datetime.now(timezone.utc)
+    payload = {"adjustment_id": str(adjustment_id), "customer_id": customer_id, "amount_points": amount_points,
+               "reason_code": reason_code, "actor": actor, "note": note, "occurred_at": occurred_at.isoformat()}
+    event_id = event_id or str(derived_event_id("ledger", "AdjustmentRecorded", str(adjustment_id)))
+    return _envelope("AdjustmentRecorded", customer_id, payload, event_id=event_id, occurred_at=occurred_at,
+                     producer="ledger")
+
+
 def ledger_settings(base_env: dict[str, str], **overrides: Any) -> LedgerSettings:
     values: dict[str, Any] = {k.lower(): v for k, v in base_env.items()}
     # One purchases consumer: each group join costs a second at start (the e2e test runs the default two).
@@ -98,3 +117,52 @@ async def ledger_rows(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await conn.fetch(sql, *args)
     finally:
         await conn.close()
+
+
+# What defines the ledger, row by row in a stable order. Left out: when a row was written
+# (created_at, updated_at, seq) and hold expiries (processing time plus the timeout). The
+# adjustments' created_at is kept: it is when the ledger accepted the adjustment.
+STATE_QUERIES = {
+    "accounts": "SELECT account_id, customer_id, kind, debits_pending, debits_posted, credits_pending, credits_posted "
+                "FROM accounts ORDER BY account_id",
+    "customers": "SELECT customer_id, tier, has_purchased, qualifying_points FROM customers ORDER BY customer_id",
+    "lots": "SELECT lot_id, customer_id, source, purchase_id, occurred_at, amount_points, remaining_points, "
+            "held_points, expired_points, pending, matures_at, expires_at, rule_version, qualifying, earned_points, "
+            "reversed_points, bonus_points, tier_multiplier, lines, breakdown, return_ids FROM lots ORDER BY lot_id",
+    "holds": "SELECT redemption_id, customer_id, amount_points, state, transfer_id, allocations FROM holds "
+             "ORDER BY redemption_id",
+    "transfers": "SELECT transfer_id, debit_account_id, credit_account_id, amount_points, code, phase, pending_id, "
+                 "customer_id, ref, lot_id, rule_version, occurred_at FROM transfers ORDER BY transfer_id",
+    "adjustments": "SELECT adjustment_id, customer_id, amount_points, reason_code, actor, note, transfer_id, created_at "
+                   "FROM adjustments ORDER BY adjustment_id",
+}
+
+
+async def ledger_state(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows of STATE_QUERIES, table by table."""
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "ledger"})
+    try:
+        return {name: [tuple(r.values()) for r in await conn.fetch(sql)] for name, sql in STATE_QUERIES.items()}
+    finally:
+        await conn.close()
+
+
+async def ledger_state_hash(dsn: str) -> tuple[str, dict[str, int]]:
+    """A hash of ledger_state, and the row count of each table."""
+    digest, counts = hashlib.sha256(), {}
+    for name, rows in (await ledger_state(dsn)).items():
+        counts[name] = len(rows)
+        for row in rows:
+            digest.update(json.dumps([name, *row], default=str, sort_keys=True).encode())
+    return digest.hexdigest(), counts
+
+
+async def caught_up(bootstrap: str, group: str, topic: str, *, partitions: int = 4, timeout_s: float = 60) -> None:
+    """Wait until `group` has committed every record of `topic`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        lag = await group_lag(bootstrap, group, topic, partitions)
+        if not any(lag.values()):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{group} still lags on {topic}: {lag}"
+        await asyncio.sleep(0.2)
