@@ -64,6 +64,11 @@ class TransactionOut(BaseModel):
     ref: str = Field(description="The purchase, return, redemption, lot or adjustment that caused it")
     rule_version: int | None
     breakdown: list[dict[str, Any]] | None = Field(None, description="For earn credits: the rule that earned what")
+    purchase_id: str | None = Field(None, description="For postings on one purchase's lot (earn, mature, "
+                                                      "reverse, debt, expire): the purchase")
+    channel: Literal["pos", "eshop"] | None = Field(None, description="The purchase's channel (ids are unique per "
+                                                                      "channel); null for purchases recorded before "
+                                                                      "channels were kept")
     reason_code: str | None = None
     actor: str | None = None
     occurred_at: datetime | None
@@ -270,7 +275,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
             seq=r["seq"], transfer_id=r["transfer_id"], code=r["code"], amount_points=r["amount_points"],
             debit_account=_kind(r["debit_account_id"]), credit_account=_kind(r["credit_account_id"]),
             phase=r["phase"], ref=r["ref"], rule_version=r["rule_version"],
-            breakdown=repo_json(r["breakdown"]), reason_code=r["reason_code"], actor=r["actor"],
+            breakdown=repo_json(r["breakdown"]), purchase_id=r["purchase_id"], channel=r["purchase_source"],
+            reason_code=r["reason_code"], actor=r["actor"],
             occurred_at=r["occurred_at"], recorded_at=r["created_at"],
         ) for r in rows[:limit]]
         return TransactionsPage(items=items, next_cursor=str(items[-1].seq) if len(rows) > limit else None)

@@ -187,10 +187,11 @@ async def insert_transfers(conn: asyncpg.Connection, *, transfers: Sequence[Tran
 
 _HISTORY = """
 SELECT t.seq, t.transfer_id, t.debit_account_id, t.credit_account_id, t.amount_points, t.code, t.phase,
-       t.ref, t.lot_id, t.rule_version, t.occurred_at, t.created_at, l.breakdown, l.purchase_id,
+       t.ref, t.lot_id, t.rule_version, t.occurred_at, t.created_at,
+       CASE WHEN t.code = 'earn' THEN l.breakdown END AS breakdown, l.purchase_id, l.purchase_source,
        a.reason_code, a.actor, a.note
 FROM transfers t
-LEFT JOIN lots l ON l.lot_id = t.lot_id AND t.code = 'earn'
+LEFT JOIN lots l ON l.lot_id = t.lot_id AND l.source = 'purchase'
 LEFT JOIN adjustments a ON a.transfer_id = t.transfer_id
 WHERE t.customer_id = $1 AND ($2::bigint IS NULL OR t.seq < $2)
 ORDER BY t.seq DESC

@@ -495,7 +495,8 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                         continue
                     out.emit(PointsReversed, PointsReversedPayload(
                         amount_points=o.amount_points, balance=_balance(o.balance), return_id=o.return_id,
-                        original_purchase_id=o.lot.purchase_id or "", debt_points_added=o.debt_points_added,
+                        original_purchase_id=o.lot.purchase_id or "", source=o.lot.purchase_source,
+                        debt_points_added=o.debt_points_added,
                     ), customer_id=o.customer_id, cause=f"reverse:{d.purchase_ref(p.source, o.return_id)}",
                         correlation_id=event.correlation_id,
                         causation_id=cause)
@@ -760,7 +761,8 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
             if moved:
                 run.matured_points += moved
                 out.emit(PointsMatured, PointsMaturedPayload(amount_points=moved, balance=_balance(book.balance()),
-                                                             purchase_id=lot.purchase_id or str(lot.lot_id)),
+                                                             purchase_id=lot.purchase_id or str(lot.lot_id),
+                                                             source=lot.purchase_source),
                          customer_id=cid, cause=f"mature:{lot.lot_id}")
         expired_lots, expired, first_transfer = [], 0, len(uow.journal.transfers)
         for lot in lots:

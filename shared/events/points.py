@@ -44,11 +44,16 @@ class PointsEarnedPayload(_PointsPayload):
 
 class PointsMaturedPayload(_PointsPayload):
     purchase_id: str
+    # The purchase's channel (a POS sale and an e-shop order may share an id); None for
+    # points that are not from a purchase, or lots recorded before channels were kept.
+    source: Literal["pos", "eshop"] | None = None
 
 
 class PointsReversedPayload(_PointsPayload):
     return_id: str
     original_purchase_id: str
+    # The channel of the sale and its return; None for lots recorded before channels were kept.
+    source: Literal["pos", "eshop"] | None = None
     # Part of the reversal that could not be taken from the purchase's lots (already spent):
     # it became debt that later earnings pay off first.
     debt_points_added: int

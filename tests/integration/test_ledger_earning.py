@@ -192,10 +192,15 @@ async def test_a_pos_sale_and_an_eshop_order_with_the_same_id_are_two_purchases(
         await produce(kafka_bootstrap, topic, [eshop_return], key=customer)
         [*_, reversed_] = await points_events(settings, kafka_bootstrap, 3)
         balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+        history = (await client.get(f"/v1/customers/{customer}/transactions", headers=ADMIN)).json()
     assert sorted((e["type"], e["payload"]["source"], e["payload"]["amount_points"]) for e in earned) == [
         ("PointsEarned", "eshop", 100), ("PointsEarned", "pos", 100)]
     assert len({e["event_id"] for e in earned}) == 2
     assert reversed_["type"] == "PointsReversed" and reversed_["payload"]["amount_points"] == 40
+    assert reversed_["payload"]["source"] == "eshop" and reversed_["payload"]["original_purchase_id"] == shared_id
+    # The history tells the two purchases apart by their channel.
+    assert sorted((t["code"], t["purchase_id"], t["channel"], t["amount_points"]) for t in history["items"]) == [
+        ("earn", shared_id, "eshop", 100), ("earn", shared_id, "pos", 100), ("reverse", shared_id, "eshop", 40)]
     assert balance["pending_points"] == 160 and balance["qualifying_points"] == 160
     lots = await ledger_rows(settings.database_url, "SELECT purchase_source, amount_points, reversed_points "
                              "FROM lots WHERE purchase_id = $1 ORDER BY purchase_source", shared_id)
