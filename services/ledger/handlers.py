@@ -153,9 +153,10 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
     @broker.subscriber(
         settings.topic(LEDGER_ADJUSTMENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
         # Its own title: the publisher above already names the channel "ledger.adjustments".
+        # A bulk stream: nobody waits on it, so it may wait longer when idle (fewer idle fetches).
         title="ledger.adjustments#consumer",
         description="Manual adjustments: already applied by the admin API (inbox); applied again by a rebuild",
-        **consumer_options(settings, service="ledger", purpose="adjustments"),
+        **consumer_options(settings, service="ledger", purpose="adjustments", bulk=True),
     )
     async def on_adjustments(body: Any, message: KafkaMessage = Context("message")) -> None:
         await adjustments(message)
