@@ -825,7 +825,10 @@ def refund(book: CustomerBook, journal: Journal, h: Hold, program: Program, *, n
 
     A late redemption may have left part of the amount as debt instead of lots: that part
     cancels what is still owed, and what the customer already repaid comes back as a new
-    lot (expiring like an adjustment; the lots that repaid the debt are not traced)."""
+    lot dated `now` (the cancellation's time) and expiring like an adjustment: the lots that
+    repaid the debt are not traced, so these points alone may live longer than they would
+    have. Debt still owed is cancelled whatever caused it (a return's debt too): the
+    customer's total is right, the program accounts' split between them is not traced."""
     if h.state != "posted":
         return False
     rid = str(h.redemption_id)

@@ -646,7 +646,8 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
         out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
                                                        redemption_id=rid, phase="void", reason=reason),
                  customer_id=book.customer_id, cause=f"void:{rid}", **kw)
-    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.program, now=uow.now):
+    # The cancellation's own time, not this run's: a rebuild dates a refund lot the same way.
+    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.program, now=event.occurred_at):
         # Cancelled after fulfilment (or a failure reported after posting): points go back.
         out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
                                                        redemption_id=rid, phase="refund", reason=reason),
