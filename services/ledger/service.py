@@ -608,6 +608,7 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
             # A re-sent request: its first answer is already on its way (outbox); not final.
             reject("duplicate_redemption", book.balance())
         else:
+            _lots_due(uow, out, book, at=_spend_time(uow, event))
             try:
                 h = d.hold(book, uow.journal, redemption_id=rid, amount_points=p.cost_points,
                            expires_at=_hold_expiry(uow.ledger, p.hold_timeout_s, uow.now))
@@ -632,7 +633,10 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
             out.emit(PointsRedeemed, PointsRedeemedPayload(amount_points=h.amount_points,
                                                            balance=_balance(book.balance()), redemption_id=rid),
                      customer_id=book.customer_id, cause=f"post:{rid}", **kw)
-        elif late := d.redeem_after_void(book, uow.journal, h):
+            return None
+        if h.state == "voided":  # a late redemption spends, like a new hold
+            _lots_due(uow, out, book, at=_spend_time(uow, event))
+        if late := d.redeem_after_void(book, uow.journal, h):
             # The reward was given after we voided the hold (we or the rewards' outbox lagged
             # past the timeout): the points are taken now, the shortfall as debt.
             uow.late_redemptions.append(late)
@@ -756,26 +760,10 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
                 out.emit(PointsReleased, PointsReleasedPayload(
                     amount_points=h.amount_points, balance=_balance(book.balance()), redemption_id=h.redemption_id,
                     phase="void", reason="hold_timeout"), customer_id=cid, cause=f"void:{h.redemption_id}")
+        matured, expired = _lots_due(uow, out, book, at=now)
+        run.matured_points += matured
+        run.expired_points += expired
         lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
-        for lot in lots:
-            moved = d.mature(book, uow.journal, lot, now=now)
-            if moved:
-                run.matured_points += moved
-                out.emit(PointsMatured, PointsMaturedPayload(amount_points=moved, balance=_balance(book.balance()),
-                                                             purchase_id=lot.purchase_id or str(lot.lot_id),
-                                                             source=lot.purchase_source),
-                         customer_id=cid, cause=f"mature:{lot.lot_id}")
-        expired_lots, expired, first_transfer = [], 0, len(uow.journal.transfers)
-        for lot in lots:
-            points = d.expire(book, uow.journal, lot, now=now)
-            if points:
-                expired_lots.append(str(lot.lot_id))
-                expired += points
-        if expired:
-            run.expired_points += expired
-            cause = ",".join(str(t.transfer_id) for t in uow.journal.transfers[first_transfer:])
-            out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=_balance(book.balance()),
-                                                         lot_ids=expired_lots), customer_id=cid, cause=f"expire:{cause}")
         reminders: dict[date, int] = {}
         for lot in lots:
             if (not lot.pending and lot.remaining_points > 0 and lot.reminded_on is None
@@ -794,6 +782,44 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
             out.tier_moved(moved_tier, cause=f"window:{cid}:{today.isoformat()}:{moved_tier.to_tier}")
     await uow.save(out.messages)
     uow.count_postings()
+
+
+def _lots_due(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, *, at: datetime) -> tuple[int, int]:
+    """Mature and expire the customer's lots due at `at` (the book holds all their open lots),
+    with their events. The scheduler does it for everyone on its round; a spend (a hold, a
+    late redemption, an adjustment) does it first for its customer at its own time, so it never
+    takes points already expired nor misses points already matured, whenever the scheduler last
+    ran, and a rebuild, replaying the spend with its original time, finds the same lots. Ids
+    derive from the lots, so whichever comes first, the other finds nothing left to do.
+    Returns the points matured and expired."""
+    lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
+    matured = 0
+    for lot in lots:
+        moved = d.mature(book, uow.journal, lot, now=at)
+        if moved:
+            matured += moved
+            out.emit(PointsMatured, PointsMaturedPayload(amount_points=moved, balance=_balance(book.balance()),
+                                                         purchase_id=lot.purchase_id or str(lot.lot_id),
+                                                         source=lot.purchase_source),
+                     customer_id=book.customer_id, cause=f"mature:{lot.lot_id}")
+    expired_lots, expired, first_transfer = [], 0, len(uow.journal.transfers)
+    for lot in lots:
+        points = d.expire(book, uow.journal, lot, now=at)
+        if points:
+            expired_lots.append(str(lot.lot_id))
+            expired += points
+    if expired:
+        cause = ",".join(str(t.transfer_id) for t in uow.journal.transfers[first_transfer:])
+        out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=_balance(book.balance()),
+                                                     lot_ids=expired_lots), customer_id=book.customer_id,
+                 cause=f"expire:{cause}")
+    return matured, expired
+
+
+def _spend_time(uow: UnitOfWork, event: Any) -> datetime:
+    """When a spend happened: its event's time, never later than this run's clock (a producer
+    whose clock runs ahead must not expire points early)."""
+    return min(event.occurred_at, uow.now)
 
 
 # ---- admin: adjustments and the program ---------------------------------------------------
@@ -835,6 +861,7 @@ def _apply_adjustment(uow: UnitOfWork, out: Emitter, event: AdjustmentRecorded) 
     InsufficientPoints."""
     p = event.payload
     book = uow.books[p.customer_id]
+    _lots_due(uow, out, book, at=_spend_time(uow, event))
     d.adjust(book, uow.journal, uow.program, adjustment_id=p.adjustment_id, amount_points=p.amount_points,
              now=p.occurred_at)
     out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=p.amount_points, balance=_balance(book.balance()),

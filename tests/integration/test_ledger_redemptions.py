@@ -253,3 +253,30 @@ async def test_a_late_fulfilment_the_balance_no_longer_covers_leaves_debt_and_a_
     books = await books_of(settings.database_url, customer)
     assert books["trial_balance"] == (0, 0) and books["available"] == books["lots_remaining"] == 50
     assert books["lowest_lot"] >= 0
+
+
+async def test_a_hold_never_takes_points_past_their_expiry_whenever_the_scheduler_last_ran(settings, kafka_bootstrap):
+    """The scheduler expires lots once an interval (here: not at all). A request for points
+    first expires what is due at its own time, so the points of a lot past its expiry date
+    are never held, though they were still on the balance a moment before."""
+    customer, too_much, enough = unique("c-"), uuid.uuid4(), uuid.uuid4()
+    old_sale = purchase_recorded(customer, amounts=("100.00",), occurred_at=datetime.now(timezone.utc) - timedelta(days=390))
+    async with running_ledger(settings) as (_, client):
+        await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), [old_sale], key=customer)
+        await earn(settings, kafka_bootstrap, customer, "100.00")
+        await points_events(settings, kafka_bootstrap, 2)
+        before = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS), [
+            redemption("RedemptionRequested", customer, too_much, 150),
+            redemption("RedemptionRequested", customer, enough, 80)], key=customer)
+        events = await points_events(settings, kafka_bootstrap, 5)
+        after = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+    assert before["available_points"] == 200  # the expired lot's 100 still counted: no scheduler run yet
+    expired, rejected, held = events[2:]
+    assert (expired["type"], expired["payload"]["amount_points"]) == ("PointsExpired", 100)
+    assert (rejected["type"], rejected["payload"]["reason"]) == ("PointsHoldRejected", "insufficient_points")
+    assert (held["type"], held["payload"]["amount_points"]) == ("PointsHeld", 80)
+    assert (after["available_points"], after["held_points"]) == (20, 80)
+    lots = await ledger_rows(settings.database_url, "SELECT remaining_points, held_points, expired_points FROM lots "
+                             "WHERE customer_id = $1 ORDER BY expires_at", customer)
+    assert [tuple(r) for r in lots] == [(0, 0, 100), (20, 80, 0)]
