@@ -544,6 +544,8 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
         if requesting or allocated:
             uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
         uow.attach_holds(list(holds.values()))
+        if requesting:  # a spend first voids what timed out by its time (_due_at)
+            uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=requesting, now=now))
 
         for item in fresh:
             event = item.event
@@ -608,10 +610,10 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
             # A re-sent request: its first answer is already on its way (outbox); not final.
             reject("duplicate_redemption", book.balance())
         else:
-            _lots_due(uow, out, book, at=_spend_time(uow, event))
+            _due_at(uow, out, book, at=_spend_time(uow, event))
             try:
                 h = d.hold(book, uow.journal, redemption_id=rid, amount_points=p.cost_points,
-                           expires_at=_hold_expiry(uow.ledger, p.hold_timeout_s, uow.now))
+                           expires_at=_hold_expiry(uow.ledger, p.hold_timeout_s, _spend_time(uow, event)))
             except d.LedgerError as exc:
                 reject(exc.reason, book.balance())
                 return None
@@ -635,7 +637,7 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
                      customer_id=book.customer_id, cause=f"post:{rid}", **kw)
             return None
         if h.state == "voided":  # a late redemption spends, like a new hold
-            _lots_due(uow, out, book, at=_spend_time(uow, event))
+            _due_at(uow, out, book, at=_spend_time(uow, event))
         if late := d.redeem_after_void(book, uow.journal, h):
             # The reward was given after we voided the hold (we or the rewards' outbox lagged
             # past the timeout): the points are taken now, the shortfall as debt.
@@ -754,13 +756,8 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
     for cid in ids:
         book = uow.books[cid]
         run.customers += 1
-        for h in list(book.holds.values()):
-            if h.state == "held" and h.expires_at <= now and d.void_hold(book, uow.journal, h):
-                run.voided_holds += 1
-                out.emit(PointsReleased, PointsReleasedPayload(
-                    amount_points=h.amount_points, balance=_balance(book.balance()), redemption_id=h.redemption_id,
-                    phase="void", reason="hold_timeout"), customer_id=cid, cause=f"void:{h.redemption_id}")
-        matured, expired = _lots_due(uow, out, book, at=now)
+        voided, matured, expired = _due_at(uow, out, book, at=now)
+        run.voided_holds += voided
         run.matured_points += matured
         run.expired_points += expired
         lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
@@ -784,14 +781,23 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
     uow.count_postings()
 
 
-def _lots_due(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, *, at: datetime) -> tuple[int, int]:
-    """Mature and expire the customer's lots due at `at` (the book holds all their open lots),
-    with their events. The scheduler does it for everyone on its round; a spend (a hold, a
-    late redemption, an adjustment) does it first for its customer at its own time, so it never
-    takes points already expired nor misses points already matured, whenever the scheduler last
-    ran, and a rebuild, replaying the spend with its original time, finds the same lots. Ids
-    derive from the lots, so whichever comes first, the other finds nothing left to do.
-    Returns the points matured and expired."""
+def _due_at(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, *, at: datetime) -> tuple[int, int, int]:
+    """Void the customer's holds timed out by `at`, then mature and expire their lots due at
+    `at` (the book holds all their open lots and timed-out holds), with their events. The
+    scheduler does it for everyone on its round; a spend (a hold, a late redemption, an
+    adjustment) does it first for its customer at its own time, so it never takes points
+    already expired, nor misses points already matured or held by a hold already timed out,
+    whenever the scheduler last ran; and a rebuild, replaying the spend with its original
+    time, finds the same lots and holds. Ids derive from the lots and holds, so whichever
+    comes first, the other finds nothing left to do. Returns holds voided, points matured,
+    points expired."""
+    voided = 0
+    for h in sorted(book.holds.values(), key=lambda x: (x.expires_at, str(x.redemption_id))):
+        if h.state == "held" and h.expires_at <= at and d.void_hold(book, uow.journal, h):
+            voided += 1
+            out.emit(PointsReleased, PointsReleasedPayload(
+                amount_points=h.amount_points, balance=_balance(book.balance()), redemption_id=h.redemption_id,
+                phase="void", reason="hold_timeout"), customer_id=book.customer_id, cause=f"void:{h.redemption_id}")
     lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
     matured = 0
     for lot in lots:
@@ -813,7 +819,7 @@ def _lots_due(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, *, at: dateti
         out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=_balance(book.balance()),
                                                      lot_ids=expired_lots), customer_id=book.customer_id,
                  cause=f"expire:{cause}")
-    return matured, expired
+    return voided, matured, expired
 
 
 def _spend_time(uow: UnitOfWork, event: Any) -> datetime:
@@ -861,7 +867,7 @@ def _apply_adjustment(uow: UnitOfWork, out: Emitter, event: AdjustmentRecorded) 
     InsufficientPoints."""
     p = event.payload
     book = uow.books[p.customer_id]
-    _lots_due(uow, out, book, at=_spend_time(uow, event))
+    _due_at(uow, out, book, at=_spend_time(uow, event))
     d.adjust(book, uow.journal, uow.program, adjustment_id=p.adjustment_id, amount_points=p.amount_points,
              now=p.occurred_at)
     out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=p.amount_points, balance=_balance(book.balance()),
@@ -898,6 +904,7 @@ async def adjust_points(
                                      book.balance() if book else None)
         book = uow.books[customer_id]
         uow.attach_lots(await repo.open_lots(conn, customer_ids=[customer_id]))
+        uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=[customer_id], now=now))
         out = Emitter(ledger, now)
         out.messages.append(OutboxMessage.event(ledger.adjustments_topic, event, key=customer_id))
         _apply_adjustment(uow, out, event)
@@ -930,6 +937,7 @@ async def apply_adjustments(conn: asyncpg.Connection, ledger: Ledger, records: S
         to_apply = sorted({e.customer_id for e in events if e.payload.adjustment_id not in applied})
         if to_apply:
             uow.attach_lots(await repo.open_lots(conn, customer_ids=to_apply))
+            uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=to_apply, now=now))
         for item in fresh:
             event = item.event
             if event is None:
