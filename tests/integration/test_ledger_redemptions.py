@@ -280,3 +280,30 @@ async def test_a_hold_never_takes_points_past_their_expiry_whenever_the_schedule
     lots = await ledger_rows(settings.database_url, "SELECT remaining_points, held_points, expired_points FROM lots "
                              "WHERE customer_id = $1 ORDER BY expires_at", customer)
     assert [tuple(r) for r in lots] == [(0, 0, 100), (20, 80, 0)]
+
+
+async def test_a_request_first_voids_the_holds_timed_out_by_its_time_whenever_the_scheduler_last_ran(
+        settings, kafka_bootstrap):
+    """The scheduler voids timed-out holds once an interval (here: not at all). A new request
+    first voids the customer's holds timed out by its own time, so a hold nobody fulfilled in
+    time never keeps the customer from their points."""
+    customer, first, second = unique("c-"), uuid.uuid4(), uuid.uuid4()
+    async with running_ledger(settings) as (_, client):
+        await earn(settings, kafka_bootstrap, customer, "100.00")
+        await points_events(settings, kafka_bootstrap, 1)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
+                      [redemption("RedemptionRequested", customer, first, 80, hold_timeout_s=1)], key=customer)
+        await points_events(settings, kafka_bootstrap, 2)
+        await asyncio.sleep(1.5)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS),
+                      [redemption("RedemptionRequested", customer, second, 80)], key=customer)
+        events = await points_events(settings, kafka_bootstrap, 4)
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+    assert [e["type"] for e in events] == ["PointsEarned", "PointsHeld", "PointsReleased", "PointsHeld"]
+    released, held = events[2]["payload"], events[3]["payload"]
+    assert (released["redemption_id"], released["phase"], released["reason"]) == (str(first), "void", "hold_timeout")
+    assert (held["redemption_id"], held["amount_points"]) == (str(second), 80)
+    assert (balance["available_points"], balance["held_points"]) == (20, 80)
+    states = await ledger_rows(settings.database_url, "SELECT redemption_id, state FROM holds WHERE customer_id = $1",
+                               customer)
+    assert {r["redemption_id"]: r["state"] for r in states} == {first: "voided", second: "held"}
