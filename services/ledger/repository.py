@@ -322,11 +322,16 @@ def _hold(r: asyncpg.Record) -> Hold:
                 r["transfer_id"], json.loads(r["allocations"]))
 
 
-async def holds_by_id(conn: asyncpg.Connection, *, redemption_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Hold]:
-    if not redemption_ids:
+async def holds_by_id(conn: asyncpg.Connection, *, redemption_ids: Sequence[uuid.UUID],
+                      timed_out_of: Sequence[str] = (), now: datetime | None = None) -> dict[uuid.UUID, Hold]:
+    """The named holds; with `timed_out_of`, in the same round trip, also those customers'
+    holds still held and timed out by `now`."""
+    if not redemption_ids and not timed_out_of:
         return {}
-    rows = await conn.fetch(f"SELECT {_HOLD_COLUMNS} FROM holds WHERE redemption_id = ANY($1::uuid[])",
-                            list(set(redemption_ids)))
+    rows = await conn.fetch(
+        f"SELECT {_HOLD_COLUMNS} FROM holds WHERE redemption_id = ANY($1::uuid[])"
+        " OR (customer_id = ANY($2::text[]) AND state = 'held' AND expires_at <= $3)",
+        list(set(redemption_ids)), list(timed_out_of), now)
     return {r["redemption_id"]: _hold(r) for r in rows}
 
 

@@ -536,7 +536,12 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
         out = Emitter(ledger, now)
         events = [i.event for i in fresh if i.event is not None]
         await uow.lock([e.customer_id for e in events if e.customer_id])
-        holds = await repo.holds_by_id(conn, redemption_ids=[e.payload.redemption_id for e in events])
+        # With the holds named, those of the requesting customers that timed out: a spend
+        # first voids them (_due_at).
+        holds = await repo.holds_by_id(
+            conn, redemption_ids=[e.payload.redemption_id for e in events],
+            timed_out_of=sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id}),
+            now=now)
         await uow.lock([h.customer_id for h in holds.values()])
         requesting = {e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id in uow.books}
         requesting = sorted(requesting | _may_redeem_late(events, holds))
@@ -544,8 +549,6 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
         if requesting or allocated:
             uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
         uow.attach_holds(list(holds.values()))
-        if requesting:  # a spend first voids what timed out by its time (_due_at)
-            uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=requesting, now=now))
 
         for item in fresh:
             event = item.event
