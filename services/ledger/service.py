@@ -391,6 +391,16 @@ class BatchResult:
     events_out: int = 0
 
 
+def _batch_done(stream: str, uow: UnitOfWork, out: Emitter, result: BatchResult, *, batch_size: int,
+                fresh: Sequence[Decoded], started: float) -> None:
+    """After a batch's commit: its counters and figures."""
+    uow.count_postings()
+    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
+    metrics.BATCH_SIZE.labels(stream).observe(batch_size)
+    metrics.BATCH_SECONDS.labels(stream).observe(time.perf_counter() - started)
+    _latency(stream, fresh)
+
+
 def _latency(stream: str, items: Sequence[Decoded]) -> None:
     """One observation per batch, its oldest input: the worst latency, at a fraction of the
     cost of observing every event."""
@@ -504,13 +514,9 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                     out.tier_moved(o, cause=cause, correlation_id=event.correlation_id)
             result.processed += 1
         await uow.save(out.messages)
-    uow.count_postings()
+    _batch_done("purchases", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
     for event_type, n in applied.items():
         metrics.EVENTS.labels(event_type, "applied").inc(n)
-    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
-    metrics.BATCH_SIZE.labels("purchases").observe(len(records))
-    metrics.BATCH_SECONDS.labels("purchases").observe(time.perf_counter() - started)
-    _latency("purchases", fresh)
     return result
 
 
@@ -565,11 +571,7 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
                 continue
             result.processed += 1
         await uow.save(out.messages)
-    uow.count_postings()
-    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
-    metrics.BATCH_SIZE.labels("rewards").observe(len(records))
-    metrics.BATCH_SECONDS.labels("rewards").observe(time.perf_counter() - started)
-    _latency("rewards", fresh)
+    _batch_done("rewards", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
     return result
 
 
@@ -962,11 +964,7 @@ async def apply_adjustments(conn: asyncpg.Connection, ledger: Ledger, records: S
             metrics.EVENTS.labels(event.type, "applied").inc()
             result.processed += 1
         await uow.save(out.messages)
-    uow.count_postings()
-    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
-    metrics.BATCH_SIZE.labels("adjustments").observe(len(records))
-    metrics.BATCH_SECONDS.labels("adjustments").observe(time.perf_counter() - started)
-    _latency("adjustments", fresh)
+    _batch_done("adjustments", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
     return result
 
 
