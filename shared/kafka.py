@@ -4,7 +4,10 @@ import json
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from faststream.kafka import KafkaBroker
 from faststream.security import SASLPlaintext, SASLScram256, SASLScram512, BaseSecurity
 
@@ -98,6 +101,40 @@ def create_producer(settings: ServiceSettings, *, client_id: str) -> AIOKafkaPro
         max_request_size=4 * 1024 * 1024,
         compression_type=None,
     )
+
+
+async def read_topic(settings: ServiceSettings, topic: str, *, timeout_s: float = 30.0) -> list[ConsumerRecord]:
+    """Every record of `topic`, from offset 0 to its end as of the call, partition by
+    partition in offset order; no consumer group (nothing is committed). For the small
+    topics a service reads whole when it starts. Raises asyncio.TimeoutError when the broker
+    does not answer in time, KeyError when the topic does not exist."""
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+
+    async def read() -> list[ConsumerRecord]:
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer.topics()  # refresh the metadata once
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise KeyError(f"topic {topic} does not exist")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: dict[TopicPartition, list[ConsumerRecord]] = {tp: [] for tp in tps}
+        behind = [tp for tp in tps if end[tp] > 0]
+        while behind:
+            for tp, got in (await consumer.getmany(*tps, timeout_ms=200)).items():
+                records[tp].extend(r for r in got if r.offset < end[tp])
+            behind = [tp for tp in behind if await consumer.position(tp) < end[tp]]
+        return [r for tp in tps for r in records[tp]]
+
+    try:
+        return await asyncio.wait_for(read(), timeout=timeout_s)
+    finally:
+        await consumer.stop()
 
 
 def dumps(value: Any) -> bytes:

@@ -18,6 +18,9 @@ REWARDS_DLQ = "rewards.dlq"
 # The back office's manual adjustments, as the ledger accepted them: part of the ledger's
 # replayable input, next to purchases.recorded and rewards.events.
 LEDGER_ADJUSTMENTS = "ledger.adjustments"
+# Every version of the earning program, as the ledger saved it: a rebuild reads them first,
+# so each purchase earns under the version it earned under originally.
+LEDGER_PROGRAMS = "ledger.programs"
 ENGAGEMENT_EVENTS = "engagement.events"
 CHURN_ALERTS = "churn.alerts"
 
@@ -30,6 +33,7 @@ ALL_TOPICS = (
     REWARDS_EVENTS,
     REWARDS_DLQ,
     LEDGER_ADJUSTMENTS,
+    LEDGER_PROGRAMS,
     ENGAGEMENT_EVENTS,
     CHURN_ALERTS,
 )

@@ -12,13 +12,14 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from services.ledger import domain as d
 from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
+from services.ledger.versions import EffectiveInThePast
 from shared.events.purchases import PurchaseLine, PurchasePayload
 from shared.auth import InvalidToken
 from shared.limits import BodyLimit, ExplainedBodyRoute
@@ -137,7 +138,9 @@ class SimulateOut(BaseModel):
 
 
 class ProgramOut(BaseModel):
-    version: int
+    version: int = Field(description="GET: the version in force now. PUT: the version just saved")
+    effective_from: datetime = Field(description="When that version takes (or took) effect: it governs every input "
+                                                 "recorded from then on, until a version effective later")
     program: Program
     versions: list[dict[str, Any]]
 
@@ -286,7 +289,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                  responses={**BODY_ERRORS,
                             422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
     async def post_simulate(body: SimulateIn, conn: Conn) -> SimulateOut:
-        if body.tier is not None and body.tier not in {t.name for t in ledger.programs.program.tiers}:
+        if body.tier is not None and body.tier not in {t.name for t in ledger.programs.in_force().program.tiers}:
             raise HTTPException(422, detail=f"unknown tier {body.tier!r}")
         p = body.purchase
         occurred_at = p.occurred_at or ledger.clock()
@@ -313,14 +316,23 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
     async def get_program(conn: Conn) -> ProgramOut:
         await ledger.programs.ensure_loaded(conn)
         await ledger.programs.refresh(conn)
+        rules = ledger.programs.in_force()
         versions = [dict(r) for r in await repo.program_versions(conn)]
-        return ProgramOut(version=ledger.programs.version, program=ledger.programs.program, versions=versions)
+        return ProgramOut(version=rules.version, effective_from=rules.effective_from, program=rules.program,
+                          versions=versions)
 
     @router.put("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
-                summary="Replace the program: stored as a new version; postings from now on record it",
-                responses={**ADMIN_ERRORS, **BODY_ERRORS, 422: {"model": ErrorOut, "description": "Invalid program"}})
+                summary="Replace the program: stored as a new version, in force for inputs recorded from its "
+                        "effective time (now, or a later effective_from) on",
+                description="Each version is also published to ledger.programs, so that a ledger rebuilt from "
+                            "its topics earns every purchase under the version it earned under originally. "
+                            "effective_from (ISO 8601 with a time zone) schedules a change; it cannot be in the "
+                            "past (what was already earned is never recomputed).",
+                responses={**ADMIN_ERRORS, **BODY_ERRORS,
+                           422: {"model": ErrorOut, "description": "Invalid program, or effective_from in the past"}})
     async def put_program(body: dict[str, Any], conn: Conn,
-                          x_actor: Annotated[str | None, Header(max_length=200)] = None) -> ProgramOut:
+                          x_actor: Annotated[str | None, Header(max_length=200)] = None,
+                          effective_from: Annotated[AwareDatetime | None, Query()] = None) -> ProgramOut:
         if _has_nul(body):
             raise HTTPException(422, detail="the program contains a NUL character")
         try:
@@ -328,9 +340,15 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
         except ValidationError as exc:
             raise HTTPException(422, detail=exc.errors(include_url=False, include_context=False)) from exc
         await ledger.programs.ensure_loaded(conn)
-        await ledger.programs.replace(conn, program, actor=x_actor or "admin")
+        try:
+            saved = await ledger.programs.replace(conn, program, actor=x_actor or "admin",
+                                                  effective_from=effective_from)
+        except EffectiveInThePast as exc:
+            raise HTTPException(422, detail={"reason": "effective_from_in_the_past", "msg": str(exc)}) from exc
+        runtime.relay.wake()
         versions = [dict(r) for r in await repo.program_versions(conn)]
-        return ProgramOut(version=ledger.programs.version, program=program, versions=versions)
+        return ProgramOut(version=saved.version, effective_from=saved.effective_from, program=program,
+                          versions=versions)
 
     @router.post("/v1/admin/adjustments", response_model=AdjustmentOut, status_code=201, tags=["admin"],
                  dependencies=[Depends(admin)], summary="Credit or debit a customer by hand, with a reason (audited)",

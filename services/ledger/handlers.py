@@ -29,11 +29,14 @@ from services.ledger.service import (
 from services.ledger.settings import LedgerSettings
 from shared.events import DeadLetter
 from shared.events.adjustments import AdjustmentRecorded
+from shared.events.programs import ProgramVersionPublished
 from shared.events.points import POINTS_EVENT_TYPES
 from shared.kafka import consumer_options
 from shared.logging import correlation_id
 from shared.metrics import observe_consumer_lag
-from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from shared.topics import (
+    LEDGER_ADJUSTMENTS, LEDGER_PROGRAMS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,10 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
                      description="Manual adjustments accepted by the admin API, written in the transaction that "
                                  "applied them (never a refused one); event_id derives from adjustment_id; "
                                  "key customer_id. The ledger's own replayable input", schema=AdjustmentRecorded)
+    broker.publisher(settings.topic(LEDGER_PROGRAMS), title="ledger.programs",
+                     description="Every program version saved (file or admin API), with its effective time; key "
+                                 "\"program\". Read whole by the ledger at start (not a subscription), so that a "
+                                 "rebuild earns under the original versions", schema=ProgramVersionPublished)
 
     purchases = BatchConsumer(stream="purchases", consumer=PURCHASES_CONSUMER, apply=apply_purchases, ledger=ledger,
                               pool_getter=pool_getter, on_committed=on_committed)

@@ -9,11 +9,15 @@ from fastapi import FastAPI
 
 from services.ledger.api import body_limit, create_router
 from services.ledger.handlers import register_handlers
-from services.ledger.service import Clock, Ledger, ProgramStore, make_clock, refresh_gauges, run_scheduler
+from services.ledger.service import Clock, Ledger, make_clock, refresh_gauges, run_scheduler
 from services.ledger.settings import LedgerSettings
+from services.ledger.versions import ProgramHistoryUnavailable, ProgramStore
 from shared.http import create_service_app
+from shared.kafka import read_topic
 from shared.runtime import ServiceRuntime
-from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from shared.topics import (
+    LEDGER_ADJUSTMENTS, LEDGER_PROGRAMS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +25,8 @@ DESCRIPTION = (
     "The points ledger: double-entry accounts and append-only transfers, earning by versioned program "
     "rules from purchases.recorded, lots with expiry, returns and debt, two-phase redemption holds from "
     "rewards.events, tiers, manual adjustments (admin API, also written to ledger.adjustments so that a "
-    "rebuild from the topics keeps them); everything it does goes out on points.events."
+    "rebuild from the topics keeps them), program versions (ledger.programs, read whole at start); everything it "
+    "does goes out on points.events."
 )
 
 
@@ -45,14 +50,22 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
         schema="ledger",
         migrations_dir=Path(__file__).parent / "migrations",
         description=DESCRIPTION,
-        topics=(PURCHASES_RECORDED, REWARDS_EVENTS, LEDGER_ADJUSTMENTS, POINTS_EVENTS, POINTS_DLQ),
+        topics=(PURCHASES_RECORDED, REWARDS_EVENTS, LEDGER_ADJUSTMENTS, LEDGER_PROGRAMS, POINTS_EVENTS, POINTS_DLQ),
     )
-    ledger = Ledger(settings, ProgramStore(settings.program_file), clock or make_clock(settings))
+    clock = clock or make_clock(settings)
+    programs_topic = settings.topic(LEDGER_PROGRAMS)
+
+    async def published_versions() -> list[bytes]:
+        return [r.value or b"" for r in await read_topic(settings, programs_topic)]
+
+    programs = ProgramStore(settings.program_file, topic=programs_topic, history=published_versions, clock=clock)
+    ledger = Ledger(settings, programs, clock)
     register_handlers(runtime.broker, settings=settings, ledger=ledger, pool_getter=lambda: runtime.pool,
                       on_committed=lambda: runtime.relay.wake())
 
     async def scheduler_round() -> None:
         async with runtime.pool.acquire() as conn:
+            await ledger.programs.ensure_loaded(conn)
             await ledger.programs.refresh(conn)
         run = await run_scheduler(runtime.pool, ledger)
         if run.customers:
@@ -60,8 +73,12 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
             log.info("scheduler run", extra=run.__dict__)
 
     async def start_background() -> None:
-        async with runtime.pool.acquire() as conn:
-            await ledger.programs.ensure_loaded(conn)
+        try:
+            async with runtime.pool.acquire() as conn:
+                await ledger.programs.ensure_loaded(conn)
+        except ProgramHistoryUnavailable:
+            # The consumers and the scheduler load it before they apply anything (retrying).
+            log.warning("program versions not loaded at start; retried before the first input", exc_info=True)
         runtime.spawn(_every(settings.scheduler_interval_s, "scheduler", scheduler_round), "ledger-scheduler")
         runtime.spawn(_every(settings.metrics_interval_s, "gauges", lambda: refresh_gauges(runtime.pool)),
                       "ledger-gauges")

@@ -402,25 +402,50 @@ async def insert_adjustments(conn: asyncpg.Connection, *, adjustments: Sequence[
 # ---- program versions -----------------------------------------------------------------------
 
 
-async def latest_program(conn: asyncpg.Connection, *, source: str | None = None) -> asyncpg.Record | None:
-    if source is None:
-        return await conn.fetchrow("SELECT * FROM program_versions ORDER BY version DESC LIMIT 1")
-    return await conn.fetchrow("SELECT * FROM program_versions WHERE source = $1 ORDER BY version DESC LIMIT 1", source)
+_PROGRAM_COLUMNS = "version, document, source, actor, created_at, effective_from"
+
+
+async def lock_program_versions(conn: asyncpg.Connection) -> None:
+    """Until the transaction ends: concurrent saves take turns instead of both picking the
+    same number, and a start restoring versions does not interleave with a save."""
+    await conn.execute("LOCK TABLE program_versions IN SHARE ROW EXCLUSIVE MODE")
+
+
+async def program_history(conn: asyncpg.Connection, *, after: int = 0) -> list[asyncpg.Record]:
+    """Every version numbered above `after`, oldest first, documents included."""
+    return await conn.fetch(f"SELECT {_PROGRAM_COLUMNS} FROM program_versions WHERE version > $1 ORDER BY version",
+                            after)
 
 
 async def program_versions(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT version, source, actor, created_at FROM program_versions ORDER BY version DESC")
+    return await conn.fetch("SELECT version, source, actor, created_at, effective_from FROM program_versions"
+                            " ORDER BY version DESC")
 
 
-async def insert_program(conn: asyncpg.Connection, *, document: dict[str, Any], source: str, actor: str) -> int:
-    """A new version, numbered after the latest. The table lock makes concurrent saves take
-    turns instead of both picking the same number."""
-    await conn.execute("LOCK TABLE program_versions IN SHARE ROW EXCLUSIVE MODE")
-    return await conn.fetchval(
-        "INSERT INTO program_versions (version, document, source, actor)"
-        " SELECT coalesce(max(version), 0) + 1, $1::jsonb, $2, $3 FROM program_versions RETURNING version",
-        json.dumps(document), source, actor,
+async def insert_program_version(conn: asyncpg.Connection, *, document: dict[str, Any], source: str, actor: str,
+                                 effective_from: datetime) -> asyncpg.Record:
+    """A new version, numbered after the latest (call under lock_program_versions)."""
+    return await conn.fetchrow(
+        "INSERT INTO program_versions (version, document, source, actor, effective_from)"
+        " SELECT coalesce(max(version), 0) + 1, $1::jsonb, $2, $3, $4 FROM program_versions"
+        f" RETURNING {_PROGRAM_COLUMNS}",
+        json.dumps(document), source, actor, effective_from,
     )
+
+
+async def restore_program_versions(conn: asyncpg.Connection, *, versions: Sequence[Any]) -> list[int]:
+    """Versions published by a ledger (ProgramVersionPublishedPayload) that this database
+    lacks, with their numbers and times. Returns the numbers added."""
+    if not versions:
+        return []
+    rows = await conn.fetch(
+        "INSERT INTO program_versions (version, document, source, actor, created_at, effective_from)"
+        " SELECT * FROM unnest($1::int[], $2::jsonb[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])"
+        " ON CONFLICT (version) DO NOTHING RETURNING version",
+        [v.version for v in versions], [json.dumps(v.document) for v in versions], [v.source for v in versions],
+        [v.actor for v in versions], [v.created_at for v in versions], [v.effective_from for v in versions],
+    )
+    return sorted(r["version"] for r in rows)
 
 
 # ---- scheduler ------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from services.ledger import domain as d
 from services.ledger import metrics
 from services.ledger import repository as repo
-from services.ledger.program import STACKING_ORDER, Program, load_program_file
+from services.ledger.program import STACKING_ORDER, Program
 from services.ledger.settings import LedgerSettings
+from services.ledger.versions import ProgramStore
 from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, json_opt_str, json_str, utcnow
 from shared.events.adjustments import AdjustmentRecorded, AdjustmentRecordedPayload
 from shared.events.points import (
@@ -79,58 +80,6 @@ def make_clock(settings: LedgerSettings) -> Clock:
         offset = timedelta(seconds=settings.clock_offset_s)
         return lambda: utcnow() + offset
     return utcnow
-
-
-# ---- the program --------------------------------------------------------------------------
-
-
-class ProgramStore:
-    """The program in force and its version. The database holds every version; this
-    process keeps the latest in memory and refreshes it on every scheduler tick, so a change
-    made through another instance's admin API reaches this one within one interval."""
-
-    def __init__(self, program_file: Path) -> None:
-        self._file = program_file
-        self.program = Program()
-        self.version = 0
-        self._loading = asyncio.Lock()
-
-    async def ensure_loaded(self, conn: asyncpg.Connection) -> None:
-        """Consumers may get their first batch before the start hooks ran: whoever comes
-        first loads the program, so no posting is ever made under an unloaded one."""
-        if self.version:
-            return
-        async with self._loading:
-            if not self.version:
-                await self.load(conn)
-
-    async def load(self, conn: asyncpg.Connection) -> None:
-        """At start: the file becomes a new version when it differs from the last one loaded
-        from a file; otherwise the latest version (maybe an admin change) stays in force."""
-        document = load_program_file(self._file).model_dump(mode="json")
-        async with conn.transaction():
-            last_from_file = await repo.latest_program(conn, source="file")
-            if last_from_file is None or _json(last_from_file["document"]) != document:
-                await repo.insert_program(conn, document=document, source="file", actor=f"file:{self._file.name}")
-        await self.refresh(conn)
-
-    async def refresh(self, conn: asyncpg.Connection) -> None:
-        row = await repo.latest_program(conn)
-        if row is not None and row["version"] != self.version:
-            self.program = Program.model_validate(_json(row["document"]))
-            self.version = row["version"]
-            log.info("program in force", extra={"rule_version": self.version})
-
-    async def replace(self, conn: asyncpg.Connection, program: Program, *, actor: str) -> int:
-        async with conn.transaction():
-            version = await repo.insert_program(conn, document=program.model_dump(mode="json"), source="admin",
-                                                actor=actor)
-        self.program, self.version = program, version
-        return version
-
-
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
 @dataclass
@@ -309,8 +258,10 @@ class UnitOfWork:
         self.conn = conn
         self.ledger = ledger
         self.now = now
-        self.program = ledger.programs.program
-        self.rule_version = ledger.programs.version
+        # The version in force at this unit's time: for what no input dates (a new customer's
+        # entry tier, the scheduler's round). An input's own rules come from the version in
+        # force when it was recorded (ledger.programs.at).
+        self.program = ledger.programs.at(now).program
         self.books: dict[str, d.CustomerBook] = {}
         self.journal = d.Journal(d.new_program_accounts())
         self.holds: dict[uuid.UUID, d.Hold] = {}
@@ -444,7 +395,6 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
     async with conn.transaction():
         fresh, result.duplicates = await _claim(conn, PURCHASES_CONSUMER, items)
         uow = UnitOfWork(conn, ledger, now)
-        program, version = uow.program, uow.rule_version
         out = Emitter(ledger, now)
         applied: Tally[str] = Tally()
         sales = [i for i in fresh if i.event is not None and i.event.type != "ReturnRecorded" and i.event.customer_id]
@@ -463,7 +413,7 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             await uow.lock(others)
             lots_by_purchase = await repo.lots_of_purchases(conn, keys=list(lots_by_purchase))
         uow.attach_lots(list(lots_by_purchase.values()))
-        if program.daily_cap_points is not None and sales:
+        if any(ledger.programs.at(i.event.recorded_at).program.daily_cap_points is not None for i in sales):
             since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=1)
             for (cid, day), points in (await repo.earned_by_day(conn, customer_ids=list(uow.books), since=since)).items():
                 uow.books[cid].earned_by_day[day] = points
@@ -477,6 +427,8 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             applied[event.type] += 1
             p = event.payload
             cid, cause = event.customer_id, str(event.event_id)
+            rules = ledger.programs.at(event.recorded_at)
+            program, version = rules.program, rules.version
             try:
                 if event.type == "ReturnRecorded":
                     lot = lots_by_purchase.get((p.source, p.original_purchase_id or ""))
@@ -658,7 +610,8 @@ def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | 
                                                        redemption_id=rid, phase="void", reason=reason),
                  customer_id=book.customer_id, cause=f"void:{rid}", **kw)
     # The cancellation's own time, not this run's: a rebuild dates a refund lot the same way.
-    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.program, now=event.occurred_at):
+    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.ledger.programs.at(event.recorded_at).program,
+                                          now=event.occurred_at):
         # Cancelled after fulfilment (or a failure reported after posting): points go back.
         out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
                                                        redemption_id=rid, phase="refund", reason=reason),
@@ -720,7 +673,7 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
     started = time.perf_counter()
     now = now or ledger.clock()
     s = ledger.settings
-    program = ledger.programs.program
+    program = ledger.programs.at(now).program
     window = timedelta(days=program.tier_window_days)
     # Re-tier whoever had qualifying points leave the window since the last complete run
     # (a persisted mark); re-tiering twice changes nothing, so a crash mid-run costs nothing.
@@ -873,8 +826,8 @@ def _apply_adjustment(uow: UnitOfWork, out: Emitter, event: AdjustmentRecorded) 
     p = event.payload
     book = uow.books[p.customer_id]
     _due_at(uow, out, book, at=_spend_time(uow, event))
-    d.adjust(book, uow.journal, uow.program, adjustment_id=p.adjustment_id, amount_points=p.amount_points,
-             now=p.occurred_at)
+    d.adjust(book, uow.journal, uow.ledger.programs.at(event.recorded_at).program, adjustment_id=p.adjustment_id,
+             amount_points=p.amount_points, now=p.occurred_at)
     out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=p.amount_points, balance=_balance(book.balance()),
                                                    reason_code=p.reason_code, actor=p.actor, note=p.note),
              customer_id=p.customer_id, cause=f"adjust:{p.adjustment_id}", correlation_id=event.correlation_id,
@@ -1003,8 +956,9 @@ async def simulate(
 ) -> Simulation:
     """What `purchase` would earn now, rule by rule, for a customer (their tier, first
     purchase and daily cap as they stand) or for the given tier. Raises UnknownCurrency."""
-    program, version = ledger.programs.program, ledger.programs.version
     now = ledger.clock()
+    rules = ledger.programs.at(now)
+    program, version = rules.program, rules.version
     earned_today = 0
     if customer_id is not None:
         book = await repo.read_customer(conn, customer_id=customer_id)

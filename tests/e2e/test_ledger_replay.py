@@ -1,5 +1,6 @@
 """Replay: the ledger rebuilt from purchases.recorded, ledger.adjustments and rewards.events,
-read again from offset 0, holds exactly the state it held (a hash of its accounts, customers,
+read again from offset 0 (and its program versions from ledger.programs), holds exactly the
+state it held (a hash of its accounts, customers,
 lots, holds, transfers and adjustments, without processing timestamps); replaying into the
 populated database adds nothing.
 
@@ -93,9 +94,10 @@ async def hold_group(bootstrap: str, group: str, topic: str) -> AIOKafkaConsumer
     raise AssertionError(f"the holder never got {topic}'s partitions: {holder.assignment()}")
 
 
-def the_stream() -> tuple[list[dict], list[dict], list[dict]]:
+def the_stream() -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Sales (old ones already available, recent ones pending), partial returns, a claim,
-    a customer crossing into Silver; then adjustments through the admin API (credits,
+    a customer crossing into Silver, in two parts (the program changes between them); then
+    adjustments through the admin API (credits,
     debits, a re-sent one, one refused as an overdraft); then redemptions fulfilled, failed,
     cancelled after fulfilment, and one the balance cannot cover."""
     rng = random.Random(5)
@@ -142,7 +144,25 @@ def the_stream() -> tuple[list[dict], list[dict], list[dict]]:
             if n % 4 == 1:
                 rewards.append(redemption("RedemptionCancelled", customer, rid, cost, was_fulfilled=True))
     rewards.append(redemption("RedemptionRequested", customers[2], uuid.uuid4(), 1_000_000))  # rejected
-    return purchases, adjustments, rewards
+    # the second part: customers 12 on (each customer's sales and returns stay in one part)
+    split = next(i for i, e in enumerate(purchases) if e["customer_id"] == customers[12])
+    return purchases[:split], purchases[split:], adjustments, rewards
+
+
+def recorded_now(events: list[dict]) -> list[dict]:
+    """The events as if recorded now (after a program change): recorded_at picks the version."""
+    now = datetime.now(timezone.utc).isoformat()
+    return [{**e, "recorded_at": now} for e in events]
+
+
+async def program_history(dsn: str) -> list[tuple]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(r) for r in await conn.fetch(
+            "SELECT version, document::text, source, actor, created_at, effective_from FROM ledger.program_versions"
+            " ORDER BY version")]
+    finally:
+        await conn.close()
 
 
 async def test_a_ledger_rebuilt_from_offset_zero_holds_the_same_state_and_a_replay_adds_nothing(
@@ -150,10 +170,21 @@ async def test_a_ledger_rebuilt_from_offset_zero_holds_the_same_state_and_a_repl
     original = ledger_settings(base_env)
     purchases_topic, rewards_topic = original.topic(PURCHASES_RECORDED), original.topic(REWARDS_EVENTS)
     adjustments_topic = original.topic(LEDGER_ADJUSTMENTS)
-    purchases, adjustments, rewards = the_stream()
+    first_part, second_part, adjustments, rewards = the_stream()
 
     async with running_ledger(original) as (_, client):
-        await produce(kafka_bootstrap, purchases_topic, purchases, key_field="customer_id")
+        await produce(kafka_bootstrap, purchases_topic, first_part, key_field="customer_id")
+        await settled(original, kafka_bootstrap)
+        # The program changes between the parts (groceries earn double), and a version is
+        # scheduled for later (it governs nothing here): a rebuild must earn each part as here.
+        program = (await client.get("/v1/admin/program", headers=ADMIN)).json()["program"]
+        doubled = await client.put("/v1/admin/program", headers=ADMIN,
+                                   json={**program, "category_multipliers": {"grocery": "2"}})
+        later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+        scheduled = await client.put("/v1/admin/program", headers=ADMIN, params={"effective_from": later},
+                                     json={**program, "category_multipliers": {"grocery": "5"}})
+        assert (doubled.status_code, scheduled.status_code) == (200, 200), (doubled.text, scheduled.text)
+        await produce(kafka_bootstrap, purchases_topic, recorded_now(second_part), key_field="customer_id")
         await settled(original, kafka_bootstrap)
         answers = [(await client.post("/v1/admin/adjustments", headers=ADMIN, json=body)).status_code
                    for body in adjustments]
@@ -173,11 +204,16 @@ async def test_a_ledger_rebuilt_from_offset_zero_holds_the_same_state_and_a_repl
             "SELECT code, count(*) AS n FROM ledger.transfers GROUP BY code")}
         tiers = {r["tier"] for r in await transfers.fetch("SELECT DISTINCT tier FROM ledger.customers")}
         signs = {r["positive"] for r in await transfers.fetch("SELECT amount_points > 0 AS positive FROM ledger.adjustments")}
+        earned_under = {r["rule_version"] for r in await transfers.fetch(
+            "SELECT DISTINCT rule_version FROM ledger.transfers WHERE code = 'earn'")}
     finally:
         await transfers.close()
     assert {"earn", "reverse", "adjust", "hold", "post", "void", "refund"} <= set(codes), codes
     assert codes["adjust"] == counts["adjustments"] == len(accepted) and signs == {True, False}
     assert tiers == {"Bronze", "Silver"}
+    assert earned_under == {1, 2}  # the first part under the file's version, the second under the admin's
+    versions = await program_history(original.database_url)
+    assert [(v[0], v[2]) for v in versions] == [(1, "file"), (2, "admin"), (3, "admin")]
 
     # a fresh ledger on an empty database, with new consumer groups, from offset 0:
     # purchases.recorded first, then ledger.adjustments, then rewards.events
@@ -200,9 +236,11 @@ async def test_a_ledger_rebuilt_from_offset_zero_holds_the_same_state_and_a_repl
         for holder in holders.values():
             await holder.stop()
     assert await ledger_state_hash(rebuilt.database_url) == (state, counts)
+    assert await program_history(rebuilt.database_url) == versions  # numbers, documents and times
 
     # the same topics once more, into the populated original database: nothing added
     again = ledger_settings(base_env, consumer_group_prefix=unique("again-"))
     async with running_ledger(again):
         await settled(again, kafka_bootstrap)
     assert await ledger_state_hash(original.database_url) == (state, counts)
+    assert await program_history(original.database_url) == versions

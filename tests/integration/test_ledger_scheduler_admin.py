@@ -2,13 +2,13 @@
 (versioned program, adjustments, simulator, metrics) against the real broker and PostgreSQL."""
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from services.ledger.service import refresh_gauges, run_scheduler
 from services.ledger.settings import LedgerSettings
-from shared.topics import POINTS_EVENTS, PURCHASES_RECORDED
+from shared.topics import LEDGER_PROGRAMS, POINTS_EVENTS, PURCHASES_RECORDED
 from tests.support.kafka import consume, produce, unique
 from tests.support.ledger import ADMIN, ledger_rows, ledger_settings, purchase_recorded, running_ledger
 
@@ -135,3 +135,34 @@ async def test_oversized_bodies_get_413_unread_and_refused_admin_calls_are_count
     assert "larger than 10000 bytes" in declared.json()["detail"]
     for reason in ("body_too_large", "invalid_admin_key", "missing_admin_key"):
         assert f'ledger_http_refusals_total{{reason="{reason}"}}' in metrics
+
+
+async def test_a_scheduled_program_version_governs_what_is_recorded_from_its_time_and_is_published(
+        settings, kafka_bootstrap):
+    customer = unique("c-")
+    now = datetime.now(timezone.utc)
+    async with running_ledger(settings) as (_, client):
+        program = (await client.get("/v1/admin/program", headers=ADMIN)).json()["program"]
+        tripled = {**program, "category_multipliers": {"grocery": "3"}}
+        past = await client.put("/v1/admin/program", headers=ADMIN, json=tripled,
+                                params={"effective_from": (now - timedelta(hours=1)).isoformat()})
+        starts = now + timedelta(hours=1)
+        scheduled = await client.put("/v1/admin/program", headers=ADMIN, json=tripled,
+                                     params={"effective_from": starts.isoformat()})
+        in_force = (await client.get("/v1/admin/program", headers=ADMIN)).json()
+        before = purchase_recorded(customer, amounts=("10.00",))
+        after = {**purchase_recorded(customer, amounts=("10.00",)),
+                 "recorded_at": (starts + timedelta(seconds=1)).isoformat()}
+        await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), [before, after], key=customer)
+        earned = [e for e in await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=2)
+                  if e["type"] == "PointsEarned"]
+        published = await consume(kafka_bootstrap, settings.topic(LEDGER_PROGRAMS), count=2)
+    assert past.status_code == 422 and past.json()["detail"]["reason"] == "effective_from_in_the_past"
+    assert scheduled.status_code == 200 and scheduled.json()["version"] == 2
+    assert datetime.fromisoformat(scheduled.json()["effective_from"]) == starts
+    assert in_force["version"] == 1  # not yet
+    assert [(e["payload"]["amount_points"], e["payload"]["rule_version"]) for e in earned] == [(10, 1), (30, 2)]
+    assert [(e["type"], e["payload"]["version"], e["payload"]["source"]) for e in published] == [
+        ("ProgramVersionPublished", 1, "file"), ("ProgramVersionPublished", 2, "admin")]
+    assert datetime.fromisoformat(published[1]["payload"]["effective_from"]) == starts
+    assert published[1]["payload"]["document"]["category_multipliers"] == {"grocery": "3"}

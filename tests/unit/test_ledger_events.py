@@ -10,7 +10,8 @@ import pytest
 
 from services.ledger import domain as d
 from services.ledger.program import Program
-from services.ledger.service import Emitter, Ledger, ProgramStore
+from services.ledger.service import Emitter, Ledger
+from services.ledger.versions import ProgramStore
 from services.ledger.settings import LedgerSettings
 from shared.events.points import PointsEarned, PointsEarnedPayload
 from shared.events.purchases import PurchaseLine, PurchasePayload
