@@ -74,6 +74,16 @@ def create_broker(settings: ServiceSettings, *, client_id: str, description: str
     )
 
 
+async def the_message(message: Any) -> Any:
+    """A subscriber decoder that makes the message itself the handler's body: the handler
+    reads the raw records (and decodes them itself, so malformed input reaches the dead-letter
+    topic instead of failing before the handler), and needs no `Context("message")` parameter.
+    FastStream resolves such a parameter with a synchronous function, which fast_depends runs
+    in a worker thread: one thread round trip per batch, the "AnyIO worker thread" of every
+    profile."""
+    return message
+
+
 def consumer_options(settings: ServiceSettings, *, service: str, purpose: str = "main",
                      bulk: bool = False) -> dict[str, Any]:
     """Subscriber options shared by every consumer: a group, manual-style commits after

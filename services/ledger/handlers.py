@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 import asyncpg
-from faststream import AckPolicy, Context
+from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
 
@@ -31,7 +31,7 @@ from shared.events import DeadLetter
 from shared.events.adjustments import AdjustmentRecorded
 from shared.events.programs import ProgramVersionPublished
 from shared.events.points import POINTS_EVENT_TYPES
-from shared.kafka import consumer_options
+from shared.kafka import consumer_options, the_message
 from shared.logging import correlation_id
 from shared.metrics import observe_consumer_lag
 from shared.topics import (
@@ -55,12 +55,6 @@ def _header(record: Any, name: str) -> str | None:
     return None
 
 
-async def _keep_raw(message: KafkaMessage) -> None:
-    """Skip FastStream's decoding: the use case reads the raw records, so that malformed
-    input reaches the dead-letter topic instead of failing before the handler."""
-    return None
-
-
 class BatchConsumer:
     """Runs one stream's batches: retries a failing batch a bounded number of times, then
     applies it record by record so that only the poison record is dead-lettered."""
@@ -72,7 +66,7 @@ class BatchConsumer:
         self._failures: dict[tuple[str, int, int], int] = {}
         self._backoff_s = 0.1
 
-    async def __call__(self, message: KafkaMessage) -> None:
+    async def __call__(self, message: KafkaMessage) -> None:  # the batch (decoder the_message)
         raw = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
         records = [Record(r.value or b"", r.key, r.topic, r.partition, r.offset) for r in raw]
         if not records:
@@ -133,37 +127,37 @@ def register_handlers(broker: KafkaBroker, *, settings: LedgerSettings, ledger: 
     # cannot do this by itself (FastStream's max_workers does not apply to batches).
     for n in range(settings.purchases_consumers):
         def make_handler() -> Callable[..., Any]:
-            async def on_purchases(body: Any, message: KafkaMessage = Context("message")) -> None:
-                await purchases(message)
+            async def on_purchases(body: Any) -> None:
+                await purchases(body)
             on_purchases.__name__ = on_purchases.__qualname__ = f"on_purchases_{n}"
             return on_purchases
 
         broker.subscriber(
-            settings.topic(PURCHASES_RECORDED), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+            settings.topic(PURCHASES_RECORDED), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=the_message,
             title=f"purchases.recorded#{n}",
             description="Sales, returns and claims: earn, reverse, earn on claim",
             **consumer_options(settings, service="ledger", purpose="purchases", bulk=True),
         )(make_handler())
 
     @broker.subscriber(
-        settings.topic(REWARDS_EVENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+        settings.topic(REWARDS_EVENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=the_message,
         title="rewards.events",
         description="The redemption saga: hold, post, void, refund",
         **consumer_options(settings, service="ledger", purpose="rewards"),
     )
-    async def on_rewards(body: Any, message: KafkaMessage = Context("message")) -> None:
-        await rewards(message)
+    async def on_rewards(body: Any) -> None:
+        await rewards(body)
 
     # The admin API applied each of these already and put its id in the inbox: here they are
     # no-ops. Read from offset 0 into an empty database (a rebuild), they apply the
     # adjustments again, with the same ids.
     @broker.subscriber(
-        settings.topic(LEDGER_ADJUSTMENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_keep_raw,
+        settings.topic(LEDGER_ADJUSTMENTS), batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=the_message,
         # Its own title: the publisher above already names the channel "ledger.adjustments".
         # A bulk stream: nobody waits on it, so it may wait longer when idle (fewer idle fetches).
         title="ledger.adjustments#consumer",
         description="Manual adjustments: already applied by the admin API (inbox); applied again by a rebuild",
         **consumer_options(settings, service="ledger", purpose="adjustments", bulk=True),
     )
-    async def on_adjustments(body: Any, message: KafkaMessage = Context("message")) -> None:
-        await adjustments(message)
+    async def on_adjustments(body: Any) -> None:
+        await adjustments(body)

@@ -6,16 +6,15 @@ import logging
 from typing import Any, Union
 
 import asyncpg
-from faststream import AckPolicy, Context
+from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.message import KafkaMessage
 
 from services.purchases import domain
 from services.purchases.service import Inbound, PurchaseRecorder, record_one_by_one
 from services.purchases.settings import PurchasesSettings
 from shared.events import DeadLetter
 from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
-from shared.kafka import consumer_options
+from shared.kafka import consumer_options, the_message
 from shared.logging import correlation_id
 from shared.metrics import observe_consumer_lag
 from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
@@ -48,12 +47,6 @@ def inbound_from_record(record) -> Inbound:
     )
 
 
-async def _keep_raw(message: KafkaMessage) -> None:
-    """Skip FastStream's JSON decoding: the handler reads the raw records itself, so that
-    malformed input reaches validation (and the dead-letter topic) instead of failing early."""
-    return None
-
-
 def register_handlers(broker: KafkaBroker, *, settings: PurchasesSettings, recorder: PurchaseRecorder,
                       pool_getter, on_committed) -> None:
     broker.publisher(settings.topic(PURCHASES_RECORDED), title="purchases.recorded",
@@ -68,12 +61,12 @@ def register_handlers(broker: KafkaBroker, *, settings: PurchasesSettings, recor
         settings.topic(PURCHASES_RAW),
         batch=True,
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_keep_raw,
+        decoder=the_message,
         title="purchases.raw",
         description="Purchases as POS terminals and e-shops produce them (the inbound contract, JSON)",
         **consumer_options(settings, service="purchases", purpose="ingest", bulk=True),
     )
-    async def ingest_raw(body: Any, message: KafkaMessage = Context("message")) -> None:
+    async def ingest_raw(message: Any) -> None:  # the batch, a KafkaMessage (decoder the_message)
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
         items = [inbound_from_record(r) for r in records]
         correlation_id.set(items[0].correlation_id if items else None)
