@@ -57,7 +57,15 @@ from shared.events.points import (
     TierChangedPayload,
 )
 from shared.events.purchases import PurchaseClaimed, PurchasePayload, PurchaseRecorded, ReturnRecorded
-from shared.events.rewards import RedemptionCancelled, RedemptionFailed, RedemptionFulfilled, RedemptionRequested
+from shared.events.rewards import (
+    SHIPMENT_EVENT_TYPES,
+    RedemptionCancelled,
+    RedemptionDelivered,
+    RedemptionFailed,
+    RedemptionFulfilled,
+    RedemptionRequested,
+    RedemptionShipped,
+)
 from shared.inbox import claim_new
 from shared.outbox import OutboxMessage, enqueue
 from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS
@@ -119,8 +127,12 @@ class Record:
 
 PurchaseEvent = Annotated[Union[PurchaseRecorded, ReturnRecorded, PurchaseClaimed], Field(discriminator="type")]
 RewardsEvent = Annotated[
-    Union[RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled], Field(discriminator="type")
+    Union[RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled, RedemptionShipped,
+          RedemptionDelivered], Field(discriminator="type")
 ]
+# rewards.events types that move no points (a physical reward shipped or delivered): read,
+# claimed in the inbox and skipped, never dead-lettered as unknown.
+_NO_POINTS = frozenset(cls.model_fields["type"].default for cls in SHIPMENT_EVENT_TYPES)
 AdjustmentEvent = Annotated[Union[AdjustmentRecorded], Field(discriminator="type")]
 _PURCHASE_EVENT = TypeAdapter(PurchaseEvent)
 _REWARDS_EVENT = TypeAdapter(RewardsEvent)
@@ -492,7 +504,7 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
         fresh, result.duplicates = await _claim(conn, REWARDS_CONSUMER, items)
         uow = UnitOfWork(conn, ledger, now)
         out = Emitter(ledger, now)
-        events = [i.event for i in fresh if i.event is not None]
+        events = [i.event for i in fresh if i.event is not None and i.event.type not in _NO_POINTS]
         await uow.lock([e.customer_id for e in events if e.customer_id])
         # With the holds named, those of the requesting customers that timed out: a spend
         # first voids them (_due_at).
@@ -513,6 +525,9 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
             if event is None:
                 out.messages.append(_dead_letter(ledger, item, now))
                 result.dead_lettered += 1
+                continue
+            if event.type in _NO_POINTS:
+                metrics.EVENTS.labels(event.type, "ignored").inc()
                 continue
             reason = _apply_redemption_event(uow, out, event)
             if reason is not None:

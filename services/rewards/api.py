@@ -1,9 +1,10 @@
 """HTTP API of the rewards service: the customer API (JWT bearer; the customer is the
 token's subject) and the admin API for the catalog (X-Admin-Key)."""
 
+import base64
 import hmac
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -13,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.security import HTTPBearer
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+import pycountry
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from services.rewards import domain, metrics, service
 from services.rewards.domain import Redemption, Reward
@@ -31,6 +33,10 @@ _STATUS = {
     domain.IdempotencyKeyReused: 422,
     domain.RedemptionNotFound: 404,
     domain.CancellationNotAllowed: 409,
+    domain.AlreadyShipped: 409,
+    domain.ShipmentNotAllowed: 409,
+    domain.InvalidShipment: 422,
+    domain.DeliveryAddressNotAllowed: 422,
 }
 
 
@@ -52,7 +58,8 @@ class ErrorOut(BaseModel):
 def _responses(*statuses: int) -> dict[int | str, dict]:
     text = {400: "The body is not parseable (e.g. not UTF-8)", 401: "Missing or invalid credentials",
             403: "Not allowed for this customer (e.g. tier too low)", 404: "Not found (or not yours)",
-            409: "Conflicts with the current state (limit reached, not available, not cancellable)",
+            409: "Conflicts with the current state (limit reached, not available, not cancellable, already shipped, "
+                 "not shippable)",
             422: "Invalid request: field errors (`errors`) or a refused definition (`field`)",
             503: "The admin API is disabled (no REWARDS_ADMIN_API_KEY)"}
     return {status: {"model": ErrorOut, "description": text[status]} for status in statuses}
@@ -199,10 +206,55 @@ class CouponUploadOut(BaseModel):
     coupons_available: int
 
 
+_COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
+
+
+class DeliveryAddress(BaseModel):
+    """Where a physical reward is sent. Kept by the rewards service only: never put on a topic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipient: OneLine
+    line1: OneLine
+    line2: OneLine | None = None
+    city: OneLine
+    postal_code: Annotated[str, Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9][A-Za-z0-9 -]*$")]
+    region: OneLine | None = None
+    country: str = Field(pattern=r"^[A-Z]{2}$", description="ISO 3166-1 alpha-2")
+    phone: str | None = Field(default=None, pattern=r"^\+?[0-9][0-9 ()-]{3,29}$")
+
+    @field_validator("country")
+    @classmethod
+    def _known_country(cls, country: str) -> str:
+        if country not in _COUNTRIES:
+            raise ValueError(f"{country} is not an ISO 3166-1 alpha-2 country code")
+        return country
+
+
 class RedemptionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reward_id: RewardId
+    delivery_address: DeliveryAddress | None = Field(
+        default=None, description="Physical rewards only (422 for a coupon or voucher); optional"
+    )
+
+
+class ShipmentOut(BaseModel):
+    state: domain.ShipmentState
+    carrier: str | None
+    tracking_number: str | None
+    tracking_url: str | None
+    shipped_at: datetime | None
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, r: Redemption) -> "ShipmentOut | None":
+        state = domain.shipment_state(r)
+        if state is None:
+            return None
+        return cls(state=state, carrier=r.carrier, tracking_number=r.tracking_number, tracking_url=r.tracking_url,
+                   shipped_at=r.shipped_at, delivered_at=r.delivered_at)
 
 
 class RedemptionOut(BaseModel):
@@ -218,20 +270,102 @@ class RedemptionOut(BaseModel):
     fulfilled_at: datetime | None
     finished_at: datetime | None
     status_url: str
+    delivery_address: DeliveryAddress | None
+    shipment: ShipmentOut | None = Field(
+        description="Physical rewards once fulfilled: awaiting_shipment, then shipped (carrier, tracking), "
+        "then delivered; null for coupons, vouchers and physical rewards not (or no longer) given"
+    )
 
     @classmethod
     def of(cls, r: Redemption) -> "RedemptionOut":
-        return cls(
+        return cls(**cls._fields(r))
+
+    @staticmethod
+    def _fields(r: Redemption) -> dict:
+        return dict(
             redemption_id=r.redemption_id, reward_id=r.reward_id, status=r.status, kind=r.kind,
             cost_points=r.cost_points, code=r.code if r.status == "fulfilled" else None,
             failure_reason=r.failure_reason, ledger_status=r.ledger_status, requested_at=r.requested_at,
             fulfilled_at=r.fulfilled_at, finished_at=r.finished_at, status_url=f"/v1/redemptions/{r.redemption_id}",
+            delivery_address=r.delivery_address, shipment=ShipmentOut.of(r),
         )
 
 
 class RedemptionListOut(BaseModel):
     redemptions: list[RedemptionOut]
     next_before: datetime | None = Field(description="Pass as ?before= for the next page")
+
+
+class AdminRedemptionOut(RedemptionOut):
+    """A redemption as support and the warehouse see it: the customer and who shipped it."""
+
+    customer_id: str
+    correlation_id: str
+    shipped_by: str | None
+    delivered_by: str | None
+
+    @classmethod
+    def of(cls, r: Redemption) -> "AdminRedemptionOut":
+        return cls(**cls._fields(r), customer_id=r.customer_id, correlation_id=r.correlation_id,
+                   shipped_by=r.shipped_by, delivered_by=r.delivered_by)
+
+
+class AdminRedemptionListOut(BaseModel):
+    redemptions: list[AdminRedemptionOut]
+    next_before: datetime | None = Field(description="Pass as ?before= for the next page")
+
+
+class FulfilmentOut(AdminRedemptionOut):
+    reward_name: str
+
+
+class FulfilmentQueueOut(BaseModel):
+    state: domain.ShipmentState
+    fulfilments: list[FulfilmentOut] = Field(description="Oldest fulfilment first")
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
+
+
+Actor = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                             description="Who did it (a back-office user or system), kept for audit")]
+
+
+class ShipmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    carrier: OneLine
+    tracking_number: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\s\x00-\x1f\x7f]+$")] | None = None
+    tracking_url: Annotated[str, Field(max_length=2000, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")] | None = None
+    shipped_at: AwareDatetime | None = Field(default=None, description="Default: now")
+    actor: Actor
+
+    def to_domain(self) -> domain.Shipment:
+        return domain.Shipment(carrier=self.carrier, tracking_number=self.tracking_number,
+                               tracking_url=self.tracking_url, shipped_at=self.shipped_at, actor=self.actor)
+
+
+class DeliveryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delivered_at: AwareDatetime | None = Field(default=None, description="Default: now")
+    actor: Actor
+
+
+def _queue_cursor(r: Redemption) -> str:
+    assert r.fulfilled_at is not None
+    raw = f"{r.fulfilled_at.isoformat()}|{r.redemption_id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _parse_queue_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, rid = raw.split("|")
+        fulfilled_at = datetime.fromisoformat(at)
+        if fulfilled_at.tzinfo is None:
+            raise ValueError("naive")
+        return fulfilled_at.astimezone(timezone.utc), uuid.UUID(rid)
+    except (ValueError, OverflowError):  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise ApiError(422, "invalid_cursor", "cursor is not one this API returned") from None
 
 
 # ---- routers ---------------------------------------------------------------------------------
@@ -313,6 +447,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         result = await service.request_redemption(
             ctx, customer_id=customer_id, reward_id=body.reward_id, idempotency_key=idempotency_key,
             correlation_id=correlation_id,
+            delivery_address=body.delivery_address.model_dump(exclude_none=True) if body.delivery_address else None,
         )
         redemption = await service.wait_for_outcome(ctx, result.redemption)
         out = RedemptionOut.of(redemption)
@@ -344,6 +479,8 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
 
     @customer.post("/redemptions/{redemption_id}/cancel", response_model=RedemptionOut,
                    summary="Cancel a fulfilled redemption within the window: the points are refunded",
+                   description="Refused with 409 `already_shipped` once a physical reward has been shipped, "
+                   "and 409 `cancellation_not_allowed` after the window or while in flight.",
                    responses=_responses(401, 404, 409, 422))
     async def cancel(redemption_id: uuid.UUID, customer_id: Customer) -> RedemptionOut:
         return RedemptionOut.of(
@@ -379,5 +516,64 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         added, reward = await service.upload_coupon_codes(ctx, reward_id, codes)
         return CouponUploadOut(reward_id=reward_id, added=added, already_in_pool=len(body.codes) - added,
                                coupons_available=reward.coupons_available or 0)
+
+    # ---- fulfilment of physical rewards, and support ------------------------------------------
+
+    @admin_router.get("/fulfilments", response_model=FulfilmentQueueOut,
+                      summary="The fulfilment queue: physical rewards by shipment state, oldest fulfilment first")
+    async def fulfilments(
+        state: domain.ShipmentState = "awaiting_shipment",
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> FulfilmentQueueOut:
+        after = _parse_queue_cursor(cursor) if cursor is not None else None
+        entries = await service.shipment_queue(ctx, state=state, after=after, limit=limit)
+        return FulfilmentQueueOut(
+            state=state,
+            fulfilments=[FulfilmentOut(**AdminRedemptionOut.of(e.redemption).model_dump(), reward_name=e.reward_name)
+                         for e in entries],
+            next_cursor=_queue_cursor(entries[-1].redemption) if len(entries) == limit else None,
+        )
+
+    @admin_router.post(
+        "/redemptions/{redemption_id}/ship", response_model=AdminRedemptionOut, responses=_responses(400, 404, 409),
+        summary="Record that a physical reward was handed to a carrier: emits RedemptionShipped",
+        description="Idempotent: the same shipment again (carrier, tracking number and URL, and shipped_at if "
+        "given) answers 200 with the redemption as it is. 409 `already_shipped` for a different shipment of a "
+        "shipped redemption; 409 `shipment_not_allowed` (reason `not_physical` or `not_fulfilled`) for a "
+        "redemption that is not a fulfilled physical reward.",
+    )
+    async def ship(redemption_id: uuid.UUID, body: ShipmentIn) -> AdminRedemptionOut:
+        result = await service.ship_redemption(ctx, redemption_id=redemption_id, shipment=body.to_domain())
+        return AdminRedemptionOut.of(result.redemption)
+
+    @admin_router.post(
+        "/redemptions/{redemption_id}/deliver", response_model=AdminRedemptionOut, responses=_responses(400, 404, 409),
+        summary="Record that a shipped physical reward was delivered: emits RedemptionDelivered",
+        description="Idempotent: a delivered redemption answers 200 as it is. 409 `shipment_not_allowed` "
+        "(reason `not_shipped`, `not_physical`, `not_fulfilled`) otherwise.",
+    )
+    async def deliver(redemption_id: uuid.UUID, body: DeliveryIn) -> AdminRedemptionOut:
+        result = await service.deliver_redemption(ctx, redemption_id=redemption_id, delivered_at=body.delivered_at,
+                                                  actor=body.actor)
+        return AdminRedemptionOut.of(result.redemption)
+
+    @admin_router.get("/redemptions", response_model=AdminRedemptionListOut,
+                      summary="A customer's redemptions, newest first (support)")
+    async def customer_redemptions(
+        customer_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")],
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        before: Annotated[AwareDatetime | None, Query()] = None,
+    ) -> AdminRedemptionListOut:
+        rows = await service.list_customer_redemptions(ctx, customer_id=customer_id, before=before, limit=limit)
+        return AdminRedemptionListOut(
+            redemptions=[AdminRedemptionOut.of(r) for r in rows],
+            next_before=rows[-1].requested_at if len(rows) == limit else None,
+        )
+
+    @admin_router.get("/redemptions/{redemption_id}", response_model=AdminRedemptionOut,
+                      responses=_responses(404), summary="One redemption, whoever's it is (support)")
+    async def any_redemption(redemption_id: uuid.UUID) -> AdminRedemptionOut:
+        return AdminRedemptionOut.of(await service.get_redemption(ctx, redemption_id=redemption_id))
 
     return [customer, admin_router]

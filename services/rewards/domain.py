@@ -6,12 +6,16 @@ import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 RewardKind = Literal["coupon", "voucher", "physical"]
 RedemptionStatus = Literal["requested", "fulfilled", "failed", "cancelled"]
 # What the ledger last told us about the points of a redemption.
 LedgerStatus = Literal["pending", "held", "rejected", "redeemed", "released"]
+# Where a physical reward is after the saga fulfilled it. Kept apart from the status: a
+# shipped redemption is still 'fulfilled' (the saga's word); only awaiting_shipment is
+# derived, the other two are stored with the shipment.
+ShipmentState = Literal["awaiting_shipment", "shipped", "delivered"]
 
 IN_FLIGHT: frozenset[str] = frozenset({"requested"})
 TERMINAL: frozenset[str] = frozenset({"fulfilled", "failed", "cancelled"})
@@ -63,6 +67,27 @@ class CancellationNotAllowed(RewardsError):
     code = "cancellation_not_allowed"
 
 
+class AlreadyShipped(RewardsError):
+    """The item is on its way: no cancellation, and no second, different shipment."""
+
+    code = "already_shipped"
+
+
+class ShipmentNotAllowed(RewardsError):
+    """Only a fulfilled physical redemption ships, and only a shipped one is delivered;
+    `reason` says which rule refused (not_physical, not_fulfilled, not_shipped)."""
+
+    code = "shipment_not_allowed"
+
+
+class InvalidShipment(RewardsError):
+    code = "invalid_shipment"
+
+
+class DeliveryAddressNotAllowed(RewardsError):
+    code = "delivery_address_not_allowed"
+
+
 @dataclass(frozen=True, slots=True)
 class Reward:
     reward_id: str
@@ -109,6 +134,28 @@ class Redemption:
     hold_expires_at: datetime | None = None
     fulfilled_at: datetime | None = None
     finished_at: datetime | None = None
+    # Physical rewards only (migration 0002): where to send it, and the shipment once sent.
+    delivery_address: dict[str, Any] | None = None
+    shipment_state: Literal["shipped", "delivered"] | None = None
+    carrier: str | None = None
+    tracking_number: str | None = None
+    tracking_url: str | None = None
+    shipped_at: datetime | None = None
+    shipped_by: str | None = None
+    delivered_at: datetime | None = None
+    delivered_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shipment:
+    """What a back office records when it hands a physical reward to a carrier."""
+
+    carrier: str
+    tracking_number: str | None
+    tracking_url: str | None
+    # None: now. Given explicitly, it must match on a repeat to be the same shipment.
+    shipped_at: datetime | None
+    actor: str
 
 
 # ---- catalog -------------------------------------------------------------------------------
@@ -192,6 +239,14 @@ def check_redeemable(
         )
 
 
+def check_delivery_address(reward: Reward, address: dict[str, Any] | None) -> None:
+    """Only a physical reward is sent anywhere: an address for a code is a client mistake
+    (and personal data we have no reason to keep)."""
+    if address is not None and reward.kind != "physical":
+        raise DeliveryAddressNotAllowed(f"reward {reward.reward_id} is a {reward.kind}: nothing is shipped",
+                                        kind=reward.kind)
+
+
 def check_same_request(existing: Redemption, *, reward_id: str) -> None:
     """An Idempotency-Key names one request: replaying it for another reward is a client bug."""
     if existing.reward_id != reward_id:
@@ -261,6 +316,9 @@ def should_give_up(redemption: Redemption, *, now: datetime, hold_timeout_s: int
 
 
 def check_cancellable(redemption: Redemption, *, now: datetime, window_s: int) -> None:
+    if redemption.shipment_state is not None:
+        raise AlreadyShipped("the item has been shipped: it can no longer be cancelled",
+                             status=redemption.status, shipment_state=redemption.shipment_state)
     if redemption.status == "requested":
         raise CancellationNotAllowed("the redemption is still in progress; retry shortly", status=redemption.status)
     if redemption.status != "fulfilled":
@@ -270,6 +328,81 @@ def check_cancellable(redemption: Redemption, *, now: datetime, window_s: int) -
         raise CancellationNotAllowed(
             f"the cancellation window ({window_s} s after fulfilment) has closed", status=redemption.status
         )
+
+
+# ---- fulfilment of physical rewards ----------------------------------------------------------
+
+
+# A back office's clock may run ahead of ours: a shipping or delivery time this far in our
+# future is taken as given, further is a mistake.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def shipment_state(redemption: Redemption) -> ShipmentState | None:
+    """None for what is never shipped: coupons, vouchers, and physical redemptions that did
+    not (or no longer) give the item."""
+    if redemption.shipment_state is not None:
+        return redemption.shipment_state
+    if redemption.kind == "physical" and redemption.status == "fulfilled":
+        return "awaiting_shipment"
+    return None
+
+
+def _check_shippable(redemption: Redemption) -> None:
+    if redemption.kind != "physical":
+        raise ShipmentNotAllowed(f"a {redemption.kind} redemption is not shipped", reason="not_physical",
+                                 kind=redemption.kind)
+    if redemption.status != "fulfilled":
+        raise ShipmentNotAllowed(f"a {redemption.status} redemption cannot be shipped: only a fulfilled one",
+                                 reason="not_fulfilled", status=redemption.status)
+
+
+def is_same_shipment(redemption: Redemption, shipment: Shipment) -> bool:
+    return (redemption.carrier == shipment.carrier and redemption.tracking_number == shipment.tracking_number
+            and redemption.tracking_url == shipment.tracking_url
+            and (shipment.shipped_at is None or redemption.shipped_at == shipment.shipped_at))
+
+
+def ship(redemption: Redemption, shipment: Shipment, *, now: datetime) -> Redemption | None:
+    """The redemption once shipped, or None when this very shipment is already recorded
+    (a retried call: nothing changes, nothing is emitted again)."""
+    _check_shippable(redemption)
+    if redemption.shipment_state is not None:
+        if is_same_shipment(redemption, shipment):
+            return None
+        raise AlreadyShipped(
+            "the redemption was already shipped with another carrier or tracking number",
+            shipment_state=redemption.shipment_state, carrier=redemption.carrier,
+            tracking_number=redemption.tracking_number,
+        )
+    shipped_at = shipment.shipped_at or now
+    if shipped_at > now + CLOCK_SKEW:
+        raise InvalidShipment("shipped_at cannot be in the future", field="shipped_at")
+    assert redemption.fulfilled_at is not None, "a fulfilled redemption has fulfilled_at"
+    if shipped_at < redemption.fulfilled_at:
+        raise InvalidShipment("shipped_at cannot be before the redemption was fulfilled", field="shipped_at",
+                              fulfilled_at=redemption.fulfilled_at.isoformat())
+    return replace(redemption, shipment_state="shipped", carrier=shipment.carrier,
+                   tracking_number=shipment.tracking_number, tracking_url=shipment.tracking_url,
+                   shipped_at=shipped_at, shipped_by=shipment.actor)
+
+
+def deliver(redemption: Redemption, *, delivered_at: datetime | None, actor: str, now: datetime) -> Redemption | None:
+    """The redemption once delivered, or None when it is already (a retried call)."""
+    _check_shippable(redemption)
+    if redemption.shipment_state == "delivered":
+        return None
+    if redemption.shipment_state != "shipped":
+        raise ShipmentNotAllowed("the item has not been shipped yet", reason="not_shipped",
+                                 shipment_state=shipment_state(redemption))
+    at = delivered_at or now
+    assert redemption.shipped_at is not None
+    if at > now + CLOCK_SKEW:
+        raise InvalidShipment("delivered_at cannot be in the future", field="delivered_at")
+    if at < redemption.shipped_at:
+        raise InvalidShipment("delivered_at cannot be before shipped_at", field="delivered_at",
+                              shipped_at=redemption.shipped_at.isoformat())
+    return replace(redemption, shipment_state="delivered", delivered_at=at, delivered_by=actor)
 
 
 def restocks_on_cancel(kind: RewardKind) -> bool:

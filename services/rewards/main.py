@@ -18,7 +18,8 @@ from shared.topics import REWARDS_DLQ, REWARDS_EVENTS
 SERVICE = "rewards"
 DESCRIPTION = (
     "Rewards catalog, coupon pools and the redemption saga: consumes points.events (the ledger's holds), "
-    "produces rewards.events (RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled)."
+    "produces rewards.events (RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled, "
+    "RedemptionShipped, RedemptionDelivered)."
 )
 
 
@@ -44,7 +45,8 @@ def create_app(settings: RewardsSettings | None = None) -> FastAPI:
     runtime.broker.publisher(
         settings.topic(REWARDS_EVENTS), title="rewards.events", schema=RedemptionRequested,
         description="The redemption saga, keyed by customer_id: RedemptionRequested, RedemptionFulfilled, "
-        "RedemptionFailed, RedemptionCancelled (shared/events/rewards.py).",
+        "RedemptionFailed, RedemptionCancelled; then, for physical rewards, RedemptionShipped and "
+        "RedemptionDelivered (shared/events/rewards.py).",
     )
     runtime.broker.publisher(settings.topic(REWARDS_DLQ), title="rewards.dlq",
                              description="points.events records this service could not process (DeadLetter)")
@@ -64,6 +66,11 @@ def create_app(settings: RewardsSettings | None = None) -> FastAPI:
             service.run_periodically("stock-metrics", settings.metrics_sample_interval_s,
                                      lambda: service.sample_stock_levels(ctx)),
             name="rewards-stock-metrics",
+        )
+        runtime.spawn(
+            service.run_periodically("shipment-metrics", settings.metrics_sample_interval_s,
+                                     lambda: service.sample_shipment_queue(ctx)),
+            name="rewards-shipment-metrics",
         )
 
     runtime.on_start(start_loops)

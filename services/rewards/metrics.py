@@ -31,6 +31,16 @@ AUTH_REFUSALS = Counter(
     "...), missing_admin_key, invalid_admin_key",
     ["reason"],
 )
+SHIPMENTS = Counter(
+    "rewards_shipments_total", "Physical rewards shipped or delivered (a repeated call is not counted)", ["event"]
+)
+AWAITING_SHIPMENT = Gauge(
+    "rewards_awaiting_shipment", "Fulfilled physical redemptions not shipped yet (the fulfilment queue)"
+)
+AWAITING_SHIPMENT_OLDEST = Gauge(
+    "rewards_awaiting_shipment_oldest_seconds",
+    "How long the oldest redemption in the fulfilment queue has waited since its fulfilment (0 when empty)",
+)
 POINTS_EVENTS_DEAD_LETTERED = Counter(
     "rewards_points_events_dead_lettered_total", "points.events records sent to rewards.dlq", ["reason"]
 )

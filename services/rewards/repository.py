@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 import asyncpg
 
@@ -113,7 +113,9 @@ def customer_lock_key(customer_id: str) -> int:
 
 _REDEMPTION_COLUMNS = """
     redemption_id, customer_id, reward_id, idempotency_key, cost_points, kind, status, ledger_status,
-    correlation_id, requested_at, failure_reason, code, hold_expires_at, fulfilled_at, finished_at
+    correlation_id, requested_at, failure_reason, code, hold_expires_at, fulfilled_at, finished_at,
+    delivery_address, shipment_state, carrier, tracking_number, tracking_url, shipped_at, shipped_by,
+    delivered_at, delivered_by
 """
 
 # The redemption and its RedemptionRequested (an outbox row, as shared.outbox.enqueue writes
@@ -121,8 +123,8 @@ _REDEMPTION_COLUMNS = """
 INSERT_REDEMPTION_WITH_EVENT = """
 WITH redemption AS (
     INSERT INTO redemptions (redemption_id, customer_id, reward_id, idempotency_key, cost_points, kind, status,
-                             ledger_status, correlation_id, requested_at, last_requested_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+                             ledger_status, correlation_id, requested_at, last_requested_at, delivery_address)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $15::jsonb)
 )
 INSERT INTO outbox (topic, key, value, headers) VALUES ($11, $12, $13, $14::jsonb)
 """
@@ -130,6 +132,7 @@ INSERT INTO outbox (topic, key, value, headers) VALUES ($11, $12, $13, $14::json
 SELECT_REDEMPTION = f"SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE redemption_id = $1"
 SELECT_CUSTOMER_REDEMPTION = SELECT_REDEMPTION + " AND customer_id = $2"
 SELECT_CUSTOMER_REDEMPTION_FOR_UPDATE = SELECT_CUSTOMER_REDEMPTION + " FOR UPDATE"
+SELECT_REDEMPTION_FOR_UPDATE = SELECT_REDEMPTION + " FOR UPDATE"
 SELECT_STATUSES = "SELECT redemption_id, status FROM redemptions WHERE redemption_id = ANY($1::uuid[])"
 LIST_CUSTOMER_REDEMPTIONS = f"""
 SELECT {_REDEMPTION_COLUMNS} FROM redemptions
@@ -178,6 +181,25 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::time
             $8::timestamptz[])
     AS u(redemption_id, status, ledger_status, failure_reason, code, hold_expires_at, fulfilled_at, finished_at)
 WHERE r.redemption_id = u.redemption_id
+"""
+
+# Fulfilment of physical rewards: only the shipment's columns; the saga's are not touched.
+SAVE_SHIPMENT = """
+UPDATE redemptions SET shipment_state = $2, carrier = $3, tracking_number = $4, tracking_url = $5, shipped_at = $6,
+    shipped_by = $7, delivered_at = $8, delivered_by = $9
+WHERE redemption_id = $1
+"""
+# The fulfilment queue, oldest fulfilment first, one page after the cursor (fulfilled_at,
+# redemption_id): each state has its own partial index, so each has its own query.
+_QUEUE = """
+SELECT {columns}, w.name AS reward_name FROM redemptions d JOIN rewards w ON w.reward_id = d.reward_id
+WHERE {state} AND (d.fulfilled_at, d.redemption_id) > ($1, $2)
+ORDER BY d.fulfilled_at, d.redemption_id
+LIMIT $3
+"""
+_AWAITING = "d.kind = 'physical' AND d.status = 'fulfilled' AND d.shipment_state IS NULL"
+SHIPMENT_COUNTS = f"""
+SELECT count(*) AS awaiting, min(d.fulfilled_at) AS oldest_fulfilled_at FROM redemptions d WHERE {_AWAITING}
 """
 
 # Recovery: requests the ledger has not answered yet. SKIP LOCKED lets several instances
@@ -265,13 +287,36 @@ SELECT * FROM unnest($9::text[], $10::text[], $11::bytea[], $12::jsonb[])
 """
 
 
+_QUEUE_COLUMNS = ", ".join(f"d.{c}" for c in _REDEMPTION_FIELDS)
+SHIPMENT_QUEUE = {
+    "awaiting_shipment": _QUEUE.format(columns=_QUEUE_COLUMNS, state=_AWAITING),
+    "shipped": _QUEUE.format(columns=_QUEUE_COLUMNS, state="d.shipment_state = 'shipped'"),
+    "delivered": _QUEUE.format(columns=_QUEUE_COLUMNS, state="d.shipment_state = 'delivered'"),
+}
+# The first page's cursor: before every fulfilment.
+_QUEUE_START = (datetime(1, 1, 1, tzinfo=timezone.utc), uuid.UUID(int=0))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    redemption: Redemption
+    reward_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShipmentCounts:
+    awaiting: int
+    oldest_fulfilled_at: datetime | None
+
+
 def _reward(row: asyncpg.Record) -> Reward:
     return Reward(**dict(row))
 
 
 def _redemption(row: asyncpg.Record) -> Redemption:
-    data = dict(row)
-    data.pop("request_attempts", None)
+    data = {f: row[f] for f in _REDEMPTION_FIELDS}
+    if data["delivery_address"] is not None:  # jsonb arrives as text (no codec on the pool)
+        data["delivery_address"] = json.loads(data["delivery_address"])
     return Redemption(**data)
 
 
@@ -366,10 +411,12 @@ class RewardsRepository:
             INSERT_REDEMPTION_WITH_EVENT, r.redemption_id, r.customer_id, r.reward_id, r.idempotency_key,
             r.cost_points, r.kind, r.status, r.ledger_status, r.correlation_id, r.requested_at,
             m.topic, m.key, m.value, json.dumps(m.headers),
+            json.dumps(r.delivery_address) if r.delivery_address is not None else None,
         )
 
-    async def get_redemption(self, *, redemption_id: uuid.UUID) -> Redemption | None:
-        row = await self._conn.fetchrow(SELECT_REDEMPTION, redemption_id)
+    async def get_redemption(self, *, redemption_id: uuid.UUID, for_update: bool = False) -> Redemption | None:
+        row = await self._conn.fetchrow(SELECT_REDEMPTION_FOR_UPDATE if for_update else SELECT_REDEMPTION,
+                                        redemption_id)
         return _redemption(row) if row else None
 
     async def get_customer_redemption(
@@ -413,7 +460,7 @@ class RewardsRepository:
             LOCK_ANSWERED, [r.customer_id for r in s], [r.available_points for r in s], [r.held_points for r in s],
             [r.tier for r in s], [r.qualifying_points for r in s], [r.as_of for r in s], list(set(redemption_ids)),
         )
-        return {row["redemption_id"]: (Redemption(**{f: row[f] for f in _REDEMPTION_FIELDS}),
+        return {row["redemption_id"]: (_redemption(row),
                                        Reward(**{f: row[f"w_{f}"] for f in _REWARD_FIELDS}))
                 for row in rows}
 
@@ -429,6 +476,25 @@ class RewardsRepository:
             [r.hold_expires_at for r in rs], [r.fulfilled_at for r in rs], [r.finished_at for r in rs],
             [m.topic for m in ms], [m.key for m in ms], [m.value for m in ms], [json.dumps(m.headers) for m in ms],
         )
+
+    # ---- fulfilment of physical rewards ------------------------------------------------------
+
+    async def save_shipment(self, *, redemption: Redemption) -> None:
+        r = redemption
+        await self._conn.execute(SAVE_SHIPMENT, r.redemption_id, r.shipment_state, r.carrier, r.tracking_number,
+                                 r.tracking_url, r.shipped_at, r.shipped_by, r.delivered_at, r.delivered_by)
+
+    async def shipment_queue(
+        self, *, state: str, after: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[QueueEntry]:
+        """One page of the redemptions in `state`, oldest fulfilment first, after the cursor."""
+        after_fulfilled_at, after_id = after or _QUEUE_START
+        rows = await self._conn.fetch(SHIPMENT_QUEUE[state], after_fulfilled_at, after_id, limit)
+        return [QueueEntry(_redemption(r), r["reward_name"]) for r in rows]
+
+    async def shipment_counts(self) -> ShipmentCounts:
+        row = await self._conn.fetchrow(SHIPMENT_COUNTS)
+        return ShipmentCounts(awaiting=row["awaiting"], oldest_fulfilled_at=row["oldest_fulfilled_at"])
 
     async def lock_unanswered(self, *, requested_before: datetime, limit: int) -> list[tuple[Redemption, int]]:
         rows = await self._conn.fetch(SELECT_UNANSWERED, requested_before, limit)

@@ -16,7 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from services.rewards import domain, metrics
 from services.rewards.domain import Redemption, Reward
-from services.rewards.repository import RewardsRepository, StandingRow
+from services.rewards.repository import QueueEntry, RewardsRepository, StandingRow
 from services.rewards.settings import RewardsSettings
 from shared.events import DeadLetter, derived_event_id, envelope, utcnow
 from shared.events.points import (
@@ -29,12 +29,16 @@ from shared.events.points import (
 from shared.events.rewards import (
     RedemptionCancelled,
     RedemptionCancelledPayload,
+    RedemptionDelivered,
+    RedemptionDeliveredPayload,
     RedemptionFailed,
     RedemptionFailedPayload,
     RedemptionFulfilled,
     RedemptionFulfilledPayload,
     RedemptionRequested,
     RedemptionRequestedPayload,
+    RedemptionShipped,
+    RedemptionShippedPayload,
 )
 from shared.inbox import claim_new
 from shared.outbox import OutboxMessage, enqueue
@@ -340,7 +344,8 @@ class RequestResult:
 
 
 async def request_redemption(
-    ctx: RewardsContext, *, customer_id: str, reward_id: str, idempotency_key: str, correlation_id: str
+    ctx: RewardsContext, *, customer_id: str, reward_id: str, idempotency_key: str, correlation_id: str,
+    delivery_address: dict[str, Any] | None = None,
 ) -> RequestResult:
     """Record the request and emit RedemptionRequested, or return the redemption this
     Idempotency-Key already created."""
@@ -361,10 +366,12 @@ async def request_redemption(
             reward, standing=context.standing, counted_redemptions=context.counted_redemptions, now=now,
             tier_order=ctx.settings.tiers(),
         )
+        domain.check_delivery_address(reward, delivery_address)
         redemption = Redemption(
             redemption_id=uuid.uuid4(), customer_id=customer_id, reward_id=reward_id,
             idempotency_key=idempotency_key, cost_points=reward.cost_points, kind=reward.kind, status="requested",
             ledger_status="pending", correlation_id=correlation_id, requested_at=now,
+            delivery_address=delivery_address,
         )
         await repo.insert_redemption_with_event(
             redemption=redemption, event=_requested_event(ctx, redemption, cause="request", now=now))
@@ -430,6 +437,111 @@ async def cancel_redemption(
     ctx.wake_relay()
     metrics.record_outcome("cancelled", reason)
     return cancelled
+
+
+# ---- fulfilment of physical rewards (admin) --------------------------------------------------
+
+
+def _shipped_event(ctx: RewardsContext, r: Redemption) -> OutboxMessage:
+    assert r.carrier is not None and r.shipped_at is not None
+    event = envelope(
+        RedemptionShipped,
+        # One shipment per redemption: a derived id, so that nothing downstream can count it twice.
+        event_id=_event_id("RedemptionShipped", r.redemption_id, "shipped"),
+        occurred_at=r.shipped_at,
+        producer=PRODUCER,
+        correlation_id=r.correlation_id,
+        customer_id=r.customer_id,
+        payload=RedemptionShippedPayload(
+            redemption_id=r.redemption_id, reward_id=r.reward_id, cost_points=r.cost_points, carrier=r.carrier,
+            tracking_number=r.tracking_number, tracking_url=r.tracking_url, shipped_at=r.shipped_at,
+        ),
+    )
+    return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
+
+
+def _delivered_event(ctx: RewardsContext, r: Redemption) -> OutboxMessage:
+    assert r.delivered_at is not None
+    event = envelope(
+        RedemptionDelivered,
+        event_id=_event_id("RedemptionDelivered", r.redemption_id, "delivered"),
+        occurred_at=r.delivered_at,
+        producer=PRODUCER,
+        correlation_id=r.correlation_id,
+        customer_id=r.customer_id,
+        payload=RedemptionDeliveredPayload(
+            redemption_id=r.redemption_id, reward_id=r.reward_id, cost_points=r.cost_points,
+            delivered_at=r.delivered_at,
+        ),
+    )
+    return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ShipmentResult:
+    redemption: Redemption
+    changed: bool  # False: the same call was already applied (nothing new recorded or emitted)
+
+
+async def ship_redemption(
+    ctx: RewardsContext, *, redemption_id: uuid.UUID, shipment: domain.Shipment
+) -> ShipmentResult:
+    """Record the shipment of a fulfilled physical redemption and emit RedemptionShipped, in
+    one transaction. The row lock orders it with a customer's cancellation: whichever comes
+    second sees the other's outcome."""
+    return await _change_shipment(
+        ctx, redemption_id, lambda r: domain.ship(r, shipment, now=ctx.now()), _shipped_event, "shipped")
+
+
+async def deliver_redemption(
+    ctx: RewardsContext, *, redemption_id: uuid.UUID, delivered_at: datetime | None, actor: str
+) -> ShipmentResult:
+    return await _change_shipment(
+        ctx, redemption_id, lambda r: domain.deliver(r, delivered_at=delivered_at, actor=actor, now=ctx.now()),
+        _delivered_event, "delivered")
+
+
+async def _change_shipment(
+    ctx: RewardsContext, redemption_id: uuid.UUID, decide: Callable[[Redemption], Redemption | None],
+    event: Callable[[RewardsContext, Redemption], OutboxMessage], counted_as: str,
+) -> ShipmentResult:
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        repo = RewardsRepository(conn)
+        current = await repo.get_redemption(redemption_id=redemption_id, for_update=True)
+        if current is None:
+            raise domain.RedemptionNotFound(f"redemption {redemption_id} not found")
+        changed = decide(current)
+        if changed is None:
+            return ShipmentResult(current, changed=False)
+        await repo.save_shipment(redemption=changed)
+        await enqueue(conn, [event(ctx, changed)])
+    ctx.wake_relay()
+    metrics.SHIPMENTS.labels(counted_as).inc()
+    log.info("redemption %s", counted_as, extra={"redemption_id": str(redemption_id)})
+    return ShipmentResult(changed, changed=True)
+
+
+async def get_redemption(ctx: RewardsContext, *, redemption_id: uuid.UUID) -> Redemption:
+    async with ctx.pool.acquire() as conn:
+        r = await RewardsRepository(conn).get_redemption(redemption_id=redemption_id)
+    if r is None:
+        raise domain.RedemptionNotFound(f"redemption {redemption_id} not found")
+    return r
+
+
+async def shipment_queue(
+    ctx: RewardsContext, *, state: domain.ShipmentState, after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[QueueEntry]:
+    async with ctx.pool.acquire() as conn:
+        return await RewardsRepository(conn).shipment_queue(state=state, after=after, limit=limit)
+
+
+async def sample_shipment_queue(ctx: RewardsContext) -> None:
+    async with ctx.pool.acquire() as conn:
+        counts = await RewardsRepository(conn).shipment_counts()
+    metrics.AWAITING_SHIPMENT.set(counts.awaiting)
+    oldest = counts.oldest_fulfilled_at
+    metrics.AWAITING_SHIPMENT_OLDEST.set(max((ctx.now() - oldest).total_seconds(), 0.0) if oldest else 0.0)
 
 
 # ---- the ledger's answers (points.events) ----------------------------------------------------

@@ -5,6 +5,10 @@ stock and code -> RedemptionFulfilled -> ledger posts the hold (PointsRedeemed).
 after the hold -> RedemptionFailed -> ledger voids it (PointsReleased, phase=void). A
 cancellation of a fulfilled redemption -> RedemptionCancelled -> ledger gives the points back
 (PointsReleased, phase=refund). redemption_id is the idempotency key on both sides.
+
+After the saga, a physical reward is shipped (RedemptionShipped) and may be marked delivered
+(RedemptionDelivered): news for the customer (engagement), no points move, and the ledger
+ignores both.
 """
 
 import uuid
@@ -45,6 +49,17 @@ class RedemptionCancelledPayload(_RedemptionPayload):
     was_fulfilled: bool
 
 
+class RedemptionShippedPayload(_RedemptionPayload):
+    carrier: str
+    tracking_number: str | None = None
+    tracking_url: str | None = None
+    shipped_at: datetime
+
+
+class RedemptionDeliveredPayload(_RedemptionPayload):
+    delivered_at: datetime
+
+
 class RedemptionRequested(Envelope[RedemptionRequestedPayload]):
     type: Literal["RedemptionRequested"] = "RedemptionRequested"
 
@@ -61,4 +76,15 @@ class RedemptionCancelled(Envelope[RedemptionCancelledPayload]):
     type: Literal["RedemptionCancelled"] = "RedemptionCancelled"
 
 
-REWARDS_EVENT_TYPES = (RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled)
+class RedemptionShipped(Envelope[RedemptionShippedPayload]):
+    type: Literal["RedemptionShipped"] = "RedemptionShipped"
+
+
+class RedemptionDelivered(Envelope[RedemptionDeliveredPayload]):
+    type: Literal["RedemptionDelivered"] = "RedemptionDelivered"
+
+
+REWARDS_EVENT_TYPES = (RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled,
+                       RedemptionShipped, RedemptionDelivered)
+# The types that tell about a redemption after the saga and move no points.
+SHIPMENT_EVENT_TYPES = (RedemptionShipped, RedemptionDelivered)

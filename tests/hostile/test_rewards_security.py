@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import uuid
 
 import jwt
 import pytest
@@ -94,10 +95,14 @@ async def test_forged_tokens_and_other_customers_get_nothing_on_any_customer_end
             return (await client.get("/v1/rewards", headers=b)).json()["available_points"] == 500
 
         await eventually(funded)
-        mine = await client.post("/v1/redemptions", json={"reward_id": reward["reward_id"]},
+        mine = await client.post("/v1/redemptions", json={"reward_id": reward["reward_id"],
+                                                          "delivery_address": VICTIM_ADDRESS},
                                  headers=b | {"Idempotency-Key": "victim-key"})
         assert mine.status_code == 200 and mine.json()["status"] == "fulfilled", mine.text
         rid = mine.json()["redemption_id"]
+        shipped = await client.post(f"/v1/admin/redemptions/{rid}/ship", headers=ADMIN,
+                                    json={"carrier": "DHL", "tracking_number": "VICTIM-1", "actor": "test"})
+        assert shipped.status_code == 200, shipped.text
 
         refused = []
         for name, authorization in bad_authorizations(victim, settings).items():
@@ -109,6 +114,9 @@ async def test_forged_tokens_and_other_customers_get_nothing_on_any_customer_end
         a_read = await client.get(f"/v1/redemptions/{rid}", headers=a)
         a_cancel = await client.post(f"/v1/redemptions/{rid}/cancel", headers=a)
         a_list = await client.get("/v1/redemptions", headers=a)
+        # a customer's token is no admin key: the support and fulfilment routes stay shut
+        a_admin = [await client.request(method, path, json=body, headers=a)
+                   for method, path, body in admin_calls(rid, victim)]
         a_catalog = await client.get("/v1/rewards", headers=a)
         a_replay = await client.post("/v1/redemptions", json={"reward_id": reward["reward_id"]},
                                      headers=a | {"Idempotency-Key": "victim-key"})
@@ -117,7 +125,12 @@ async def test_forged_tokens_and_other_customers_get_nothing_on_any_customer_end
         assert response.status_code == 401, (name, path, response.status_code, response.text[:200])
         assert response.json()["error"] in ("missing_token", "invalid_token"), (name, path, response.text[:200])
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert a_read.status_code == 404 and a_cancel.status_code == 404  # existence is not revealed either
+    # existence is not revealed either: a shipped redemption is 404 to another customer, not already_shipped
+    assert a_read.status_code == 404 and a_cancel.status_code == 404
+    assert all(r.status_code == 401 and r.json()["error"] == "invalid_admin_key" for r in a_admin), [
+        (r.request.url.path, r.status_code) for r in a_admin if r.status_code != 401]
+    assert not any(VICTIM_ADDRESS["line1"] in r.text or "VICTIM-1" in r.text
+                   for r in [a_read, a_cancel, a_list, a_catalog, a_replay, *a_admin])
     assert a_list.json()["redemptions"] == []
     assert a_catalog.json()["customer_id"] == attacker and a_catalog.json()["available_points"] == 0
     # The victim's idempotency key is scoped to the victim: the attacker gets a redemption of
@@ -125,16 +138,33 @@ async def test_forged_tokens_and_other_customers_get_nothing_on_any_customer_end
     assert a_replay.json()["redemption_id"] != rid and "Idempotent-Replayed" not in a_replay.headers
     assert a_replay.json()["status"] in ("failed", "requested")
     assert b_after.json()["status"] == "fulfilled" and b_after.json()["code"] == mine.json()["code"]
+    assert b_after.json()["shipment"]["tracking_number"] == "VICTIM-1"
+    assert b_after.json()["delivery_address"]["line1"] == VICTIM_ADDRESS["line1"]
     rows = await redemptions(settings)
     assert [(r["customer_id"], str(r["redemption_id"])) for r in rows][0] == (victim, rid)
     assert {r["customer_id"] for r in rows} == {victim, attacker} and len(rows) == 2
 
 
-ADMIN_CALLS = [("POST", "/v1/admin/rewards", {"reward_id": "r-evil", "name": "Free", "cost_points": 1,
-                                              "kind": "physical"}),
-               ("GET", "/v1/admin/rewards", None), ("GET", "/v1/admin/rewards/r-1", None),
-               ("PATCH", "/v1/admin/rewards/r-1", {"cost_points": 1}),
-               ("POST", "/v1/admin/rewards/r-1/coupons", {"codes": ["STOLEN-1"]})]
+VICTIM_ADDRESS = {"recipient": "Victim", "line1": "Secret street 7", "city": "Gdansk", "postal_code": "80-001",
+                  "country": "PL"}
+
+
+def admin_calls(redemption_id: str, customer_id: str) -> list[tuple[str, str, dict | None]]:
+    """Every admin endpoint, with a well-formed request."""
+    return [("POST", "/v1/admin/rewards", {"reward_id": "r-evil", "name": "Free", "cost_points": 1,
+                                           "kind": "physical"}),
+            ("GET", "/v1/admin/rewards", None), ("GET", "/v1/admin/rewards/r-1", None),
+            ("PATCH", "/v1/admin/rewards/r-1", {"cost_points": 1}),
+            ("POST", "/v1/admin/rewards/r-1/coupons", {"codes": ["STOLEN-1"]}),
+            ("GET", "/v1/admin/fulfilments?state=awaiting_shipment", None),
+            ("GET", f"/v1/admin/redemptions?customer_id={customer_id}", None),
+            ("GET", f"/v1/admin/redemptions/{redemption_id}", None),
+            ("POST", f"/v1/admin/redemptions/{redemption_id}/ship", {"carrier": "Evil", "actor": "attacker"}),
+            ("POST", f"/v1/admin/redemptions/{redemption_id}/deliver", {"actor": "attacker"})]
+
+
+AWAITING_ID = "00000000-0000-4000-8000-000000000001"
+ADMIN_CALLS = admin_calls(AWAITING_ID, "c-1")
 BAD_ADMIN_KEYS = {"missing": None, "empty": "", "wrong": "admin-test-kez", "prefix": "admin-test",
                   "padded": "admin-test-key ", "injection": "' OR '1'='1", "other_service": "ledger-admin-test-key"}
 
@@ -145,6 +175,15 @@ async def test_every_admin_endpoint_refuses_a_missing_or_wrong_admin_key_and_cha
         created = await client.post("/v1/admin/rewards", headers=ADMIN, json={
             "reward_id": "r-1", "name": "Voucher", "cost_points": 500, "kind": "coupon"})
         assert created.status_code == 201
+        item = await client.post("/v1/admin/rewards", headers=ADMIN, json={
+            "reward_id": "r-2", "name": "Mug", "cost_points": 500, "kind": "physical"})
+        assert item.status_code == 201
+        # a physical item awaiting shipment, as the saga leaves it (no ledger in this test)
+        await fetch(settings.database_url, """
+            INSERT INTO rewards.redemptions (redemption_id, customer_id, reward_id, idempotency_key, cost_points,
+                kind, status, ledger_status, correlation_id, fulfilled_at, finished_at)
+            VALUES ($1, 'c-1', 'r-2', 'k-1', 500, 'physical', 'fulfilled', 'redeemed', 'corr', now(), now())
+            RETURNING redemption_id""", uuid.UUID(AWAITING_ID))
         before = await table_counts(settings.database_url, "rewards")
         responses = []
         for name, key in BAD_ADMIN_KEYS.items():
@@ -158,6 +197,8 @@ async def test_every_admin_endpoint_refuses_a_missing_or_wrong_admin_key_and_cha
         assert response.json()["error"] == "invalid_admin_key"
     assert after == before
     assert reward["cost_points"] == 500 and reward["coupons_available"] == 0
+    [awaiting] = await fetch(settings.database_url, "SELECT * FROM rewards.redemptions")
+    assert awaiting["shipment_state"] is None and awaiting["carrier"] is None
 
 
 async def test_refused_authentication_is_counted_per_reason_in_the_metrics(base_env):

@@ -74,6 +74,34 @@ async def test_concurrent_transactions_on_one_customer_never_overdraw(settings, 
     assert account["debits_pending"] == k * cost and account["credits_posted"] == k * cost
 
 
+async def test_a_shipment_or_delivery_is_read_and_ignored_not_dead_lettered(settings, kafka_bootstrap):
+    """RedemptionShipped and RedemptionDelivered tell the customer about a physical reward
+    after the saga: no points move, and the ledger must not take them for unknown input."""
+    customer, rid, probe = unique("c-"), uuid.uuid4(), uuid.uuid4()
+    R = redemption
+    shipped, delivered = R("RedemptionShipped", customer, rid, 30), R("RedemptionDelivered", customer, rid, 30)
+    async with running_ledger(settings) as (_, client):
+        await credit(client, customer, 100)
+        await produce(kafka_bootstrap, settings.topic(REWARDS_EVENTS), [
+            R("RedemptionRequested", customer, rid, 30), R("RedemptionFulfilled", customer, rid, 30),
+            shipped, delivered, shipped,  # the repeat is a duplicate in the inbox
+            R("RedemptionRequested", customer, probe, 20),
+        ], key=customer)
+        events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=4, timeout_s=60,
+                               distinct="event_id")
+        dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), idle_s=1.0, timeout_s=5)
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+        metrics = (await client.get("/metrics")).text
+    assert [e["type"] for e in events] == ["PointsAdjusted", "PointsHeld", "PointsRedeemed", "PointsHeld"]
+    assert events[-1]["payload"]["redemption_id"] == str(probe)  # what came after was applied
+    assert [d for d in dead if d["original_key"] == customer] == []
+    assert (balance["available_points"], balance["held_points"]) == (50, 20)
+    claimed = await ledger_rows(settings.database_url, "SELECT event_id FROM inbox WHERE event_id = ANY($1::uuid[])",
+                                [shipped["event_id"], delivered["event_id"]])
+    assert len(claimed) == 2
+    assert 'ledger_events_total{outcome="ignored",type="RedemptionShipped"}' in metrics
+
+
 async def test_the_saga_posts_voids_refunds_and_rejects_with_reasons(settings, kafka_bootstrap):
     customer = unique("c-")
     fulfilled, failed, cancelled, resent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()

@@ -20,7 +20,9 @@ EXPECTED_COLUMNS = {
     "coupon_codes": ["reward_id", "code", "redemption_id", "uploaded_at", "assigned_at"],
     "redemptions": ["redemption_id", "customer_id", "reward_id", "idempotency_key", "cost_points", "kind", "status",
                     "ledger_status", "failure_reason", "code", "hold_expires_at", "correlation_id",
-                    "request_attempts", "requested_at", "last_requested_at", "fulfilled_at", "finished_at"],
+                    "request_attempts", "requested_at", "last_requested_at", "fulfilled_at", "finished_at",
+                    "delivery_address", "shipment_state", "carrier", "tracking_number", "tracking_url", "shipped_at",
+                    "shipped_by", "delivered_at", "delivered_by"],
     "customer_standing": ["customer_id", "available_points", "held_points", "tier", "qualifying_points", "as_of",
                           "updated_at"],
     "inbox": ["consumer", "event_id", "processed_at"],
@@ -51,12 +53,13 @@ async def test_the_migrations_build_the_expected_schema_once(database_url):
     finally:
         await conn.close()
     shared = [f"shared/{p.name}" for p in sorted(SHARED_MIGRATIONS.glob("*.sql"))]
-    assert first == [*shared, "0001_rewards.sql"] and again == []
+    assert first == [*shared, "0001_rewards.sql", "0002_shipments.sql"] and again == []
     tables: dict[str, list[str]] = {}
     for row in columns:
         tables.setdefault(row["table_name"], []).append(row["column_name"])
     assert tables == EXPECTED_COLUMNS
     assert {r["indexname"] for r in unique} == EXPECTED_UNIQUE_INDEXES
     # rewards: cost > 0, kind, stock >= 0, limit > 0, voucher has value;
-    # redemptions: cost > 0, status, ledger_status, fulfilled has fulfilled_at
-    assert checks == 9
+    # redemptions: cost > 0, status, ledger_status, fulfilled has fulfilled_at, shipment state, a
+    # shipment only of a fulfilled physical item and complete
+    assert checks == 11

@@ -77,6 +77,11 @@ def redemption(type_: str, customer_id: str, redemption_id: uuid.UUID, cost_poin
         payload["reason"] = extra.pop("reason", "out_of_stock")
     elif type_ == "RedemptionCancelled":
         payload.update(reason=extra.pop("reason", "customer_request"), was_fulfilled=extra.pop("was_fulfilled", True))
+    elif type_ == "RedemptionShipped":
+        payload.update(carrier="DHL", tracking_number="JD0001", tracking_url=None,
+                       shipped_at=datetime.now(timezone.utc).isoformat())
+    elif type_ == "RedemptionDelivered":
+        payload["delivered_at"] = datetime.now(timezone.utc).isoformat()
     return _envelope(type_, customer_id, payload, producer="rewards")
 
 

@@ -215,3 +215,99 @@ def test_voucher_codes_are_unambiguous_and_distinct():
     sample = next(iter(codes))
     assert len(sample) == len("V-XXXX-XXXX-XXXX-XXXX")
     assert not set(sample[2:].replace("-", "")) & set("01OIL")
+
+
+# ---- fulfilment of physical rewards ----------------------------------------------------------
+
+FULFILLED_AT = NOW - timedelta(hours=2)
+PARCEL = domain.Shipment(carrier="DHL", tracking_number="JD0001", tracking_url="https://dhl.example/JD0001",
+                         shipped_at=None, actor="warehouse-1")
+
+
+def a_fulfilled_item(**changes) -> Redemption:
+    return a_redemption(status="fulfilled", ledger_status="redeemed", fulfilled_at=FULFILLED_AT,
+                        finished_at=FULFILLED_AT, **changes)
+
+
+def test_a_fulfilled_physical_redemption_awaits_shipment_and_nothing_else_has_a_shipment():
+    assert domain.shipment_state(a_fulfilled_item()) == "awaiting_shipment"
+    assert domain.shipment_state(a_fulfilled_item(kind="coupon")) is None
+    assert domain.shipment_state(a_redemption(status="requested")) is None
+    assert domain.shipment_state(a_redemption(status="cancelled", fulfilled_at=FULFILLED_AT)) is None
+
+
+def test_shipping_records_the_carrier_tracking_time_and_actor_and_keeps_the_saga_status():
+    shipped = domain.ship(a_fulfilled_item(), PARCEL, now=NOW)
+    assert shipped is not None
+    assert (shipped.status, shipped.ledger_status) == ("fulfilled", "redeemed")
+    assert (shipped.shipment_state, shipped.carrier, shipped.tracking_number, shipped.shipped_at,
+            shipped.shipped_by) == ("shipped", "DHL", "JD0001", NOW, "warehouse-1")
+    assert domain.shipment_state(shipped) == "shipped"
+
+
+def test_the_same_shipment_again_changes_nothing_whoever_sends_it():
+    shipped = domain.ship(a_fulfilled_item(), PARCEL, now=NOW)
+    assert shipped is not None
+    assert domain.ship(shipped, replace(PARCEL, actor="someone-else"), now=NOW + timedelta(minutes=1)) is None
+    assert domain.ship(shipped, replace(PARCEL, shipped_at=NOW), now=NOW + timedelta(minutes=1)) is None
+
+
+@pytest.mark.parametrize("change", [{"carrier": "UPS"}, {"tracking_number": "JD0002"}, {"tracking_url": None},
+                                   {"shipped_at": NOW - timedelta(minutes=1)}])
+def test_a_different_shipment_of_a_shipped_redemption_is_refused(change):
+    shipped = domain.ship(a_fulfilled_item(), PARCEL, now=NOW)
+    assert shipped is not None
+    with pytest.raises(domain.AlreadyShipped) as exc:
+        domain.ship(shipped, replace(PARCEL, **change), now=NOW)
+    assert exc.value.details["tracking_number"] == "JD0001"
+
+
+@pytest.mark.parametrize("redemption, reason", [
+    (a_fulfilled_item(kind="coupon", code="C-1"), "not_physical"),
+    (a_fulfilled_item(kind="voucher", code="V-1"), "not_physical"),
+    (a_redemption(status="requested"), "not_fulfilled"),
+    (a_redemption(status="failed", failure_reason="out_of_stock"), "not_fulfilled"),
+    (a_redemption(status="cancelled", fulfilled_at=FULFILLED_AT), "not_fulfilled"),
+])
+def test_only_a_fulfilled_physical_redemption_ships(redemption, reason):
+    with pytest.raises(domain.ShipmentNotAllowed) as exc:
+        domain.ship(redemption, PARCEL, now=NOW)
+    assert exc.value.details["reason"] == reason
+
+
+def test_a_shipping_time_in_the_future_or_before_the_fulfilment_is_refused():
+    with pytest.raises(domain.InvalidShipment):
+        domain.ship(a_fulfilled_item(), replace(PARCEL, shipped_at=NOW + timedelta(hours=1)), now=NOW)
+    with pytest.raises(domain.InvalidShipment):
+        domain.ship(a_fulfilled_item(), replace(PARCEL, shipped_at=FULFILLED_AT - timedelta(seconds=1)), now=NOW)
+
+
+def test_delivery_follows_shipment_once():
+    with pytest.raises(domain.ShipmentNotAllowed) as exc:
+        domain.deliver(a_fulfilled_item(), delivered_at=None, actor="courier-api", now=NOW)
+    assert exc.value.details["reason"] == "not_shipped"
+    shipped = domain.ship(a_fulfilled_item(), PARCEL, now=NOW - timedelta(hours=1))
+    assert shipped is not None
+    delivered = domain.deliver(shipped, delivered_at=None, actor="courier-api", now=NOW)
+    assert delivered is not None and (delivered.shipment_state, delivered.delivered_at) == ("delivered", NOW)
+    assert domain.deliver(delivered, delivered_at=None, actor="courier-api", now=NOW) is None
+    with pytest.raises(domain.InvalidShipment):
+        domain.deliver(shipped, delivered_at=shipped.shipped_at - timedelta(seconds=1), actor="x", now=NOW)
+
+
+def test_a_shipped_item_cannot_be_cancelled_even_within_the_window():
+    item = a_fulfilled_item()
+    domain.check_cancellable(item, now=NOW, window_s=86_400)  # allowed before shipping
+    shipped = domain.ship(item, PARCEL, now=NOW)
+    assert shipped is not None
+    with pytest.raises(domain.AlreadyShipped):
+        domain.check_cancellable(shipped, now=NOW, window_s=86_400)
+
+
+def test_a_delivery_address_is_for_physical_rewards_only():
+    address = {"recipient": "A", "line1": "x", "city": "y", "postal_code": "1", "country": "PL"}
+    domain.check_delivery_address(a_reward(kind="physical"), address)
+    domain.check_delivery_address(a_reward(kind="coupon"), None)
+    with pytest.raises(domain.DeliveryAddressNotAllowed):
+        domain.check_delivery_address(a_reward(kind="voucher", voucher_value=Decimal("5"), voucher_currency="EUR"),
+                                      address)
