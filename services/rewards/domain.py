@@ -247,13 +247,20 @@ def check_delivery_address(reward: Reward, address: dict[str, Any] | None) -> No
                                         kind=reward.kind)
 
 
-def check_same_request(existing: Redemption, *, reward_id: str) -> None:
-    """An Idempotency-Key names one request: replaying it for another reward is a client bug."""
+def check_same_request(existing: Redemption, *, reward_id: str,
+                       delivery_address: dict[str, Any] | None = None) -> None:
+    """An Idempotency-Key names one request: replaying it for another reward, or to another
+    delivery address (the replay would silently ship to the first one), is a client bug."""
     if existing.reward_id != reward_id:
         raise IdempotencyKeyReused(
             "this Idempotency-Key was already used for another reward",
             redemption_id=str(existing.redemption_id),
             reward_id=existing.reward_id,
+        )
+    if (existing.delivery_address or None) != (delivery_address or None):
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was already used with another delivery address",
+            redemption_id=str(existing.redemption_id),
         )
 
 

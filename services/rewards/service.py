@@ -357,7 +357,7 @@ async def request_redemption(
         if context.existing_id is not None:
             existing = await repo.get_redemption(redemption_id=context.existing_id)
             assert existing is not None
-            domain.check_same_request(existing, reward_id=reward_id)
+            domain.check_same_request(existing, reward_id=reward_id, delivery_address=delivery_address)
             return RequestResult(existing, replayed=True)
         reward = context.reward
         if reward is None:

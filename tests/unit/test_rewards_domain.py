@@ -130,6 +130,15 @@ def test_an_idempotency_key_replayed_for_another_reward_is_refused():
         domain.check_same_request(existing, reward_id="hat")
 
 
+def test_an_idempotency_key_replayed_to_another_delivery_address_is_refused():
+    address = {"name": "A. Nowak", "line1": "ul. Długa 1", "city": "Gdańsk", "postal_code": "80-001", "country": "PL"}
+    existing = a_redemption(reward_id="mug", delivery_address=address)
+    domain.check_same_request(existing, reward_id="mug", delivery_address=dict(address))  # the same: a replay
+    for other in (None, {**address, "line1": "ul. Krótka 2"}):
+        with pytest.raises(domain.IdempotencyKeyReused):
+            domain.check_same_request(existing, reward_id="mug", delivery_address=other)
+
+
 # ---- the saga ----------------------------------------------------------------------------------
 
 
