@@ -103,10 +103,13 @@ def _record(row: asyncpg.Record) -> tuple[bytes | None, bytes, list[tuple[str, b
 _RELAY_LOCK = "hashtext(current_schema() || '.outbox-relay')"
 
 # The claim: the lock (a materialized CTE: evaluated once, whatever refers to it), then the oldest rows if it was
-# taken; with no rows it releases the lock in the same statement. FOR UPDATE SKIP LOCKED only
-# skips rows that another relay's delete holds: those were sent already.
+# taken; with no rows it releases the lock in the same statement. FOR UPDATE SKIP LOCKED skips
+# rows another relay's delete holds or has just deleted (its snapshot may predate that
+# delete): those were sent already. Locking rows makes the claim a write: its commit need not
+# wait for the disk either (it changes nothing a crash could lose).
 _CLAIM = f"""
-WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock({_RELAY_LOCK}) AS locked)
+WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock({_RELAY_LOCK}) AS locked,
+                                set_config('synchronous_commit', 'off', true))
 SELECT l.locked, o.id, o.topic, o.key, o.value, o.headers, o.created_at,
        CASE WHEN l.locked AND o.id IS NULL THEN pg_advisory_unlock_all() END AS released
 FROM l
