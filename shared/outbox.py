@@ -1,21 +1,18 @@
 """The transactional outbox and its relay.
 
-A use case calls `enqueue` in the same transaction as its state change. A relay round is
-two statements on one connection, no explicit transaction: the claim takes the one-relay lock
-and reads the oldest rows, the relay sends them and waits for the broker's acknowledgement,
-and only then one statement deletes them and releases the lock. A failed send deletes
-nothing and releases the lock; the rows are there for the next round. A crash after the send
-and before the delete re-sends those rows: consumers de-duplicate by event_id, so that costs
-nothing but a duplicate delivery. For the same reason the delete need not wait for the disk
-(synchronous_commit off for that statement only): a delete lost in a crash only means a
-re-send. (The round used to be BEGIN, claim-and-delete, COMMIT: three round trips to
-PostgreSQL per round, and a relay runs a round for nearly every transaction that wakes it.)
+A use case calls `enqueue` in the same transaction as its state change. The relay claims
+rows with FOR UPDATE SKIP LOCKED (so several relays never publish the same row at once and
+never skip one the way "id > last id" does when transactions commit out of order), deleting
+them in the same statement, sends them, waits for the broker's acknowledgement, and only then
+commits; a failed send rolls the transaction back and the rows are there again. A crash
+after the send and before the commit re-sends those rows: consumers de-duplicate by
+event_id, so that costs nothing but a duplicate delivery. For the same reason the relay's
+commit need not wait for the disk (synchronous_commit off for that transaction only): a
+delete lost in a crash only means a re-send.
 
-One relay publishes at a time per schema (a session-level advisory lock, held from the
-claim to the delete): with two service instances, two relays publishing in parallel would
-let a customer's later event overtake an earlier one. The claim skips rows locked by
-another relay's delete that has released the lock and not yet committed (SKIP LOCKED), so
-they are never sent twice. A row the broker can never accept (too large) is moved to
+One relay publishes at a time per schema (a transaction-level advisory lock): with two
+service instances, two relays publishing in parallel would let a customer's later event
+overtake an earlier one. A row the broker can never accept (too large) is moved to
 `outbox_failed` with the error instead of blocking every row behind it.
 """
 
@@ -98,44 +95,28 @@ def _record(row: asyncpg.Record) -> tuple[bytes | None, bytes, list[tuple[str, b
     return key, row["value"], [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
 
 
-# One publisher per schema at a time keeps each key's events in order: a session-level
-# advisory lock, taken by the claim and released by the delete (or on any failure).
-_RELAY_LOCK = "hashtext(current_schema() || '.outbox-relay')"
-
-# The claim: the lock (a materialized CTE: evaluated once, whatever refers to it), then the oldest rows if it was
-# taken; with no rows it releases the lock in the same statement. FOR UPDATE SKIP LOCKED skips
-# rows another relay's delete holds or has just deleted (its snapshot may predate that
-# delete): those were sent already. Locking rows makes the claim a write: its commit need not
-# wait for the disk either (it changes nothing a crash could lose).
-_CLAIM = f"""
-WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock({_RELAY_LOCK}) AS locked,
-                                set_config('synchronous_commit', 'off', true))
-SELECT l.locked, o.id, o.topic, o.key, o.value, o.headers, o.created_at,
-       CASE WHEN l.locked AND o.id IS NULL THEN pg_advisory_unlock_all() END AS released
-FROM l
-LEFT JOIN LATERAL (
-    SELECT id, topic, key, value, headers, created_at FROM outbox
-    WHERE l.locked
-    ORDER BY id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-) AS o ON true
-"""
-
-# After the acknowledgement: delete the rows, then (the delete's output consumed first, so
-# its row locks are taken) release the lock; an asynchronous commit for this statement only.
-_DONE = """
-WITH gone AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]) RETURNING id)
-SELECT pg_advisory_unlock_all(), set_config('synchronous_commit', 'off', true)
-FROM (SELECT count(*) FROM gone) AS deleted
-"""
-
-_RELEASE = "SELECT pg_advisory_unlock_all()"
+# One publisher per schema at a time keeps each key's events in order.
+_ONE_RELAY = "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.outbox-relay'))"
 
 _MOVE_FAILED = """
 INSERT INTO outbox_failed (id, topic, key, value, headers, created_at, error)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (id) DO NOTHING
+"""
+
+# One statement claims and deletes (the transaction is rolled back if the send fails). The
+# ids are claimed first, as an array (an InitPlan: the delete is then an index lookup, never a
+# scan of a backlog), under a one-time filter evaluated before any row is locked: the
+# one-relay lock (no rows when another relay of this schema is publishing) and an
+# asynchronous commit for this transaction only.
+_CLAIM = f"""
+DELETE FROM outbox WHERE id = ANY(ARRAY(
+    SELECT id FROM outbox
+    WHERE ({_ONE_RELAY} AND set_config('synchronous_commit', 'off', true) = 'off')
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+))
+RETURNING id, topic, key, value, headers, created_at
 """
 
 
@@ -180,30 +161,25 @@ class OutboxRelay:
                 self._task.cancel()
 
     async def publish_once(self) -> int:
-        """One round: claim (taking the one-relay lock), send, await acknowledgements, delete
-        (releasing the lock). Returns rows published or set aside."""
-        async with self._pool.acquire() as conn:
-            claimed = await conn.fetch(_CLAIM, self._batch_size)
-            if not claimed[0]["locked"] or claimed[0]["id"] is None:
-                return 0  # another relay is publishing, or nothing to publish (lock released)
-            rows = claimed  # in id order: the outbox order
+        """One round: claim (and delete), send, await acknowledgements, commit. Returns rows
+        published or set aside."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            claimed = await conn.fetch(_CLAIM, self._batch_size)  # none if another relay is publishing
+            if not claimed:
+                return 0
+            rows = sorted(claimed, key=lambda r: r["id"])  # RETURNING has no order; ids are the outbox order
             try:
-                try:
-                    failed = await self._send_in_batches(rows)
-                except NEVER_ACCEPTED:
-                    # A batch the broker refused as a whole: send the round again a row per
-                    # batch, so only the culprits are refused (rows already sent go twice;
-                    # consumers drop the repeats).
-                    failed = await self._send_one_by_one(rows)
-                for row, error in failed:
-                    await conn.execute(_MOVE_FAILED, row["id"], row["topic"], row["key"], row["value"],
-                                       row["headers"], row["created_at"], f"{type(error).__name__}: {error}")
-                    log.error("outbox row refused by the broker for good; moved to outbox_failed",
-                              extra={"outbox_id": row["id"], "topic": row["topic"], "error": repr(error)})
-                await conn.fetchrow(_DONE, [row["id"] for row in rows])
-            except BaseException:
-                await self._release(conn)
-                raise
+                failed = await self._send_in_batches(rows)
+            except NEVER_ACCEPTED:
+                # A batch the broker refused as a whole: send the round again a row per batch,
+                # so only the culprits are refused (rows already sent go twice; consumers
+                # drop the repeats).
+                failed = await self._send_one_by_one(rows)
+            for row, error in failed:
+                await conn.execute(_MOVE_FAILED, row["id"], row["topic"], row["key"], row["value"], row["headers"],
+                                   row["created_at"], f"{type(error).__name__}: {error}")
+                log.error("outbox row refused by the broker for good; moved to outbox_failed",
+                          extra={"outbox_id": row["id"], "topic": row["topic"], "error": repr(error)})
         failed_ids = {row["id"] for row, _ in failed}
         for topic, n in Counter_(r["topic"] for r in rows if r["id"] not in failed_ids).items():
             OUTBOX_PUBLISHED.labels(topic).inc(n)
@@ -211,15 +187,6 @@ class OutboxRelay:
             OUTBOX_FAILED.labels(row["topic"]).inc()
         OUTBOX_BATCH.observe(len(rows))
         return len(rows)
-
-    @staticmethod
-    async def _release(conn: asyncpg.Connection) -> None:
-        """Release the one-relay lock after a failed round; a connection that cannot is closed
-        (its session, and so the lock, ends with it)."""
-        try:
-            await asyncio.shield(conn.execute(_RELEASE))
-        except BaseException:
-            conn.terminate()
 
     async def _send_in_batches(self, rows: Sequence[asyncpg.Record]) -> list[tuple[asyncpg.Record, BaseException]]:
         """The rows as one record batch per partition (in row order within each), all sent
