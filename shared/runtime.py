@@ -14,7 +14,7 @@ import asyncpg
 from faststream.kafka import KafkaBroker
 
 from shared.db import create_pool, migrate
-from shared.kafka import create_broker, create_producer
+from shared.kafka import coalesce_commits, create_broker, create_producer
 from shared.outbox import OutboxRelay
 from shared.settings import ServiceSettings
 from shared.topics import ALL_TOPICS, ensure_topics
@@ -70,6 +70,7 @@ class ServiceRuntime:
         )
         self.relay.start()
         await self.broker.start()
+        coalesce_commits(self.broker, s.consumer_commit_interval_ms)
         for hook in self._on_start:
             await hook()
         log.info("service started", extra={"service": self.service})
