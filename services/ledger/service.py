@@ -9,7 +9,6 @@ instances, the scheduler and the admin API, so no two holds can both spend the s
 The accounts' CHECK constraints are the last line: an overdraft fails the transaction.
 """
 
-import asyncio
 import json
 import logging
 import time
@@ -19,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 from typing import Annotated, Any, Union
 
 import asyncpg
