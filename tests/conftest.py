@@ -56,8 +56,7 @@ def topic_prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}."
 
 
-@pytest.fixture
-def base_env(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> dict[str, str]:
+def service_env(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> dict[str, str]:
     """Settings shared by every service under test, as environment-style key/values
     (without the service prefix)."""
     return {
@@ -71,3 +70,17 @@ def base_env(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> dict
         "OUTBOX_POLL_INTERVAL_MS": "50",
         "LOG_JSON": "false",
     }
+
+
+@pytest.fixture
+def base_env(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> dict[str, str]:
+    return service_env(kafka_bootstrap, database_url, topic_prefix)
+
+
+@pytest.fixture(scope="module")
+def module_env(pg_cluster: PgCluster, kafka_bootstrap: str) -> dict[str, str]:
+    """base_env for a whole module (services started once for its tests): its own database
+    and topic prefix."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg_cluster.create_database(name)
+    return service_env(kafka_bootstrap, pg_cluster.dsn(name), f"t{uuid.uuid4().hex[:8]}.")

@@ -29,17 +29,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
-def settings(pg_cluster, kafka_bootstrap):
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    pg_cluster.create_database(database)
-    prefix = f"t{uuid.uuid4().hex[:8]}."
-    env = {
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": pg_cluster.dsn(database),
-        "TOPIC_PREFIX": prefix, "TOPIC_PARTITIONS": "4", "CONSUMER_GROUP_PREFIX": prefix.rstrip("."),
-        "CONSUMER_SESSION_TIMEOUT_MS": "2000", "CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
-        "OUTBOX_POLL_INTERVAL_MS": "50", "LOG_JSON": "false",
-    }
-    return rewards_settings(env, saga_wait_ms=1000, cancellation_window_s=600, request_resend_after_s=1.0,
+def settings(module_env):
+    return rewards_settings(module_env, saga_wait_ms=1000, cancellation_window_s=600, request_resend_after_s=1.0,
                            recovery_interval_s=0.25)
 
 

@@ -2,7 +2,6 @@
 and PostgreSQL: the redemption saga end to end, with the ledger's balances as the judge."""
 
 import asyncio
-import uuid
 
 import asyncpg
 import pytest
@@ -24,26 +23,13 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
-def env(pg_cluster, kafka_bootstrap) -> dict[str, str]:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    pg_cluster.create_database(database)
-    prefix = f"t{uuid.uuid4().hex[:8]}."
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DATABASE_URL": pg_cluster.dsn(database),
-        "TOPIC_PREFIX": prefix, "TOPIC_PARTITIONS": "4", "CONSUMER_GROUP_PREFIX": prefix.rstrip("."),
-        "CONSUMER_SESSION_TIMEOUT_MS": "2000", "CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
-        "OUTBOX_POLL_INTERVAL_MS": "50", "LOG_JSON": "false",
-    }
-
-
-@pytest.fixture(scope="module")
-def settings(env):
-    return rewards_settings(env, saga_wait_ms=5000, request_resend_after_s=3.0)
+def settings(module_env):
+    return rewards_settings(module_env, saga_wait_ms=5000, request_resend_after_s=3.0)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def services(env, settings):
-    async with ledger_support.running_ledger(ledger_support.ledger_settings(env)) as (_, ledger_client):
+async def services(module_env, settings):
+    async with ledger_support.running_ledger(ledger_support.ledger_settings(module_env)) as (_, ledger_client):
         async with running_rewards(settings) as (_, client):
             yield client, ledger_client
 
