@@ -36,7 +36,8 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Readiness: broker connected, database reachable")
+    @app.get("/readyz", tags=["operations"],
+             summary="Readiness: broker connected, database reachable, and the service's own checks")
     async def readyz() -> JSONResponse:
         checks = await runtime.readiness()
         ready = all(checks.values())

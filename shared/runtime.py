@@ -45,6 +45,7 @@ class ServiceRuntime:
         self._background: list[asyncio.Task[None]] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._readiness_checks: dict[str, Callable[[], Awaitable[bool]]] = {}
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run after the database, outbox and broker are up (e.g. a scheduler)."""
@@ -52,6 +53,11 @@ class ServiceRuntime:
 
     def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
         self._on_stop.append(hook)
+
+    def add_readiness_check(self, name: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """A check of the service's own, reported by /readyz next to the database and the
+        broker (ready only if every check is true; one that raises counts as false)."""
+        self._readiness_checks[name] = check
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         self._background.append(asyncio.create_task(coro, name=name))
@@ -101,4 +107,9 @@ class ServiceRuntime:
             checks["broker"] = await self.broker.ping(timeout=2)
         except Exception:
             pass
+        for name, check in self._readiness_checks.items():
+            try:
+                checks[name] = bool(await check())
+            except Exception:
+                checks[name] = False
         return checks
