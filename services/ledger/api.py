@@ -2,6 +2,7 @@
 admin API (X-Admin-Key): the program (versioned) and manual adjustments."""
 
 import json
+import logging
 import secrets
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from services.ledger import domain as d
@@ -19,11 +21,13 @@ from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
-from services.ledger.versions import EffectiveInThePast
+from services.ledger.versions import EffectiveInThePast, ProgramHistoryUnavailable
 from shared.events.purchases import PurchaseLine, PurchasePayload
 from shared.auth import InvalidToken
 from shared.limits import BodyLimit, ExplainedBodyRoute
 from shared.runtime import ServiceRuntime
+
+log = logging.getLogger(__name__)
 
 # PostgreSQL text cannot hold NUL: refused at the door (422) rather than failing in the database.
 NO_NUL = r"^[^\x00]*$"
@@ -40,6 +44,18 @@ class ErrorOut(BaseModel):
 BODY_ERRORS = {413: {"model": ErrorOut, "description": "The body is larger than LEDGER_MAX_BODY_BYTES"}}
 ADMIN_ERRORS = {401: {"model": ErrorOut, "description": "Missing or wrong X-Admin-Key header"},
                 503: {"model": ErrorOut, "description": "The admin API is disabled (LEDGER_ADMIN_API_KEY unset)"}}
+
+# A ledger that could not read its program history (ledger.programs) when it first loaded its
+# program does not know which version is in force: what needs the program answers 503 with
+# Retry-After until the topic can be read (each such request tries again; so does the scheduler).
+PROGRAM_RETRY_AFTER_S = 5
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+_PROGRAM_UNAVAILABLE = ("the program history (ledger.programs) cannot be read yet, so the program in force is "
+                        "unknown (detail.reason program_history_unavailable, with Retry-After)")
+PROGRAM_ERRORS = {503: {"model": ErrorOut, "headers": _RETRY_AFTER,
+                        "description": f"Not available now: {_PROGRAM_UNAVAILABLE}"}}
+ADMIN_PROGRAM_ERRORS = {**ADMIN_ERRORS, 503: {"model": ErrorOut, "headers": _RETRY_AFTER, "description": (
+    f"The admin API is disabled (LEDGER_ADMIN_API_KEY unset), or {_PROGRAM_UNAVAILABLE}")}}
 
 
 class BalanceOut(BaseModel):
@@ -179,9 +195,21 @@ def body_limit(max_bytes: int) -> BodyLimit:
     return BodyLimit(max_bytes, refusal=_body_too_large, on_refused=metrics.HTTP_REFUSALS.labels("body_too_large").inc)
 
 
+def program_history_unavailable(exc: ProgramHistoryUnavailable) -> JSONResponse:
+    """503, counted: the program is not loaded because ledger.programs cannot be read (the
+    cause is logged, not told to the caller: the simulator is public)."""
+    metrics.HTTP_REFUSALS.labels("program_history_unavailable").inc()
+    log.warning("request refused: the program is not loaded (%s)", exc)
+    detail = {"reason": "program_history_unavailable",
+              "msg": "the ledger cannot read its program history (ledger.programs) yet, so it does not know which "
+                     "program is in force; retry later"}
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(PROGRAM_RETRY_AFTER_S)})
+
+
 class LedgerRoute(ExplainedBodyRoute):
     """Every refused request body counted: one FastAPI cannot decode (not UTF-8, nested too
-    deep: 422 in FastAPI's validation shape) and one that does not match the schema."""
+    deep: 422 in FastAPI's validation shape) and one that does not match the schema. A
+    request that needs the program while it cannot be loaded: 503 (program_history_unavailable)."""
 
     def refuse_unreadable(self, request: Request, error_type: str, message: str) -> Response:
         metrics.HTTP_REFUSALS.labels("malformed_body").inc()
@@ -196,6 +224,8 @@ class LedgerRoute(ExplainedBodyRoute):
             except RequestValidationError:
                 metrics.HTTP_REFUSALS.labels("invalid_request").inc()
                 raise
+            except ProgramHistoryUnavailable as exc:
+                return program_history_unavailable(exc)
 
         return handle_counted
 
@@ -286,9 +316,10 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     @router.post("/v1/rules/simulate", response_model=SimulateOut, tags=["rules"],
                  summary="What a purchase would earn now, and why, rule by rule",
-                 responses={**BODY_ERRORS,
+                 responses={**BODY_ERRORS, **PROGRAM_ERRORS,
                             422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
     async def post_simulate(body: SimulateIn, conn: Conn) -> SimulateOut:
+        await ledger.programs.ensure_loaded(conn)
         if body.tier is not None and body.tier not in {t.name for t in ledger.programs.in_force().program.tiers}:
             raise HTTPException(422, detail=f"unknown tier {body.tier!r}")
         p = body.purchase
@@ -312,7 +343,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
         )
 
     @router.get("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
-                summary="The program in force, and every version", responses=ADMIN_ERRORS)
+                summary="The program in force, and every version", responses=ADMIN_PROGRAM_ERRORS)
     async def get_program(conn: Conn) -> ProgramOut:
         await ledger.programs.ensure_loaded(conn)
         await ledger.programs.refresh(conn)
@@ -328,7 +359,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                             "its topics earns every purchase under the version it earned under originally. "
                             "effective_from (ISO 8601 with a time zone) schedules a change; it cannot be in the "
                             "past (what was already earned is never recomputed).",
-                responses={**ADMIN_ERRORS, **BODY_ERRORS,
+                responses={**ADMIN_PROGRAM_ERRORS, **BODY_ERRORS,
                            422: {"model": ErrorOut, "description": "Invalid program, or effective_from in the past"}})
     async def put_program(body: dict[str, Any], conn: Conn,
                           x_actor: Annotated[str | None, Header(max_length=200)] = None,
@@ -355,7 +386,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                  description="Applied at once (the answer carries the balance after it) and, in the same "
                              "transaction, written to ledger.adjustments as AdjustmentRecorded, so that a ledger "
                              "rebuilt from its topics keeps it. A refused adjustment is not written.",
-                 responses={**ADMIN_ERRORS, **BODY_ERRORS,
+                 responses={**ADMIN_PROGRAM_ERRORS, **BODY_ERRORS,
                             200: {"description": "This adjustment_id was already applied; nothing changed"},
                             409: {"description": "A debit larger than the available points"},
                             422: {"description": "Invalid adjustment (e.g. 0 points)"}})

@@ -83,7 +83,13 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
         runtime.spawn(_every(settings.metrics_interval_s, "gauges", lambda: refresh_gauges(runtime.pool)),
                       "ledger-gauges")
 
+    async def program_loaded() -> bool:
+        # False until the program is loaded (ledger.programs read): until then no input is
+        # applied and the endpoints that need the program answer 503.
+        return ledger.programs.loaded
+
     runtime.on_start(start_background)
+    runtime.add_readiness_check("program", program_loaded)
     app = create_service_app(runtime, title="Loyalty ledger", description=DESCRIPTION,
                              body_limit=body_limit(settings.max_body_bytes))
     app.state.ledger = ledger

@@ -968,7 +968,9 @@ async def simulate(
     tier: str | None, first_purchase: bool | None,
 ) -> Simulation:
     """What `purchase` would earn now, rule by rule, for a customer (their tier, first
-    purchase and daily cap as they stand) or for the given tier. Raises UnknownCurrency."""
+    purchase and daily cap as they stand) or for the given tier. Raises UnknownCurrency,
+    ProgramHistoryUnavailable (the program is not loaded and ledger.programs cannot be read)."""
+    await ledger.programs.ensure_loaded(conn)
     now = ledger.clock()
     rules = ledger.programs.at(now)
     program, version = rules.program, rules.version
