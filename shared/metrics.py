@@ -14,7 +14,9 @@ CONSUMER_LAG = Gauge(
 
 def observe_consumer_lag(consumer, records: Iterable) -> None:
     """Sample lag after a batch: for each partition in it, the broker's highwater mark
-    (known to the consumer from its last fetch) minus the offset after the batch."""
+    (known to the consumer from its last fetch) minus the offset after the batch. A fetch's
+    high watermark is the true end also on the embedded broker, whose ListOffsets end falls
+    short after a multi-record batch (see bench/harness.py fetched_ends)."""
     next_offsets: dict[tuple[str, int], int] = {}
     for r in records:
         key = (r.topic, r.partition)
