@@ -291,9 +291,15 @@ class RedemptionOut(BaseModel):
         )
 
 
+_NEXT_CURSOR = "Pass as ?cursor= for the next (older) page; null on the last page"
+_NEXT_BEFORE = ("Deprecated: use next_cursor. Pass as ?before= for the next page; set (with next_cursor) on pages "
+                "requested without `cursor`, null otherwise and on the last page")
+
+
 class RedemptionListOut(BaseModel):
-    redemptions: list[RedemptionOut]
-    next_before: datetime | None = Field(description="Pass as ?before= for the next page")
+    redemptions: list[RedemptionOut] = Field(description="Newest first (requested_at, then redemption_id)")
+    next_cursor: str | None = Field(description=_NEXT_CURSOR)
+    next_before: datetime | None = Field(description=_NEXT_BEFORE, json_schema_extra={"deprecated": True})
 
 
 class AdminRedemptionOut(RedemptionOut):
@@ -311,8 +317,9 @@ class AdminRedemptionOut(RedemptionOut):
 
 
 class AdminRedemptionListOut(BaseModel):
-    redemptions: list[AdminRedemptionOut]
-    next_before: datetime | None = Field(description="Pass as ?before= for the next page")
+    redemptions: list[AdminRedemptionOut] = Field(description="Newest first (requested_at, then redemption_id)")
+    next_cursor: str | None = Field(description=_NEXT_CURSOR)
+    next_before: datetime | None = Field(description=_NEXT_BEFORE, json_schema_extra={"deprecated": True})
 
 
 class FulfilmentOut(AdminRedemptionOut):
@@ -350,22 +357,58 @@ class DeliveryIn(BaseModel):
     actor: Actor
 
 
-def _queue_cursor(r: Redemption) -> str:
-    assert r.fulfilled_at is not None
-    raw = f"{r.fulfilled_at.isoformat()}|{r.redemption_id}"
+# Opaque page cursors: the keyset (a time, a redemption id) of a page's last entry, where the
+# next page starts (the fulfilment queue: fulfilled_at; redemption lists: requested_at).
+def _cursor(at: datetime, redemption_id: uuid.UUID) -> str:
+    raw = f"{at.isoformat()}|{redemption_id}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _parse_queue_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def _parse_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, rid = raw.split("|")
-        fulfilled_at = datetime.fromisoformat(at)
-        if fulfilled_at.tzinfo is None:
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
             raise ValueError("naive")
-        return fulfilled_at.astimezone(timezone.utc), uuid.UUID(rid)
+        return when.astimezone(timezone.utc), uuid.UUID(rid)
     except (ValueError, OverflowError):  # binascii.Error and UnicodeDecodeError are ValueErrors
-        raise ApiError(422, "invalid_cursor", "cursor is not one this API returned") from None
+        raise ApiError(422, "invalid_cursor", "cursor is not one this API returned: pass the previous page's "
+                       "next_cursor unchanged, or no cursor for the first page") from None
+
+
+def _queue_cursor(r: Redemption) -> str:
+    assert r.fulfilled_at is not None
+    return _cursor(r.fulfilled_at, r.redemption_id)
+
+
+def _list_start(cursor: str | None, before: datetime | None) -> tuple[tuple[datetime, uuid.UUID] | None, bool]:
+    """Where a redemption list page starts (the keyset after which it reads), and whether it
+    must end on a whole requested_at (pages not asked for with a cursor: their next_before is
+    then exact). `before` is the keyset (before, the nil uuid): requested_at < before, as it
+    always was; the page ending on a whole requested_at is what makes it skip nothing."""
+    if cursor is not None and before is not None:
+        raise ApiError(422, "invalid_request", "cursor and before cannot be combined: pass only cursor "
+                       "(before is deprecated)")
+    if cursor is not None:
+        return _parse_cursor(cursor), False
+    if before is None:
+        return None, True
+    try:
+        return (before.astimezone(timezone.utc), uuid.UUID(int=0)), True
+    except OverflowError:
+        raise ApiError(422, "invalid_request", "before is out of range") from None
+
+
+_LIST_DESCRIPTION = (
+    "Newest first: by requested_at, then redemption_id (several redemptions can share a requested_at). "
+    "Page with `cursor`: pass the previous page's `next_cursor` (opaque; null on the last page; anything "
+    "else is 422 `invalid_cursor`); a page holds at most `limit` redemptions. `before` (deprecated, for "
+    "existing clients: `next_before` of the previous page) keeps its meaning, requested_at < before; a "
+    "page asked for without `cursor` ends on a whole requested_at, so it may hold more than `limit` "
+    "redemptions when several share its last requested_at, and paging with `next_before` skips none. "
+    "`cursor` and `before` together are 422."
+)
 
 
 # ---- routers ---------------------------------------------------------------------------------
@@ -464,18 +507,35 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
             await service.get_customer_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
         )
 
+    async def redemption_page(customer_id: str, limit: int, cursor: str | None, before: datetime | None):
+        """One page of a customer's redemptions, its next_cursor and its next_before."""
+        after, whole_requested_at = _list_start(cursor, before)
+        page = await service.list_customer_redemptions(ctx, customer_id=customer_id, after=after, limit=limit,
+                                                       whole_requested_at=whole_requested_at)
+        if not page.more:
+            return page.redemptions, None, None
+        last = page.redemptions[-1]
+        return (page.redemptions, _cursor(last.requested_at, last.redemption_id),
+                last.requested_at if whole_requested_at else None)
+
+    ListLimit = Annotated[int, Query(ge=1, le=200, description="Page size. Without `cursor`, a page also takes "
+                                     "the rest of its last requested_at's redemptions")]
+    ListCursor = Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")]
+    ListBefore = Annotated[AwareDatetime | None, Query(
+        deprecated=True, description="Deprecated: use cursor. next_before of the previous page: redemptions "
+        "requested before this time")]
+
     @customer.get("/redemptions", response_model=RedemptionListOut, summary="My redemptions, newest first",
-                  responses=_responses(401, 422))
+                  description=_LIST_DESCRIPTION, responses=_responses(401, 422))
     async def my_redemptions(
         customer_id: Customer,
-        limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        before: Annotated[AwareDatetime | None, Query()] = None,
+        limit: ListLimit = 50,
+        cursor: ListCursor = None,
+        before: ListBefore = None,
     ) -> RedemptionListOut:
-        rows = await service.list_customer_redemptions(ctx, customer_id=customer_id, before=before, limit=limit)
-        return RedemptionListOut(
-            redemptions=[RedemptionOut.of(r) for r in rows],
-            next_before=rows[-1].requested_at if len(rows) == limit else None,
-        )
+        rows, next_cursor, next_before = await redemption_page(customer_id, limit, cursor, before)
+        return RedemptionListOut(redemptions=[RedemptionOut.of(r) for r in rows], next_cursor=next_cursor,
+                                 next_before=next_before)
 
     @customer.post("/redemptions/{redemption_id}/cancel", response_model=RedemptionOut,
                    summary="Cancel a fulfilled redemption within the window: the points are refunded",
@@ -526,7 +586,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=200)] = None,
     ) -> FulfilmentQueueOut:
-        after = _parse_queue_cursor(cursor) if cursor is not None else None
+        after = _parse_cursor(cursor) if cursor is not None else None
         entries = await service.shipment_queue(ctx, state=state, after=after, limit=limit)
         return FulfilmentQueueOut(
             state=state,
@@ -559,17 +619,16 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         return AdminRedemptionOut.of(result.redemption)
 
     @admin_router.get("/redemptions", response_model=AdminRedemptionListOut,
-                      summary="A customer's redemptions, newest first (support)")
+                      summary="A customer's redemptions, newest first (support)", description=_LIST_DESCRIPTION)
     async def customer_redemptions(
         customer_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")],
-        limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        before: Annotated[AwareDatetime | None, Query()] = None,
+        limit: ListLimit = 50,
+        cursor: ListCursor = None,
+        before: ListBefore = None,
     ) -> AdminRedemptionListOut:
-        rows = await service.list_customer_redemptions(ctx, customer_id=customer_id, before=before, limit=limit)
-        return AdminRedemptionListOut(
-            redemptions=[AdminRedemptionOut.of(r) for r in rows],
-            next_before=rows[-1].requested_at if len(rows) == limit else None,
-        )
+        rows, next_cursor, next_before = await redemption_page(customer_id, limit, cursor, before)
+        return AdminRedemptionListOut(redemptions=[AdminRedemptionOut.of(r) for r in rows], next_cursor=next_cursor,
+                                      next_before=next_before)
 
     @admin_router.get("/redemptions/{redemption_id}", response_model=AdminRedemptionOut,
                       responses=_responses(404), summary="One redemption, whoever's it is (support)")

@@ -134,11 +134,26 @@ SELECT_CUSTOMER_REDEMPTION = SELECT_REDEMPTION + " AND customer_id = $2"
 SELECT_CUSTOMER_REDEMPTION_FOR_UPDATE = SELECT_CUSTOMER_REDEMPTION + " FOR UPDATE"
 SELECT_REDEMPTION_FOR_UPDATE = SELECT_REDEMPTION + " FOR UPDATE"
 SELECT_STATUSES = "SELECT redemption_id, status FROM redemptions WHERE redemption_id = ANY($1::uuid[])"
+# A customer's redemptions, newest first, one page after the keyset (requested_at,
+# redemption_id) of the previous page's last one: redemptions sharing a requested_at are
+# ordered by id, so none is skipped or repeated at a page boundary. Served by
+# redemptions_by_customer (customer_id, requested_at DESC): PostgreSQL derives the index
+# condition requested_at <= $2 from the row comparison, filters the few rows of the boundary's
+# requested_at and sorts each requested_at's rows by id (incremental sort).
 LIST_CUSTOMER_REDEMPTIONS = f"""
 SELECT {_REDEMPTION_COLUMNS} FROM redemptions
-WHERE customer_id = $1 AND ($2::timestamptz IS NULL OR requested_at < $2)
-ORDER BY requested_at DESC
-LIMIT $3
+WHERE customer_id = $1 AND (requested_at, redemption_id) < ($2, $3)
+ORDER BY requested_at DESC, redemption_id DESC
+LIMIT $4
+"""
+# The rest of a page's last requested_at (the redemptions at that instant after the id), and
+# the next older redemption, if any: to end a page on a whole requested_at (see the service).
+REST_OF_REQUESTED_AT = f"""
+(SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE customer_id = $1 AND requested_at = $2 AND redemption_id < $3)
+UNION ALL
+(SELECT {_REDEMPTION_COLUMNS} FROM redemptions WHERE customer_id = $1 AND requested_at < $2
+ ORDER BY requested_at DESC LIMIT 1)
+ORDER BY requested_at DESC, redemption_id DESC
 """
 COUNT_FOR_LIMIT_BY_REWARD = """
 SELECT reward_id, count(*) AS n FROM redemptions
@@ -295,6 +310,8 @@ SHIPMENT_QUEUE = {
 }
 # The first page's cursor: before every fulfilment.
 _QUEUE_START = (datetime(1, 1, 1, tzinfo=timezone.utc), uuid.UUID(int=0))
+# The first page of a customer's redemptions: after (older than) this key comes every one.
+_NEWEST_FIRST_START = (datetime.max.replace(tzinfo=timezone.utc), uuid.UUID(int=2**128 - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,10 +449,23 @@ class RewardsRepository:
         return {r["redemption_id"]: r["status"] for r in rows}
 
     async def list_customer_redemptions(
-        self, *, customer_id: str, before: datetime | None, limit: int
+        self, *, customer_id: str, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[Redemption]:
-        rows = await self._conn.fetch(LIST_CUSTOMER_REDEMPTIONS, customer_id, before, limit)
+        """Up to `limit` of the customer's redemptions, newest first (requested_at, then id,
+        descending), after the key (requested_at, redemption_id); from the newest without one."""
+        after_requested_at, after_id = after or _NEWEST_FIRST_START
+        rows = await self._conn.fetch(LIST_CUSTOMER_REDEMPTIONS, customer_id, after_requested_at, after_id, limit)
         return [_redemption(r) for r in rows]
+
+    async def rest_of_requested_at(
+        self, *, customer_id: str, requested_at: datetime, after_id: uuid.UUID
+    ) -> tuple[list[Redemption], bool]:
+        """The customer's redemptions at exactly `requested_at` after `after_id` (id descending),
+        and whether any older one exists."""
+        rows = [_redemption(r) for r in await self._conn.fetch(REST_OF_REQUESTED_AT, customer_id, requested_at,
+                                                                 after_id)]
+        rest = [r for r in rows if r.requested_at == requested_at]
+        return rest, len(rows) > len(rest)
 
     async def mark_failed(
         self, *, redemption_id: uuid.UUID, reason: str, ledger_status: str, now: datetime,

@@ -412,12 +412,31 @@ async def get_customer_redemption(ctx: RewardsContext, *, customer_id: str, rede
     return r
 
 
+@dataclass(frozen=True, slots=True)
+class RedemptionPage:
+    redemptions: list[Redemption]
+    more: bool  # older redemptions follow the page's last one
+
+
 async def list_customer_redemptions(
-    ctx: RewardsContext, *, customer_id: str, before: datetime | None, limit: int
-) -> list[Redemption]:
+    ctx: RewardsContext, *, customer_id: str, after: tuple[datetime, uuid.UUID] | None, limit: int,
+    whole_requested_at: bool = False,
+) -> RedemptionPage:
+    """One page of the customer's redemptions, newest first, after the key (requested_at,
+    redemption_id) of the previous page's last one. With `whole_requested_at`, a page whose
+    last requested_at goes on past `limit` takes the rest of that instant's redemptions too
+    (more than `limit`): the next page can then start at "requested_at < the last one" (the
+    deprecated `before`) without skipping any."""
     async with ctx.pool.acquire() as conn:
-        return await RewardsRepository(conn).list_customer_redemptions(customer_id=customer_id, before=before,
-                                                                      limit=limit)
+        repo = RewardsRepository(conn)
+        rows = await repo.list_customer_redemptions(customer_id=customer_id, after=after, limit=limit + 1)
+        page, more = rows[:limit], len(rows) > limit
+        if whole_requested_at and more and rows[limit].requested_at == page[-1].requested_at:
+            last = page[-1]
+            rest, more = await repo.rest_of_requested_at(customer_id=customer_id, requested_at=last.requested_at,
+                                                         after_id=last.redemption_id)
+            page += rest
+    return RedemptionPage(page, more)
 
 
 async def cancel_redemption(
