@@ -1,7 +1,9 @@
 """PostgreSQL plumbing: a pool bound to the service's schema, and the migration runner."""
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +28,24 @@ async def create_pool(dsn: str, *, schema: str, min_size: int = 1, max_size: int
         server_settings={"search_path": schema, "application_name": f"loyalty-{schema}"},
         reset=_keep_session,
     )
+
+
+@contextlib.asynccontextmanager
+async def transaction(conn: asyncpg.Connection, *, opening: str = "") -> AsyncIterator[None]:
+    """A transaction begun together with `opening` (a lock to hold until the end) in one
+    round trip; committed on the way out, rolled back on an error. Two statements need the
+    simple query protocol, which takes no parameters: `opening` is SQL written by the
+    service, never text from a request. Nothing inside may open `conn.transaction()`:
+    asyncpg does not know about this one and would begin and commit its own."""
+    await conn.execute(f"BEGIN; {opening}" if opening else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        # If even the rollback fails, the pool rolls back (or drops the connection) on release.
+        with contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
 
 
 def _migration_files(service_dir: Path) -> list[tuple[str, Path]]:

@@ -90,25 +90,31 @@ def _book(row: asyncpg.Record) -> CustomerBook:
     )
 
 
+# The program version check rides on the customers' lock: one round trip for both.
+_LOCK_CUSTOMERS = _SELECT_CUSTOMERS.replace(
+    "SELECT c.customer_id,", "SELECT (SELECT max(version) FROM program_versions) AS program_version, c.customer_id,", 1,
+) + " FOR UPDATE OF c"
+
+
 async def lock_customers(
-    conn: asyncpg.Connection, *, customer_ids: Iterable[str], create_with_tier: str | None = None
-) -> dict[str, CustomerBook]:
+    conn: asyncpg.Connection, *, customer_ids: Iterable[str]
+) -> tuple[dict[str, CustomerBook], int | None]:
     """Lock the customers' rows for the rest of the transaction (the per-customer mutex of
-    every change to their points) and load their books without lots. With
-    `create_with_tier`, customers not known yet are created first. One round trip when
-    every customer exists (the usual case): the insert runs only for the missing ones,
-    and whatever it did not insert (a concurrent transaction did) is locked after it."""
+    every change to their points) and load their books without lots; and the latest program
+    version saved, when any customer was found (None otherwise). One round trip."""
     ids = sorted(set(customer_ids))
     if not ids:
-        return {}
-    rows = await conn.fetch(_SELECT_CUSTOMERS + " FOR UPDATE OF c", ids)
-    books = {r["customer_id"]: _book(r) for r in rows}
-    missing = [c for c in ids if c not in books]
-    if missing and create_with_tier is not None:
-        await conn.execute(_INSERT_CUSTOMERS, missing, create_with_tier)
-        rows = await conn.fetch(_SELECT_CUSTOMERS + " FOR UPDATE OF c", missing)
-        books.update((r["customer_id"], _book(r)) for r in rows)
-    return books
+        return {}, None
+    rows = await conn.fetch(_LOCK_CUSTOMERS, ids)
+    return {r["customer_id"]: _book(r) for r in rows}, (rows[0]["program_version"] or 0) if rows else None
+
+
+async def create_customers(conn: asyncpg.Connection, *, customer_ids: Sequence[str], tier: str) -> dict[str, CustomerBook]:
+    """Create the customers not known yet (entry tier `tier`) and lock them; whatever the
+    insert did not create (a concurrent transaction did) is locked after it."""
+    await conn.execute(_INSERT_CUSTOMERS, list(customer_ids), tier)
+    rows = await conn.fetch(_SELECT_CUSTOMERS + " FOR UPDATE OF c", list(customer_ids))
+    return {r["customer_id"]: _book(r) for r in rows}
 
 
 async def read_customer(conn: asyncpg.Connection, *, customer_id: str) -> CustomerBook | None:
@@ -405,10 +411,24 @@ async def insert_adjustments(conn: asyncpg.Connection, *, adjustments: Sequence[
 _PROGRAM_COLUMNS = "version, document, source, actor, created_at, effective_from"
 
 
+# Held by every transaction that applies inputs, from its BEGIN (shared.db.transaction) to its
+# end. ROW EXCLUSIVE does not conflict with itself (batches run side by side) but does with
+# the SHARE ROW EXCLUSIVE a save takes (lock_program_versions): a version is never saved while
+# inputs are being applied anywhere, so its effective_from, taken under that lock, is later
+# than every input applied before it, and a batch that begins after it sees it (and picks it
+# up: UnitOfWork.lock compares the latest version saved with what its ProgramStore knows).
+APPLYING_INPUTS = "LOCK TABLE program_versions IN ROW EXCLUSIVE MODE"
+
+
 async def lock_program_versions(conn: asyncpg.Connection) -> None:
     """Until the transaction ends: concurrent saves take turns instead of both picking the
-    same number, and a start restoring versions does not interleave with a save."""
+    same number, a start restoring versions does not interleave with a save, and no input is
+    applied anywhere (APPLYING_INPUTS waits for it; it waits for those being applied)."""
     await conn.execute("LOCK TABLE program_versions IN SHARE ROW EXCLUSIVE MODE")
+
+
+async def latest_program_version(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM program_versions")
 
 
 async def program_history(conn: asyncpg.Connection, *, after: int = 0) -> list[asyncpg.Record]:

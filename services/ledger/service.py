@@ -29,6 +29,7 @@ from services.ledger import repository as repo
 from services.ledger.program import STACKING_ORDER, Program
 from services.ledger.settings import LedgerSettings
 from services.ledger.versions import ProgramStore
+from shared.db import transaction
 from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, json_opt_str, json_str, utcnow
 from shared.events.adjustments import AdjustmentRecorded, AdjustmentRecordedPayload
 from shared.events.points import (
@@ -277,6 +278,7 @@ class UnitOfWork:
         self.holds: dict[uuid.UUID, d.Hold] = {}
         self.late_redemptions: list[d.LateRedemption] = []
         self.adjustments: list[d.Adjustment] = []
+        self._program_checked = False
 
     @property
     def window_start(self) -> datetime:
@@ -284,8 +286,23 @@ class UnitOfWork:
 
     async def lock(self, customer_ids: Sequence[str], *, create: bool = False) -> None:
         wanted = [c for c in set(customer_ids) if c not in self.books]
-        found = await repo.lock_customers(self.conn, customer_ids=wanted,
-                                          create_with_tier=self.program.tiers[0].name if create else None)
+        if not wanted:
+            return
+        found, latest = await repo.lock_customers(self.conn, customer_ids=wanted)
+        if not self._program_checked:
+            # Another instance may have saved a version since this one last looked: the
+            # inputs of this transaction must earn under it if it is in force at their time.
+            if latest is None:
+                latest = await repo.latest_program_version(self.conn)
+            if latest > self.ledger.programs.latest_version:
+                await self.ledger.programs.refresh(self.conn)
+                self.program = self.ledger.programs.at(self.now).program
+                log.info("program versions saved elsewhere picked up",
+                         extra={"rule_version": self.ledger.programs.latest_version})
+            self._program_checked = True
+        missing = [c for c in wanted if c not in found]
+        if missing and create:
+            found.update(await repo.create_customers(self.conn, customer_ids=missing, tier=self.program.tiers[0].name))
         for book in found.values():
             self.books[book.customer_id] = book
             self.journal.accounts.update(book.accounts())
@@ -402,7 +419,7 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
     now = ledger.clock()
     items = [decode(r, _PURCHASE_EVENT) for r in records]
     result = BatchResult()
-    async with conn.transaction():
+    async with transaction(conn, opening=repo.APPLYING_INPUTS):
         fresh, result.duplicates = await _claim(conn, PURCHASES_CONSUMER, items)
         uow = UnitOfWork(conn, ledger, now)
         out = Emitter(ledger, now)
@@ -498,7 +515,7 @@ async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Seque
     now = ledger.clock()
     items = [decode(r, _REWARDS_EVENT) for r in records]
     result = BatchResult()
-    async with conn.transaction():
+    async with transaction(conn, opening=repo.APPLYING_INPUTS):
         fresh, result.duplicates = await _claim(conn, REWARDS_CONSUMER, items)
         uow = UnitOfWork(conn, ledger, now)
         out = Emitter(ledger, now)
@@ -864,7 +881,7 @@ async def adjust_points(
     now = ledger.clock()
     event = adjustment_recorded(adjustment_id=adjustment_id, customer_id=customer_id, amount_points=amount_points,
                                 reason_code=reason_code, actor=actor, note=note, occurred_at=now)
-    async with conn.transaction():
+    async with transaction(conn, opening=repo.APPLYING_INPUTS):
         uow = UnitOfWork(conn, ledger, now)
         await uow.lock([customer_id], create=True)
         existing = await repo.find_adjustment(conn, adjustment_id=adjustment_id)
@@ -897,7 +914,7 @@ async def apply_adjustments(conn: asyncpg.Connection, ledger: Ledger, records: S
     now = ledger.clock()
     items = [decode(r, _ADJUSTMENT_EVENT) for r in records]
     result = BatchResult()
-    async with conn.transaction():
+    async with transaction(conn, opening=repo.APPLYING_INPUTS):
         fresh, result.duplicates = await _claim(conn, ADJUSTMENTS_CONSUMER, items)
         uow = UnitOfWork(conn, ledger, now)
         out = Emitter(ledger, now)

@@ -62,7 +62,9 @@ def _json(value: Any) -> Any:
 
 class ProgramStore:
     """Every version of the program, in memory (a handful of small documents). The database
-    holds them; `refresh` (each scheduler tick) picks up versions another instance saved."""
+    holds them; `refresh` picks up versions another instance saved: every transaction that
+    applies inputs checks the latest version saved (with its customers' lock, under
+    repository.APPLYING_INPUTS) and refreshes when it is newer, and so does each scheduler tick."""
 
     def __init__(self, program_file: Path, *, topic: str | None = None,
                  history: Callable[[], Awaitable[Sequence[bytes]]] | None = None,
@@ -123,9 +125,9 @@ class ProgramStore:
         saved since, maybe an admin's, stay in force)."""
         published = await self._published_versions()
         document = load_program_file(self._file).model_dump(mode="json")
-        now = self._clock()
         async with conn.transaction():
             await repo.lock_program_versions(conn)
+            now = self._clock()  # under the lock: later than every input applied before it
             restored = await repo.restore_program_versions(conn, versions=published)
             history = list(await repo.program_history(conn))
             on_topic = {p.version for p in published}
@@ -150,11 +152,13 @@ class ProgramStore:
                       effective_from: datetime | None = None) -> ProgramVersion:
         """Save `program` as a new version, in force from `effective_from` (now if None; never
         earlier than now: raises EffectiveInThePast)."""
-        now = self._clock()
-        if effective_from is not None and effective_from < now:
-            raise EffectiveInThePast(f"effective_from {effective_from.isoformat()} is before now ({now.isoformat()})")
         async with conn.transaction():
             await repo.lock_program_versions(conn)
+            # The time under the lock, which waits for the inputs being applied (in any
+            # instance): every input applied before this version is older than it.
+            now = self._clock()
+            if effective_from is not None and effective_from < now:
+                raise EffectiveInThePast(f"effective_from {effective_from.isoformat()} is before now ({now.isoformat()})")
             row = await repo.insert_program_version(conn, document=program.model_dump(mode="json"), source="admin",
                                                     actor=actor, effective_from=effective_from or now)
             if self._topic is not None:

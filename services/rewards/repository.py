@@ -100,10 +100,10 @@ FROM rewards r WHERE r.active
 
 # Serialises one customer's redemption requests (limit counting, idempotency keys) without
 # touching any row other customers need. Transaction-scoped: released by commit/rollback.
-# Taken by the statement that opens the transaction: one round trip for both. Two statements
-# need the simple query protocol, which takes no parameters, so the key is an integer
-# computed here (customer_lock_key), never text from the request.
-BEGIN_AND_LOCK_CUSTOMER = "BEGIN; SELECT pg_advisory_xact_lock({key:d})"
+# Taken by the statement that opens the transaction (shared.db.transaction): one round trip
+# for both. Two statements need the simple query protocol, which takes no parameters, so the
+# key is an integer computed here (customer_lock_key), never text from the request.
+LOCK_CUSTOMER = "SELECT pg_advisory_xact_lock({key:d})"
 
 
 def customer_lock_key(customer_id: str) -> int:
@@ -401,10 +401,11 @@ class RewardsRepository:
 
     # ---- redemptions -----------------------------------------------------------------------
 
-    async def begin_locked_for_customer(self, *, customer_id: str) -> None:
-        """BEGIN, with the customer's redemption lock (until COMMIT or ROLLBACK). For the
-        caller's own transaction handling (service.customer_transaction)."""
-        await self._conn.execute(BEGIN_AND_LOCK_CUSTOMER.format(key=customer_lock_key(customer_id)))
+    @staticmethod
+    def customer_lock(customer_id: str) -> str:
+        """The statement taking the customer's redemption lock (until COMMIT or ROLLBACK), to
+        open a transaction with (service.customer_transaction)."""
+        return LOCK_CUSTOMER.format(key=customer_lock_key(customer_id))
 
     async def request_context(self, *, customer_id: str, idempotency_key: str, reward_id: str) -> RequestContext:
         row = await self._conn.fetchrow(REQUEST_CONTEXT, customer_id, idempotency_key, reward_id,

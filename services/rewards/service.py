@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Protocol, Union
@@ -41,6 +41,7 @@ from shared.events.rewards import (
     RedemptionShippedPayload,
 )
 from shared.inbox import claim_new
+from shared.db import transaction
 from shared.outbox import OutboxMessage, enqueue
 from shared.topics import REWARDS_DLQ, REWARDS_EVENTS
 
@@ -322,19 +323,10 @@ def _cancelled_event(ctx: RewardsContext, r: Redemption, *, reason: str, now: da
     return OutboxMessage.event(ctx.topic(REWARDS_EVENTS), event, key=r.customer_id)
 
 
-@contextlib.asynccontextmanager
-async def customer_transaction(conn: asyncpg.Connection, *, customer_id: str) -> AsyncIterator[None]:
+def customer_transaction(conn: asyncpg.Connection, *, customer_id: str) -> contextlib.AbstractAsyncContextManager[None]:
     """A transaction holding the customer's redemption lock (serialises one customer's
     requests: limit counting, idempotency keys), begun and locked in one round trip."""
-    await RewardsRepository(conn).begin_locked_for_customer(customer_id=customer_id)
-    try:
-        yield
-    except BaseException:
-        # If even the rollback fails, the pool rolls back (or drops the connection) on release.
-        with contextlib.suppress(Exception):
-            await conn.execute("ROLLBACK")
-        raise
-    await conn.execute("COMMIT")
+    return transaction(conn, opening=RewardsRepository.customer_lock(customer_id))
 
 
 @dataclass(frozen=True, slots=True)
