@@ -19,6 +19,7 @@ import bisect
 import json
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,6 +77,8 @@ class ProgramStore:
         self._versions: list[ProgramVersion] = []
         self._order: list[tuple[datetime, int]] = []
         self._loading = asyncio.Lock()
+        # The last failed first load: (when, why), for those that were waiting behind it.
+        self._failed: tuple[float, ProgramHistoryUnavailable] | None = None
 
     # ---- which version -------------------------------------------------------------------
 
@@ -114,9 +117,19 @@ class ProgramStore:
         first loads the program, so no posting is ever made under an unloaded one."""
         if self._versions:
             return
+        asked = time.monotonic()
         async with self._loading:
-            if not self._versions:
+            if self._versions:
+                return
+            if self._failed is not None and self._failed[0] >= asked:
+                # The load this caller waited for failed meanwhile: its answer, not one more
+                # attempt each (a broker that never answers costs read_topic's timeout).
+                raise self._failed[1]
+            try:
                 await self.load(conn)
+            except ProgramHistoryUnavailable as exc:
+                self._failed = (time.monotonic(), exc)
+                raise
 
     async def load(self, conn: asyncpg.Connection) -> None:
         """At start: the published versions restored (those this database lacks), the

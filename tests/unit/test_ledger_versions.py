@@ -36,3 +36,27 @@ def test_equal_effective_times_go_to_the_higher_version_and_adding_a_known_versi
     assert s.at(T0).version == 2
     s._add([{"version": 2, "effective_from": T0 + timedelta(days=99), "document": Program().model_dump(mode="json")}])
     assert s.at(T0).version == 2 and s.latest_version == 2
+
+
+async def test_those_waiting_behind_a_first_load_that_fails_get_its_failure_and_the_next_caller_tries_again():
+    import asyncio
+
+    import pytest
+
+    from services.ledger.versions import ProgramHistoryUnavailable
+
+    reads = 0
+
+    async def unreadable() -> list[bytes]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)  # a slow broker: each read costs its timeout
+        raise TimeoutError("no answer")
+
+    s = ProgramStore(program_file=None, topic="t.ledger.programs", history=unreadable)  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(*(s.ensure_loaded(None) for _ in range(5)), return_exceptions=True)  # type: ignore[arg-type]
+    assert all(isinstance(o, ProgramHistoryUnavailable) for o in outcomes)
+    assert reads == 1  # one attempt for the five that asked at once
+    with pytest.raises(ProgramHistoryUnavailable):
+        await s.ensure_loaded(None)  # type: ignore[arg-type]
+    assert reads == 2  # a later caller tries again
