@@ -15,7 +15,8 @@ whatever the pipeline: the purchases service validates it and writes PurchaseRec
 ledger validates that (the figure is CPU per purchase);
 and measures single round trips, the unit every saga hop and every batch is made of:
   4. PostgreSQL: an asyncpg prepared `SELECT $1` and an empty transaction (BEGIN, COMMIT),
-     CPU of the client and of the server process per call;
+     CPU of the client and of the PostgreSQL processes (all of them: the backend does nearly
+     all the work) per call;
   5. the broker: CPU of the broker process per produce request of one record.
 Prints a readable table and one JSON line. These are ceilings and unit costs, not goals:
 they bound what the pipeline built on top of them can reach (see the README's table).
@@ -58,11 +59,15 @@ async def aiokafka_ceiling(bootstrap: str, events: int) -> float:
     tps = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
     consumer.assign(tps)
     await consumer.seek_to_beginning(*tps)
-    seen, started = 0, time.perf_counter()
+    seen, started, last_progress = 0, time.perf_counter(), time.monotonic()
     try:
         while seen < events:
             batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-            seen += sum(len(records) for records in batch.values())
+            got = sum(len(records) for records in batch.values())
+            if got:
+                seen, last_progress = seen + got, time.monotonic()
+            elif time.monotonic() - last_progress > 30:
+                raise RuntimeError(f"only {seen:,} of {events:,} records could be read back")
             progress(f"aiokafka: {seen:,}/{events:,}")
     finally:
         progress_done()
@@ -94,8 +99,13 @@ async def faststream_ceiling(bootstrap: str, events: int, *, validate: bool) -> 
 
     await broker.start()
     try:
+        seen, last_progress = 0, time.monotonic()
         while not done.is_set():
             progress(f"FastStream{' + validation' if validate else ''}: {state['n']:,}/{events:,}")
+            if state["n"] > seen:
+                seen, last_progress = state["n"], time.monotonic()
+            elif time.monotonic() - last_progress > 60:
+                raise RuntimeError(f"only {seen:,} of {events:,} records consumed")
             try:
                 await asyncio.wait_for(done.wait(), timeout=0.5)
             except asyncio.TimeoutError:

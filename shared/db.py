@@ -35,17 +35,21 @@ async def transaction(conn: asyncpg.Connection, *, opening: str = "") -> AsyncIt
     """A transaction begun together with `opening` (a lock to hold until the end) in one
     round trip; committed on the way out, rolled back on an error. Two statements need the
     simple query protocol, which takes no parameters: `opening` is SQL written by the
-    service, never text from a request. Nothing inside may open `conn.transaction()`:
-    asyncpg does not know about this one and would begin and commit its own."""
-    await conn.execute(f"BEGIN; {opening}" if opening else "BEGIN")
+    service, never text from a request. Nothing inside may use `conn.transaction()` (asyncpg
+    refuses it in a transaction it did not start: InterfaceError)."""
     try:
+        # Inside the try: an opening cancelled or failed while it waits for its lock leaves
+        # the transaction begun and aborted.
+        await conn.execute(f"BEGIN; {opening}" if opening else "BEGIN")
         yield
     except BaseException:
         # If even the rollback fails, the pool rolls back (or drops the connection) on release.
         with contextlib.suppress(Exception):
             await conn.execute("ROLLBACK")
         raise
-    await conn.execute("COMMIT")
+    status = await conn.execute("COMMIT")
+    if status != "COMMIT":  # PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK
+        raise asyncpg.InFailedSQLTransactionError(f"the transaction was rolled back, not committed ({status})")
 
 
 def _migration_files(service_dir: Path) -> list[tuple[str, Path]]:

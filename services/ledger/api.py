@@ -21,7 +21,7 @@ from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
-from services.ledger.versions import EffectiveInThePast, ProgramHistoryUnavailable
+from services.ledger.versions import EffectiveInThePast, ProgramHistoryUnavailable, ProgramStore
 from shared.events.purchases import PurchaseLine, PurchasePayload
 from shared.auth import InvalidToken
 from shared.limits import BodyLimit, ExplainedBodyRoute
@@ -47,8 +47,9 @@ ADMIN_ERRORS = {401: {"model": ErrorOut, "description": "Missing or wrong X-Admi
 
 # A ledger that could not read its program history (ledger.programs) when it first loaded its
 # program does not know which version is in force: what needs the program answers 503 with
-# Retry-After until the topic can be read (each such request tries again; so does the scheduler).
-PROGRAM_RETRY_AFTER_S = 5
+# Retry-After until the topic can be read (a request tries again once that time has passed since
+# the last failed read, none while a read is running; so do the consumers and the scheduler).
+PROGRAM_RETRY_AFTER_S = int(ProgramStore.RETRY_AFTER_S)
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 _PROGRAM_UNAVAILABLE = ("the program history (ledger.programs) cannot be read yet, so the program in force is "
                         "unknown (detail.reason program_history_unavailable, with Retry-After)")
@@ -319,7 +320,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                  responses={**BODY_ERRORS, **PROGRAM_ERRORS,
                             422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
     async def post_simulate(body: SimulateIn, conn: Conn) -> SimulateOut:
-        await ledger.programs.ensure_loaded(conn)
+        await ledger.programs.ensure_loaded(conn, wait=False)
         if body.tier is not None and body.tier not in {t.name for t in ledger.programs.in_force().program.tiers}:
             raise HTTPException(422, detail=f"unknown tier {body.tier!r}")
         p = body.purchase
@@ -345,7 +346,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
     @router.get("/v1/admin/program", response_model=ProgramOut, tags=["admin"], dependencies=[Depends(admin)],
                 summary="The program in force, and every version", responses=ADMIN_PROGRAM_ERRORS)
     async def get_program(conn: Conn) -> ProgramOut:
-        await ledger.programs.ensure_loaded(conn)
+        await ledger.programs.ensure_loaded(conn, wait=False)
         await ledger.programs.refresh(conn)
         rules = ledger.programs.in_force()
         versions = [dict(r) for r in await repo.program_versions(conn)]
@@ -370,7 +371,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
             program = Program.model_validate(body)
         except ValidationError as exc:
             raise HTTPException(422, detail=exc.errors(include_url=False, include_context=False)) from exc
-        await ledger.programs.ensure_loaded(conn)
+        await ledger.programs.ensure_loaded(conn, wait=False)
         try:
             saved = await ledger.programs.replace(conn, program, actor=x_actor or "admin",
                                                   effective_from=effective_from)

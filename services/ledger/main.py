@@ -72,13 +72,25 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
             runtime.relay.wake()
             log.info("scheduler run", extra=run.__dict__)
 
-    async def start_background() -> None:
+    async def load_program() -> bool:
         try:
             async with runtime.pool.acquire() as conn:
                 await ledger.programs.ensure_loaded(conn)
+            return True
         except ProgramHistoryUnavailable:
-            # The consumers and the scheduler load it before they apply anything (retrying).
-            log.warning("program versions not loaded at start; retried before the first input", exc_info=True)
+            log.warning("program versions not loaded; trying again in %.0f s", ProgramStore.RETRY_AFTER_S,
+                        exc_info=True)
+            return False
+
+    async def load_program_until_loaded() -> None:
+        # /readyz turns ready on its own once the topic can be read, without waiting for an
+        # input or the scheduler (which load it too before they apply anything).
+        while not ledger.programs.loaded and not await load_program():
+            await asyncio.sleep(ProgramStore.RETRY_AFTER_S)
+
+    async def start_background() -> None:
+        if not await load_program():
+            runtime.spawn(load_program_until_loaded(), "ledger-program-loader")
         runtime.spawn(_every(settings.scheduler_interval_s, "scheduler", scheduler_round), "ledger-scheduler")
         runtime.spawn(_every(settings.metrics_interval_s, "gauges", lambda: refresh_gauges(runtime.pool)),
                       "ledger-gauges")

@@ -300,7 +300,7 @@ class UnitOfWork:
                 log.info("program versions saved elsewhere picked up",
                          extra={"rule_version": self.ledger.programs.latest_version})
             self._program_checked = True
-        missing = [c for c in wanted if c not in found]
+        missing = sorted(c for c in wanted if c not in found)  # created in one order everywhere: no deadlock
         if missing and create:
             found.update(await repo.create_customers(self.conn, customer_ids=missing, tier=self.program.tiers[0].name))
         for book in found.values():
@@ -877,7 +877,7 @@ async def adjust_points(
     event id into this ledger's inbox for that stream: the consumer then skips it, while a
     ledger rebuilt from offset 0 applies it again. A refused adjustment rolls back with its
     event, so the topic only ever holds what was applied."""
-    await ledger.programs.ensure_loaded(conn)
+    await ledger.programs.ensure_loaded(conn, wait=False)  # HTTP only
     now = ledger.clock()
     event = adjustment_recorded(adjustment_id=adjustment_id, customer_id=customer_id, amount_points=amount_points,
                                 reason_code=reason_code, actor=actor, note=note, occurred_at=now)
@@ -987,7 +987,7 @@ async def simulate(
     """What `purchase` would earn now, rule by rule, for a customer (their tier, first
     purchase and daily cap as they stand) or for the given tier. Raises UnknownCurrency,
     ProgramHistoryUnavailable (the program is not loaded and ledger.programs cannot be read)."""
-    await ledger.programs.ensure_loaded(conn)
+    await ledger.programs.ensure_loaded(conn, wait=False)  # HTTP only
     now = ledger.clock()
     rules = ledger.programs.at(now)
     program, version = rules.program, rules.version

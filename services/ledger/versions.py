@@ -62,6 +62,7 @@ def _json(value: Any) -> Any:
 
 
 class ProgramStore:
+    RETRY_AFTER_S = 5.0  # what an HTTP request told "unavailable" is asked to wait (Retry-After)
     """Every version of the program, in memory (a handful of small documents). The database
     holds them; `refresh` picks up versions another instance saved: every transaction that
     applies inputs checks the latest version saved (with its customers' lock, under
@@ -101,22 +102,39 @@ class ProgramStore:
         return max((v.version for v in self._versions), default=0)
 
     def _add(self, rows: Sequence[Any]) -> None:
+        """Every row validated before any is added: a version this code cannot read (saved by
+        a newer instance during an upgrade) leaves the store as it was, and is an unavailable
+        history (retried, never a reason to dead-letter the inputs)."""
         known = {v.version for v in self._versions}
+        new: dict[int, ProgramVersion] = {}
         for row in rows:
-            if row["version"] not in known:
-                self._versions.append(ProgramVersion(row["version"], row["effective_from"],
-                                                     Program.model_validate(_json(row["document"]))))
-                known.add(row["version"])
+            if row["version"] in known or row["version"] in new:
+                continue
+            try:
+                program = Program.model_validate(_json(row["document"]))
+            except ValidationError as exc:
+                raise ProgramHistoryUnavailable(
+                    f"program version {row['version']} cannot be read by this ledger (saved by a newer one?): "
+                    f"{exc.error_count()} errors, first: {exc.errors()[0]['msg']}") from exc
+            new[row["version"]] = ProgramVersion(row["version"], row["effective_from"], program)
+        self._versions.extend(new.values())
         self._versions.sort(key=lambda v: (v.effective_from, v.version))
         self._order = [(v.effective_from, v.version) for v in self._versions]
 
     # ---- loading and saving --------------------------------------------------------------
 
-    async def ensure_loaded(self, conn: asyncpg.Connection) -> None:
+    async def ensure_loaded(self, conn: asyncpg.Connection, *, wait: bool = True) -> None:
         """Consumers may get their first batch before the start hooks ran: whoever comes
-        first loads the program, so no posting is ever made under an unloaded one."""
+        first loads the program, so no posting is ever made under an unloaded one.
+        `wait=False` (HTTP requests, which hold a pooled connection meanwhile): while another
+        caller is loading, or within RETRY_AFTER_S of a failed load, fail at once instead of
+        waiting for it or reading the topic once more."""
         if self._versions:
             return
+        if not wait and (self._loading.locked() or (
+                self._failed is not None and time.monotonic() - self._failed[0] < self.RETRY_AFTER_S)):
+            raise ProgramHistoryUnavailable(
+                "the program is being loaded" if self._loading.locked() else str(self._failed[1]))  # type: ignore[index]
         asked = time.monotonic()
         async with self._loading:
             if self._versions:
@@ -124,7 +142,7 @@ class ProgramStore:
             if self._failed is not None and self._failed[0] >= asked:
                 # The load this caller waited for failed meanwhile: its answer, not one more
                 # attempt each (a broker that never answers costs read_topic's timeout).
-                raise self._failed[1]
+                raise ProgramHistoryUnavailable(str(self._failed[1])) from self._failed[1].__cause__
             try:
                 await self.load(conn)
             except ProgramHistoryUnavailable as exc:

@@ -3,6 +3,7 @@ one of them governs the inputs the other applies, from the version's time, witho
 for the other's scheduler tick. Real broker and PostgreSQL."""
 
 import asyncio
+import uuid
 from datetime import datetime
 
 import pytest
@@ -78,3 +79,43 @@ async def test_a_version_is_not_saved_while_inputs_are_being_applied_and_takes_e
             saved = await asyncio.wait_for(save, timeout=10)
     assert saved.status_code == 200
     assert datetime.fromisoformat(saved.json()["effective_from"]) >= released_at
+
+
+async def test_a_batch_being_applied_holds_off_a_save_which_then_takes_effect_after_it(settings, kafka_bootstrap):
+    """The consumers' own transactions take the lock: a purchase batch stopped in the middle
+    (its customer's row held by the test) keeps a program save waiting, and the purchase earns
+    under the version in force before the save."""
+    customer = unique("c-")
+    async with running_ledger(settings) as (app, client):
+        program = (await client.get("/v1/admin/program", headers=ADMIN)).json()["program"]
+        created = await client.post("/v1/admin/adjustments", headers=ADMIN, json={
+            "adjustment_id": str(uuid.uuid4()), "customer_id": customer, "amount_points": 1, "reason_code": "goodwill",
+            "actor": "ops@test"})
+        assert created.status_code == 201
+        pool = app.state.runtime.pool
+        async with pool.acquire() as holder:
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM customers WHERE customer_id = $1 FOR UPDATE", customer)
+                await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED),
+                              [purchase_recorded(customer, amounts=("10.00",))], key=customer)
+                for _ in range(200):  # the batch has begun (lock taken) and waits for the customer
+                    holding = await holder.fetchval(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                        " WHERE c.relname = 'program_versions' AND l.mode = 'RowExclusiveLock' AND l.granted"
+                        " AND l.pid <> pg_backend_pid()")
+                    if holding:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("no transaction applying inputs holds program_versions")
+                save = asyncio.create_task(client.put("/v1/admin/program", headers=ADMIN,
+                                                      json={**program, "category_multipliers": {"grocery": "3"}}))
+                await asyncio.sleep(1.0)
+                assert not save.done(), "a program version was saved while a batch was being applied"
+                released_at = await holder.fetchval("SELECT clock_timestamp()")
+        saved = await asyncio.wait_for(save, timeout=10)
+        earned = [e for e in await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=2)
+                  if e["type"] == "PointsEarned"]
+    assert saved.status_code == 200 and saved.json()["version"] == 2
+    assert datetime.fromisoformat(saved.json()["effective_from"]) >= released_at
+    assert [(e["payload"]["amount_points"], e["payload"]["rule_version"]) for e in earned] == [(10, 1)]

@@ -4,6 +4,8 @@ Retry-After (not a bare 500), /readyz says not ready, and all of it recovers as 
 topic can be read. Against the real broker and PostgreSQL: only the ledger's read of
 ledger.programs goes to a broker address where nothing listens."""
 
+import asyncio
+import time
 import uuid
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from deploy.local.infra import free_port
 from services.ledger import main as ledger_main
 from services.ledger import metrics
+from services.ledger.versions import ProgramStore
 from tests.support.kafka import unique
 from tests.support.ledger import ADMIN, ledger_settings, running_ledger
 
@@ -35,6 +38,7 @@ async def test_without_its_program_history_the_ledger_answers_503_with_retry_aft
         return await read_topic(unreachable if broken["on"] else s, topic, **kw)
 
     monkeypatch.setattr(ledger_main, "read_topic", programs_read)
+    monkeypatch.setattr(ProgramStore, "RETRY_AFTER_S", 0.3)  # the start-up loader's retries, sped up
     customer = unique("c-")
 
     async def requests(client, program=None):
@@ -58,9 +62,13 @@ async def test_without_its_program_history_the_ledger_answers_503_with_retry_aft
         transactions = await client.get(f"/v1/customers/{customer}/transactions", headers=ADMIN)
 
         broken["on"] = False
+        for _ in range(100):  # ready again on its own: the start-up loader keeps trying
+            ready_after = await client.get("/readyz")
+            if ready_after.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
         current = await client.get("/v1/admin/program", headers=ADMIN)
         answered = await requests(client, current.json()["program"])
-        ready_after = await client.get("/readyz")
 
     assert unready.status_code == 503 and unready.json()["checks"] == {
         "database": True, "broker": True, "program": False}, unready.json()
@@ -81,3 +89,44 @@ async def test_without_its_program_history_the_ledger_answers_503_with_retry_aft
     assert answered["POST /v1/rules/simulate (tier)"].json()["tier"] == "Gold"
     assert ready_after.status_code == 200 and ready_after.json()["checks"]["program"] is True
     assert refusals() - before == len(refused)
+
+
+async def test_while_the_history_is_being_read_the_requests_that_need_it_answer_503_at_once(base_env, monkeypatch):
+    """A broker that does not answer holds the read up to its timeout: requests do not queue
+    behind it holding database connections (the pool would run dry and stop the customer reads)."""
+    settings = ledger_settings(base_env, database_pool_max=3)
+    unreachable = settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    read_topic, reading, release = ledger_main.read_topic, asyncio.Event(), asyncio.Event()
+    attempts = {"n": 0}
+
+    async def programs_read(s, topic, **kw):
+        attempts["n"] += 1
+        if attempts["n"] == 1:  # at start: refused at once
+            return await read_topic(unreachable, topic, **kw)
+        reading.set()  # then a read that hangs until released
+        await release.wait()
+        return await read_topic(s, topic, **kw)
+
+    monkeypatch.setattr(ledger_main, "read_topic", programs_read)
+    monkeypatch.setattr(ProgramStore, "RETRY_AFTER_S", 0.2)
+    customer = unique("c-")
+    async with running_ledger(settings) as (app, client):
+        await asyncio.wait_for(reading.wait(), timeout=10)  # the start-up loader is reading now
+        started = time.monotonic()
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(
+                *(client.post("/v1/rules/simulate", json=SIMULATED) for _ in range(8))), timeout=5)
+            balance = await asyncio.wait_for(client.get(f"/v1/customers/{customer}/balance", headers=ADMIN), timeout=5)
+        except asyncio.TimeoutError:
+            answers = balance = None
+        took = time.monotonic() - started
+        release.set()
+        for _ in range(100):
+            if app.state.ledger.programs.loaded:
+                break
+            await asyncio.sleep(0.1)
+        after = await client.post("/v1/rules/simulate", json=SIMULATED)
+    assert answers is not None, f"the requests waited for the read ({took:.1f} s)"
+    assert [r.status_code for r in answers] == [503] * 8
+    assert balance.status_code == 404  # a customer read still had a connection
+    assert after.status_code == 200
