@@ -1,5 +1,6 @@
 """PostgreSQL plumbing: a pool bound to the service's schema, and the migration runner."""
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -58,10 +59,20 @@ def _migration_files(service_dir: Path) -> list[tuple[str, Path]]:
     return shared + own
 
 
-async def migrate(dsn: str, *, schema: str, migrations_dir: Path) -> list[str]:
+# A migration that must lock a table the running instances use (ALTER TABLE, a plain CREATE
+# INDEX) waits for their transactions in flight, and every transaction that comes after it
+# queues behind it: the consumers would stall for as long as it waits. With a lock timeout it
+# gives its turn up instead, and is tried again a moment later; the instances keep working.
+MIGRATION_LOCK_TIMEOUT_S = 5.0
+MIGRATION_LOCK_ATTEMPTS = 60
+
+
+async def migrate(dsn: str, *, schema: str, migrations_dir: Path, lock_timeout_s: float = MIGRATION_LOCK_TIMEOUT_S,
+                  lock_attempts: int = MIGRATION_LOCK_ATTEMPTS) -> list[str]:
     """Apply the shared and the service's numbered .sql files not applied yet, in order,
     each in its own transaction. Safe to run from several processes at once: an advisory
-    lock serialises them. Returns the names applied by this call."""
+    lock serialises them. A file that cannot get a lock within `lock_timeout_s` is rolled
+    back and tried again, up to `lock_attempts` times. Returns the names applied by this call."""
     lock_id = int.from_bytes(hashlib.sha256(f"migrate:{schema}".encode()).digest()[:8], "big", signed=True)
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
@@ -76,10 +87,20 @@ async def migrate(dsn: str, *, schema: str, migrations_dir: Path) -> list[str]:
         for name, path in _migration_files(migrations_dir):
             if name in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(f'SET LOCAL search_path TO "{schema}"')
-                await conn.execute(path.read_text())
-                await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)', name)
+            for attempt in range(1, lock_attempts + 1):
+                try:
+                    async with conn.transaction():
+                        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+                        await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
+                        await conn.execute(path.read_text())
+                        await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)', name)
+                    break
+                except asyncpg.LockNotAvailableError:
+                    if attempt == lock_attempts:
+                        raise
+                    log.warning("migration waits for a lock the running services hold; trying again",
+                                extra={"schema": schema, "migration": name, "attempt": attempt})
+                    await asyncio.sleep(min(0.1 * attempt, 1.0))
             applied_now.append(name)
             log.info("applied migration", extra={"schema": schema, "migration": name})
     finally:

@@ -656,3 +656,32 @@ async def test_a_batch_the_broker_refuses_is_sent_again_row_by_row_and_only_the_
     assert await outbox_rows(pool) == 0
     [failed] = await pool.fetch("SELECT key, error FROM outbox_failed")
     assert failed["key"] == KEYS[0] and "RecordListTooLarge" in failed["error"]
+
+
+async def test_a_migration_waiting_for_a_lock_lets_the_running_transactions_through_and_is_applied_after(
+        shared_db, schema, tmp_path):
+    """A migration that needs a table the services are using gives its turn up after its lock
+    timeout (instead of queueing every later transaction behind it) and is tried again."""
+    folder = tmp_path / "m"
+    write_service_migrations(folder)
+    await migrate(shared_db, schema=schema, migrations_dir=folder)
+    (folder / "0011_more.sql").write_text("ALTER TABLE accounts ADD COLUMN note text;")
+    in_flight, later = await asyncpg.connect(shared_db), await asyncpg.connect(shared_db)
+    try:
+        tx = in_flight.transaction()
+        await tx.start()
+        await in_flight.execute(f'LOCK TABLE "{schema}".accounts IN ROW EXCLUSIVE MODE')  # a batch in flight
+        migration = asyncio.create_task(migrate(shared_db, schema=schema, migrations_dir=folder,
+                                                lock_timeout_s=0.2, lock_attempts=100))
+        await asyncio.sleep(0.5)
+        # A transaction that comes after the migration still gets its lock (it would queue
+        # behind the migration's ACCESS EXCLUSIVE request for as long as that waits).
+        async with later.transaction():
+            await later.execute("SET LOCAL lock_timeout = '2s'")
+            await later.execute(f'LOCK TABLE "{schema}".accounts IN ROW EXCLUSIVE MODE')
+        assert not migration.done()
+        await tx.commit()
+        assert await asyncio.wait_for(migration, timeout=10) == ["0011_more.sql"]
+    finally:
+        await in_flight.close()
+        await later.close()
