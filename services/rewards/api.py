@@ -587,12 +587,13 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         cursor: Annotated[str | None, Query(max_length=200)] = None,
     ) -> FulfilmentQueueOut:
         after = _parse_cursor(cursor) if cursor is not None else None
-        entries = await service.shipment_queue(ctx, state=state, after=after, limit=limit)
+        entries = await service.shipment_queue(ctx, state=state, after=after, limit=limit + 1)
+        more, entries = len(entries) > limit, entries[:limit]  # one more read: no empty last page
         return FulfilmentQueueOut(
             state=state,
             fulfilments=[FulfilmentOut(**AdminRedemptionOut.of(e.redemption).model_dump(), reward_name=e.reward_name)
                          for e in entries],
-            next_cursor=_queue_cursor(entries[-1].redemption) if len(entries) == limit else None,
+            next_cursor=_queue_cursor(entries[-1].redemption) if more else None,
         )
 
     @admin_router.post(

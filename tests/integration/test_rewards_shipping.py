@@ -89,6 +89,7 @@ async def queue(client, state: str = "awaiting_shipment", **params) -> list[dict
         assert response.status_code == 200, response.text
         page = response.json()
         assert page["state"] == state
+        assert page["fulfilments"] or not items, "an empty page after a full one: next_cursor promised more"
         items += page["fulfilments"]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -109,6 +110,8 @@ async def test_a_physical_reward_is_queued_shipped_once_tracked_and_no_longer_ca
 
     waiting = {q["redemption_id"]: q for q in await queue(client, limit=2)}  # pages of 2: the cursor is used
     assert rid in waiting
+    # One page holding exactly the whole queue is the last one (no next_cursor to an empty page).
+    assert {q["redemption_id"] for q in await queue(client, limit=len(waiting))} == set(waiting)
     entry = waiting[rid]
     assert (entry["customer_id"], entry["reward_id"], entry["reward_name"]) == (customer, reward["reward_id"],
                                                                                 "Travel mug")
