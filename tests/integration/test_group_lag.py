@@ -5,11 +5,11 @@ record batch's base offset + 1; after a batch of three at offsets 1-3 it says 2,
 computed from it showed none while offsets 2 and 3 were unconsumed."""
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from bench.harness import end_offsets, group_lag
+from tests.support.kafka import topic_ending_in_a_multi_record_batch
 from tests.support.ledger import caught_up
 
 
@@ -25,23 +25,7 @@ async def commit(bootstrap: str, group: str, tp: TopicPartition, offset: int) ->
 
 async def test_a_group_committed_to_the_listed_end_of_a_multi_record_batch_still_lags(kafka_bootstrap, topic_prefix):
     topic, group = f"{topic_prefix}.lag", f"{topic_prefix}lag-group"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        await (await producer.send(topic, b"a", partition=0))  # offset 0, a batch of one
-        batch = producer.create_batch()
-        for value in (b"b", b"c", b"d"):
-            batch.append(key=None, value=value, timestamp=None)
-        batch.close()
-        await (await producer.send_batch(batch, topic, partition=0))  # offsets 1-3, one batch
-    finally:
-        await producer.stop()
+    await topic_ending_in_a_multi_record_batch(kafka_bootstrap, topic)
     tp = TopicPartition(topic, 0)
     probe = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None)
     await probe.start()

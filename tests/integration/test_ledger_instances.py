@@ -36,6 +36,16 @@ def partition_of(customer_id: str) -> int:
     return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % PARTITIONS
 
 
+async def save_kept_waiting(client, program: dict, conn, *, grocery: str, while_: str) -> tuple[asyncio.Task, datetime]:
+    """PUT a program change while `conn` holds off saves: it must still be waiting a second
+    later. Returns the save and the database's time just before the caller lets it through."""
+    save = asyncio.create_task(client.put("/v1/admin/program", headers=ADMIN,
+                                          json={**program, "category_multipliers": {"grocery": grocery}}))
+    await asyncio.sleep(1.0)
+    assert not save.done(), f"a program version was saved while {while_}"
+    return save, await conn.fetchval("SELECT clock_timestamp()")
+
+
 async def test_a_program_version_saved_through_one_instance_governs_what_the_other_applies(settings, kafka_bootstrap):
     topic = settings.topic(PURCHASES_RECORDED)
     async with running_ledger(settings) as (app_a, client_a), running_ledger(settings) as (app_b, _):
@@ -71,11 +81,8 @@ async def test_a_version_is_not_saved_while_inputs_are_being_applied_and_takes_e
         pool = app.state.runtime.pool
         async with pool.acquire() as conn:
             async with transaction(conn, opening=repo.APPLYING_INPUTS):
-                save = asyncio.create_task(client.put("/v1/admin/program", headers=ADMIN,
-                                                      json={**program, "category_multipliers": {"grocery": "2"}}))
-                await asyncio.sleep(1.0)
-                assert not save.done(), "a program version was saved while inputs were being applied"
-                released_at = await conn.fetchval("SELECT clock_timestamp()")
+                save, released_at = await save_kept_waiting(client, program, conn, grocery="2",
+                                                            while_="inputs were being applied")
             saved = await asyncio.wait_for(save, timeout=10)
     assert saved.status_code == 200
     assert datetime.fromisoformat(saved.json()["effective_from"]) >= released_at
@@ -108,11 +115,8 @@ async def test_a_batch_being_applied_holds_off_a_save_which_then_takes_effect_af
                     await asyncio.sleep(0.05)
                 else:
                     pytest.fail("no transaction applying inputs holds program_versions")
-                save = asyncio.create_task(client.put("/v1/admin/program", headers=ADMIN,
-                                                      json={**program, "category_multipliers": {"grocery": "3"}}))
-                await asyncio.sleep(1.0)
-                assert not save.done(), "a program version was saved while a batch was being applied"
-                released_at = await holder.fetchval("SELECT clock_timestamp()")
+                save, released_at = await save_kept_waiting(client, program, holder, grocery="3",
+                                                            while_="a batch was being applied")
         saved = await asyncio.wait_for(save, timeout=10)
         earned = [e for e in await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=2)
                   if e["type"] == "PointsEarned"]

@@ -3,32 +3,14 @@ when its last record batch holds several records (the embedded broker then repor
 partition's end as the batch's base offset + 1: a reader that trusted it lost the rest; that is
 how a rebuilt ledger once missed the last of two program versions published in one batch)."""
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from shared.kafka import read_topic
 from shared.settings import ServiceSettings
+from tests.support.kafka import topic_ending_in_a_multi_record_batch
 
 
 async def test_a_topic_is_read_whole_even_when_its_last_batch_holds_several_records(kafka_bootstrap, topic_prefix):
     topic = f"{topic_prefix}.read-whole"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        await (await producer.send(topic, b"a", partition=0))  # a batch of one
-        batch = producer.create_batch()
-        for value in (b"b", b"c", b"d"):
-            batch.append(key=None, value=value, timestamp=None)
-        batch.close()
-        await (await producer.send_batch(batch, topic, partition=0))  # then a batch of three
-    finally:
-        await producer.stop()
+    await topic_ending_in_a_multi_record_batch(kafka_bootstrap, topic)
     settings = ServiceSettings(kafka_bootstrap_servers=kafka_bootstrap)
 
     records = await read_topic(settings, topic, timeout_s=15)

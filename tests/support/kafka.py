@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 
 async def produce(bootstrap: str, topic: str, values: list[Any], *, key: str | None = None,
@@ -76,6 +77,29 @@ async def consume(
         return out
     finally:
         await consumer.stop()
+
+
+async def topic_ending_in_a_multi_record_batch(bootstrap: str, topic: str) -> None:
+    """A topic of two partitions; partition 0 holds "a" (a batch of one, offset 0) then "b",
+    "c", "d" in one record batch (offsets 1-3): the embedded broker lists that partition's end
+    as the last batch's base offset + 1 (2), not 4."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await (await producer.send(topic, b"a", partition=0))
+        batch = producer.create_batch()
+        for value in (b"b", b"c", b"d"):
+            batch.append(key=None, value=value, timestamp=None)
+        batch.close()
+        await (await producer.send_batch(batch, topic, partition=0))
+    finally:
+        await producer.stop()
 
 
 def unique(prefix: str = "") -> str:
