@@ -1,5 +1,7 @@
 """The life of one service process: migrate, connect, relay, consume; then stop cleanly.
 
+A service declares what it reads (`subscribe`, with a `Subscription` of shared/pipeline.py),
+its lanes (`lane`) and its periodic jobs (`every`); the runtime runs them.
 `ServiceRuntime.start()` is called from the ASGI lifespan, never at import time.
 Graceful shutdown order: stop consuming (in-flight batches finish and commit, or are
 abandoned uncommitted and redelivered), then drain the outbox, then close connections.
@@ -13,9 +15,12 @@ from pathlib import Path
 import asyncpg
 from faststream.kafka import KafkaBroker
 
+from shared.consumer import ConsumerLoop, Lane
 from shared.db import create_pool, migrate
 from shared.kafka import coalesce_commits, create_broker, create_producer
 from shared.outbox import OutboxRelay
+from shared.periodic import every
+from shared.pipeline import Pipeline, Subscription
 from shared.settings import ServiceSettings
 from shared.topics import ALL_TOPICS, ensure_topics
 
@@ -46,6 +51,42 @@ class ServiceRuntime:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._readiness_checks: dict[str, Callable[[], Awaitable[bool]]] = {}
+        self.pipeline = Pipeline(lambda: self.pool, producer=service, on_committed=self._wake_relay,
+                                 max_attempts=settings.max_delivery_attempts)
+        self.subscriptions: list[Subscription] = []
+        self.lanes: dict[str, Lane] = {}
+        self.consumers: list[ConsumerLoop] = []
+        self._periodic: list[tuple[float, str, Callable[[], Awaitable[object]]]] = []
+
+    def _wake_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.wake()
+
+    def lane(self, name: str, *, bulk: bool = False, fetch_max_wait_ms: int | None = None,
+             instances: int = 1) -> Lane:
+        """Declare a lane: the subscriptions in it share one consumer (per instance) and one
+        group, `<prefix>.<service>.<lane>`. A `bulk` lane (nobody waits on it) takes the longer
+        fetch wait of the settings, a latency lane the short one."""
+        s = self.settings
+        wait = fetch_max_wait_ms if fetch_max_wait_ms is not None else (
+            s.consumer_bulk_fetch_max_wait_ms if bulk else s.consumer_fetch_max_wait_ms)
+        lane = Lane(name, fetch_max_wait_ms=wait, instances=instances, max_records=s.consumer_batch_max_records)
+        self.lanes[name] = lane
+        return lane
+
+    def subscribe(self, subscription: Subscription) -> None:
+        """Read `subscription.topic` through the pipeline, in the subscription's lane (declared
+        with `lane`, or a latency lane of that name by default). Also described in AsyncAPI."""
+        if subscription.lane not in self.lanes:
+            self.lane(subscription.lane)
+        if any(s.topic == subscription.topic for s in self.subscriptions):
+            raise ValueError(f"{subscription.topic} is subscribed twice")
+        self.subscriptions.append(subscription)
+        _describe(self.broker, subscription, group_id=self.settings.group_id(self.service, subscription.lane))
+
+    def every(self, interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        """A periodic job (shared/periodic.py), started once the service is up."""
+        self._periodic.append((interval_s, name, job))
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run after the database, outbox and broker are up (e.g. a scheduler)."""
@@ -75,18 +116,42 @@ class ServiceRuntime:
             self.pool, self._producer, batch_size=s.outbox_batch_size, poll_interval_ms=s.outbox_poll_interval_ms
         )
         self.relay.start()
-        await self.broker.start()
-        coalesce_commits(self.broker, s.consumer_commit_interval_ms)
+        if self.subscriptions:
+            if any(not getattr(sub, "_described_only", False) for sub in self.broker.subscribers):
+                raise RuntimeError("a service consumes through the pipeline or through FastStream subscribers, not both")
+            await self._start_consumers()
+        else:  # FastStream subscribers of a service not moved onto the pipeline yet
+            await self.broker.start()
+            coalesce_commits(self.broker, s.consumer_commit_interval_ms)
         for hook in self._on_start:
             await hook()
+        for interval_s, name, job in self._periodic:
+            self.spawn(every(interval_s, name, job), name)
         log.info("service started", extra={"service": self.service})
+
+    async def _start_consumers(self) -> None:
+        self.pipeline.stopping = False
+        for lane in self.lanes.values():
+            subs = [sub for sub in self.subscriptions if sub.lane == lane.name]
+            if not subs:
+                continue
+            for n in range(lane.instances):
+                self.consumers.append(ConsumerLoop(
+                    self.settings, group_id=self.settings.group_id(self.service, lane.name),
+                    client_id=f"{self.service}-{lane.name}-{n}", lane=lane, subscriptions=subs,
+                    pipeline=self.pipeline))
+        # All at once: each joins its group in the background (no group waits for another).
+        await asyncio.gather(*(c.start() for c in self.consumers))
 
     async def stop(self) -> None:
         for task in self._background:
             task.cancel()
         for hook in self._on_stop:
             await hook()
-        await self.broker.stop()
+        await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
+        self.consumers = []
+        if not self.subscriptions:
+            await self.broker.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self._producer is not None:
@@ -104,7 +169,10 @@ class ServiceRuntime:
             except Exception:
                 pass
         try:
-            checks["broker"] = await self.broker.ping(timeout=2)
+            if self.consumers:
+                checks["broker"] = await self.consumers[0].ready()
+            else:
+                checks["broker"] = await self.broker.ping(timeout=2)
         except Exception:
             pass
         for name, check in self._readiness_checks.items():
@@ -113,3 +181,19 @@ class ServiceRuntime:
             except Exception:
                 checks[name] = False
         return checks
+
+
+def _describe(broker: KafkaBroker, subscription: Subscription, *, group_id: str) -> None:
+    """Put a subscription in the AsyncAPI document (a FastStream subscriber that is never
+    started: shared/consumer.py does the consuming), with the schema of its events."""
+
+    async def consume(body) -> None:  # pragma: no cover - never called
+        raise AssertionError("described only")
+
+    consume.__annotations__ = {"body": subscription.schema if subscription.schema is not None else bytes,
+                               "return": None}
+    consume.__name__ = consume.__qualname__ = f"consume_{subscription.topic.replace('.', '_')}"
+    described = broker.subscriber(subscription.topic, group_id=group_id, title=f"{subscription.topic}#consumer",
+                                  description=subscription.description or f"read by {subscription.consumer}")
+    described(consume)
+    described._described_only = True  # type: ignore[attr-defined]

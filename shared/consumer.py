@@ -1,0 +1,206 @@
+"""The Kafka side of the pipeline: a small consumer loop on aiokafka's public API.
+
+One `ConsumerLoop` is one Kafka consumer in one group, reading every topic of one *lane* of
+a service (a lane groups the subscriptions that may share a fetch wait: a saga lane a
+customer waits on, a bulk lane nobody waits on). Fewer consumers mean fewer idle fetches,
+which is most of what an idle stack costs the embedded broker.
+
+The loop: poll a batch (`getmany`), hand each topic's records to the pipeline (one
+transaction for them), and only after that commit the offsets, coalesced to at most one
+OffsetCommit per `commit_interval_ms`. A partition being revoked waits for the batch in
+flight and has its offsets committed first, so its next owner starts where this one ended;
+at worst (a crash) records are read again and the inbox drops them.
+
+Why not FastStream's subscribers (docs/architecture.md says more): its batch subscriber
+sleeps a whole poll timeout after an empty poll (so a record arriving then waits for it),
+runs one consumer per subscriber, and joins their groups one after another; the fix used
+to patch its private internals. FastStream still describes every topic (AsyncAPI).
+"""
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from shared.kafka import client_options
+from shared.metrics import CONSUMER_LAG
+from shared.pipeline import Pipeline, Record, Stopping, Subscription
+from shared.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """How a lane's consumer fetches. `fetch_max_wait_ms` bounds the latency of a quiet
+    stream on the embedded broker (it answers an idle fetch only then) and sets the idle
+    cost (one fetch per wait); `instances` consumers of the lane run in one process and
+    group, each owning some partitions, so that one batch is computed while another waits
+    for PostgreSQL."""
+
+    name: str
+    fetch_max_wait_ms: int
+    instances: int = 1
+    max_records: int = 1000
+    poll_timeout_ms: int = 1000
+
+
+class _Revocation(ConsumerRebalanceListener):
+    def __init__(self, loop: "ConsumerLoop") -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._loop.partitions_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned", extra={"group": self._loop.group_id,
+                                               "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in assigned)})
+
+
+class ConsumerLoop:
+    def __init__(self, settings: ServiceSettings, *, group_id: str, client_id: str, lane: Lane,
+                 subscriptions: Sequence[Subscription[Any]], pipeline: Pipeline,
+                 commit_interval_ms: int | None = None) -> None:
+        self.settings = settings
+        self.group_id = group_id
+        self.lane = lane
+        self._subs = {s.topic: s for s in subscriptions}
+        self._pipeline = pipeline
+        self._commit_interval_s = (settings.consumer_commit_interval_ms if commit_interval_ms is None
+                                   else commit_interval_ms) / 1000
+        self.consumer = AIOKafkaConsumer(
+            **client_options(settings),
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.consumer_session_timeout_ms,
+            heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+            fetch_max_wait_ms=lane.fetch_max_wait_ms,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self._pending: dict[TopicPartition, int] = {}
+        self._processing = asyncio.Lock()  # held while a batch is applied; a revocation waits for it
+        self._task: asyncio.Task[None] | None = None
+        self._commit_timer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.batches = 0  # batches committed (tests wait on state, this is for diagnostics)
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self._subs)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.consumer.assignment())
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self.consumer.subscribe(self.topics, listener=_Revocation(self))
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"consumer-{self.group_id}")
+
+    async def stop(self, *, grace_s: float = 15.0) -> None:
+        """Finish the batch in flight (or abandon it uncommitted after `grace_s`), commit what
+        is pending, leave the group."""
+        self._stopping = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=grace_s)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._pipeline.stopping = True
+                self._task.cancel()
+                try:
+                    await self._task
+                except BaseException:  # noqa: BLE001 - it was cancelled on purpose
+                    pass
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+        try:
+            await self._flush()
+        finally:
+            await self.consumer.stop()
+
+    async def ready(self) -> bool:
+        """The broker answers a metadata request."""
+        await asyncio.wait_for(self.consumer.topics(), timeout=2)
+        return True
+
+    async def _run(self) -> None:
+        backoff_s = 0.1
+        while not self._stopping:
+            try:
+                batches = await self.consumer.getmany(timeout_ms=self.lane.poll_timeout_ms,
+                                                      max_records=self.lane.max_records)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the broker away, a rebalance: poll again
+                log.warning("poll failed; polling again", extra={"group": self.group_id, "error": repr(exc)})
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            backoff_s = 0.1
+            if not batches:
+                continue
+            try:
+                async with self._processing:
+                    await self._apply(batches)
+            except Stopping:
+                return  # abandoned uncommitted: read again by whoever comes next
+            self._schedule_commit()
+
+    async def _apply(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        by_topic: dict[str, list[Record]] = {}
+        ends: dict[TopicPartition, int] = {}
+        for tp in sorted(batches, key=lambda tp: (tp.topic, tp.partition)):
+            raw = batches[tp]
+            if not raw:
+                continue
+            by_topic.setdefault(tp.topic, []).extend(
+                Record(r.value or b"", r.key, r.topic, r.partition, r.offset, tuple(r.headers or ()))
+                for r in raw)
+            ends[tp] = raw[-1].offset + 1
+        for topic, records in by_topic.items():
+            await self._pipeline.process(self._subs[topic], records)
+        assigned = self.consumer.assignment()
+        for tp, end in ends.items():
+            if tp in assigned:
+                self._pending[tp] = end
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - end, 0))
+        self.batches += 1
+
+    def _schedule_commit(self) -> None:
+        if self._commit_interval_s <= 0:
+            self._commit_timer = asyncio.get_running_loop().create_task(self._flush())
+        elif self._commit_timer is None or self._commit_timer.done():
+            self._commit_timer = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._commit_interval_s)
+        await self._flush()
+
+    async def _flush(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Commit the pending offsets: of every partition still assigned, or of `partitions`
+        (being revoked: still ours until the callback returns)."""
+        if partitions is None:
+            pending, self._pending = self._pending, {}
+            assigned = self.consumer.assignment()
+            offsets = {tp: offset for tp, offset in pending.items() if tp in assigned}
+        else:
+            offsets = {tp: self._pending.pop(tp) for tp in partitions if tp in self._pending}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in between: the records come again
+            log.warning("offset commit failed; those records will be read again",
+                        extra={"group": self.group_id, "error": repr(exc)})
+
+    async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Waiting for the batch in flight means the partitions' offsets are committed before
+        # their next owner reads them: no record is applied twice in the normal case.
+        async with self._processing:
+            await self._flush(revoked)
