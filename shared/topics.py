@@ -9,6 +9,9 @@ from shared.kafka import client_options
 from shared.settings import ServiceSettings
 
 PURCHASES_RAW = "purchases.raw"
+# Imported history (the importer CLI, or a system streaming its past purchases): the inbound
+# contract plus the import policy; recorded as history on purchases.recorded.
+PURCHASES_IMPORT = "purchases.import"
 PURCHASES_RECORDED = "purchases.recorded"
 PURCHASES_DLQ = "purchases.dlq"
 POINTS_EVENTS = "points.events"
@@ -22,10 +25,13 @@ LEDGER_ADJUSTMENTS = "ledger.adjustments"
 # so each purchase earns under the version it earned under originally.
 LEDGER_PROGRAMS = "ledger.programs"
 ENGAGEMENT_EVENTS = "engagement.events"
+ENGAGEMENT_DLQ = "engagement.dlq"
 CHURN_ALERTS = "churn.alerts"
+CHURN_DLQ = "churn.dlq"
 
 ALL_TOPICS = (
     PURCHASES_RAW,
+    PURCHASES_IMPORT,
     PURCHASES_RECORDED,
     PURCHASES_DLQ,
     POINTS_EVENTS,
@@ -35,7 +41,9 @@ ALL_TOPICS = (
     LEDGER_ADJUSTMENTS,
     LEDGER_PROGRAMS,
     ENGAGEMENT_EVENTS,
+    ENGAGEMENT_DLQ,
     CHURN_ALERTS,
+    CHURN_DLQ,
 )
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,9 @@ class _PointsPayload(BaseModel):
 
     amount_points: int
     balance: BalanceAfter
+    # Caused by imported history (a past purchase earning as-earned, its maturity or expiry):
+    # a fact for the books and the analytics, never news for the customer.
+    history: bool = False
 
 
 class PointsEarnedPayload(_PointsPayload):
@@ -105,6 +108,7 @@ class TierChangedPayload(BaseModel):
     to_tier: str
     qualifying_points: int
     balance: BalanceAfter
+    history: bool = False
 
 
 class PointsEarned(Envelope[PointsEarnedPayload]):

@@ -40,6 +40,12 @@ class PurchasePayload(BaseModel):
     lines: list[PurchaseLine]
     total: Money
     door: str = Field(description="Where it came in: kafka, http, shopify, woocommerce")
+    # Imported history (the importer, purchases.import): a past purchase brought in from the
+    # retailer's old system. Every consumer can tell: the ledger earns by `import_policy`,
+    # engagement never starts a journey or sends a message for it, churn counts it.
+    history: bool = Field(default=False, description="True for imported past purchases")
+    import_policy: Literal["analytics", "as-earned"] | None = Field(
+        default=None, description="For history: analytics earns nothing; as-earned earns as if live at the time")
 
 
 class PurchaseClaimedPayload(PurchasePayload):
@@ -74,7 +80,8 @@ def lines_json(lines) -> str:
 
 
 def purchase_event_json(*, event_type: str, event_id: str, recorded_at: datetime, producer: str,
-                        correlation_id: str, customer_id: str | None, purchase, door: str) -> bytes:
+                        correlation_id: str, customer_id: str | None, purchase, door: str,
+                        history: bool = False, import_policy: str | None = None) -> bytes:
     """PurchaseRecorded or ReturnRecorded as JSON, written from a template: the purchases
     service's hot path (about a sixth of the cost of model_construct + model_dump_json).
     `purchase` is any object with the payload's fields (the service's validated input).
@@ -89,5 +96,6 @@ def purchase_event_json(*, event_type: str, event_id: str, recorded_at: datetime
         f'"payload":{{"purchase_id":{json_str(p.purchase_id)},"type":{json_str(p.type)},'
         f'"original_purchase_id":{json_opt_str(p.original_purchase_id)},"source":{json_str(p.source)},'
         f'"store_id":{json_str(p.store_id)},"occurred_at":{occurred},"currency":{json_str(p.currency)},'
-        f'"lines":{lines},"total":"{format(p.total, "f")}","door":{json_str(door)}}}}}'
+        f'"lines":{lines},"total":"{format(p.total, "f")}","door":{json_str(door)},'
+        f'"history":{"true" if history else "false"},"import_policy":{json_opt_str(import_policy)}}}}}'
     ).encode()
