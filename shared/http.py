@@ -47,6 +47,16 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    if hasattr(runtime.settings, "admin_api_key"):
+        # Every service with an admin key serves its dead letters (list, show, replay).
+        from shared.deadletters import DeadLetterApiError, DeadLetterDesk, dead_letter_error_handler, dead_letter_router
+
+        prefix = runtime.settings.model_config.get("env_prefix", "")
+        app.include_router(dead_letter_router(
+            DeadLetterDesk(runtime, door_topics=runtime.dead_letter_doors),
+            admin_key=lambda: runtime.settings.admin_api_key, setting=f"{prefix}ADMIN_API_KEY"))
+        app.add_exception_handler(DeadLetterApiError, dead_letter_error_handler)
+
     @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI document of the topics")
     async def asyncapi_doc() -> JSONResponse:
         return JSONResponse(asyncapi.to_specification().to_jsonable())
