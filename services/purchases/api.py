@@ -156,6 +156,10 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
         max_age_s = settings.webhook_max_age_s
         try:
             payload = json.loads(body)
+            if door == "shopify" and isinstance(payload, dict) and payload.get("test") is True:
+                # Shopify's "send test notification": a sample order nobody bought.
+                metrics.WEBHOOK_TESTS.labels(door).inc()
+                return JSONResponse({"status": "test_notification", "message": "acknowledged; nothing recorded"})
             stamp = webhooks.webhook_timestamp(payload, door)
             if utcnow() - stamp > timedelta(seconds=max_age_s):
                 metrics.REJECTED.labels(door, "stale_webhook").inc()
