@@ -36,6 +36,7 @@ run: venv
 test: venv
 	$(PY) -m deploy.local.ensure_postgres
 	$(PY) -m deploy.local.ensure_promtool
+	$(PY) -m deploy.local.ensure_chromium
 	$(PY) -m pytest -q
 
 test-unit: venv
