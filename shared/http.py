@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from faststream.specification import AsyncAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, BodySizeLimit
 from shared.runtime import ServiceRuntime
-
 
 DOCS_ASSETS_URL = "/docs-assets"
 
