@@ -73,7 +73,8 @@ def cluster(state: dict) -> PgCluster:
     # root the server runs as that user, who cannot enter a clone under a mode-700 folder
     # (root's home, a mktemp -d folder). .run/logs/postgres.log links to it.
     datadir = Path(state["pg_datadir"])
-    return PgCluster(datadir=datadir, port=state["ports"]["postgres"], log_path=datadir.with_name(datadir.name + ".log"))
+    return PgCluster(datadir=datadir, port=state.get("ports", {}).get("postgres", DEFAULT_PORTS["postgres"]),
+                     log_path=datadir.with_name(datadir.name + ".log"))
 
 
 def _link_pg_log(pg: PgCluster) -> None:
@@ -154,6 +155,7 @@ def up(partitions: int | None = None, stop: StopSignals | None = None) -> dict:
     _secrets(state)
     checkout = hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
     state.setdefault("pg_datadir", str(pg_data_root() / f"loyalty-pg-{os.getuid()}-{checkout}"))
+    save_state(state)  # before anything starts: `down` and `reset` find whatever this run creates
 
     # broker
     broker_pid = _pid_from(RUN / "pids" / "broker.pid")
