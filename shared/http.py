@@ -45,7 +45,9 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"],
-             summary="Readiness: broker connected, database reachable, and the service's own checks")
+             summary="Readiness: broker connected, database reachable, and the service's own checks",
+             responses={200: {"description": "Ready: every check is true"},
+                        503: {"description": "Not ready: `checks` says which check is false"}})
     async def readyz() -> JSONResponse:
         checks = await runtime.readiness()
         ready = all(checks.values())
