@@ -10,7 +10,14 @@ import subprocess
 
 import pytest
 
-from tests.support.checkout import MAKE, checkout, make_env, pg_datadir, processes_of, wait_for_output
+from tests.support.checkout import (
+    MAKE,
+    checkout,
+    make_env,
+    pg_datadir,
+    processes_of,
+    wait_for_output,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

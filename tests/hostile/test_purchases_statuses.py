@@ -11,10 +11,19 @@ import pytest
 
 from services.purchases.main import create_app
 from tests.integration.test_purchases_webhooks import (
-    fresh_shopify_order, fresh_woo_order, post_shopify, post_woo, shopify_refund_of,
+    fresh_shopify_order,
+    fresh_woo_order,
+    post_shopify,
+    post_woo,
+    shopify_refund_of,
 )
 from tests.support.hostile import serving
-from tests.support.purchases import purchases_settings, return_of, running_purchases, sale
+from tests.support.purchases import (
+    purchases_settings,
+    return_of,
+    running_purchases,
+    sale,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
