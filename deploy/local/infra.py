@@ -120,7 +120,6 @@ def start_broker(port: int, *, log_path: Path, pid_file: Path | None = None) -> 
     return proc
 
 
-
 # ---- PostgreSQL ---------------------------------------------------------------------------
 
 

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from deploy.local.infra import (
@@ -30,6 +29,8 @@ from deploy.local.infra import (
     start_broker,
     stop_process_group,
 )
+from deploy.local.startup import ready as _ready
+from deploy.local.startup import wait_until_ready
 from deploy.local.supervise import StopSignals, survive_lost_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,14 +134,6 @@ def service_env(name: str, state: dict) -> dict[str, str]:
     return env
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
-
-
 def up(partitions: int | None = None, stop: StopSignals | None = None) -> dict:
     """`partitions`: for the topics when the broker starts (None: DEFAULT_PARTITIONS). A
     running broker keeps its topics: the embedded broker cannot add partitions. `stop`:
@@ -220,57 +213,13 @@ def up(partitions: int | None = None, stop: StopSignals | None = None) -> dict:
             (RUN / "pids" / f"{name}.pid").write_text(str(proc.pid))
         save_state(state)
         print(f"{name:<10} starting on http://127.0.0.1:{ports[name]} (pid {proc.pid})")
-    wait_until_ready(discover_services(), ports, log_offsets)
+    wait_until_ready({name: ports[name] for name in discover_services()}, RUN / "logs", RUN / "pids", log_offsets)
     asyncio.run(_provision(state))
     save_state(state)
     write_endpoints(state)
     print(f"\nready in {time.monotonic() - started_s:.0f}s; endpoints written to {ENDPOINTS}:\n")
     print(ENDPOINTS.read_text())
     return state
-
-
-def wait_until_ready(names: list[str], ports: dict, log_offsets: dict[str, int], *, timeout_s: float = 90,
-                     report_every_s: float = 4) -> None:
-    """Wait for every service's /readyz, saying every few seconds what the slow ones are
-    doing (a service listens only once its consumers have joined their groups)."""
-    started = last_report = time.monotonic()
-    waiting = list(names)
-    while waiting:
-        for name in list(waiting):
-            pid = _pid_from(RUN / "pids" / f"{name}.pid")
-            if _ready(ports[name]):
-                waiting.remove(name)
-                print(f"{name:<10} ready ({time.monotonic() - started:.0f}s)")
-            elif not pid or not pid_alive(pid):
-                raise SystemExit(f"{name} exited; see {RUN / 'logs' / (name + '.log')}")
-        now = time.monotonic()
-        if waiting and now - started > timeout_s:
-            raise SystemExit(f"{', '.join(waiting)} not ready after {timeout_s:.0f}s; see {RUN / 'logs'}")
-        if waiting and now - last_report >= report_every_s:
-            last_report = now
-            for name in waiting:
-                doing = ("answering, not ready yet" if port_open(ports[name])
-                         else "migrations, then its consumers join their groups (a few seconds each)")
-                print(f"{name:<10} starting ({now - started:.0f}s): {doing}; last log: {_last_log(name, log_offsets.get(name, 0))}")
-        time.sleep(0.2)
-
-
-def _last_log(name: str, since: int, width: int = 60) -> str:
-    """The message of the service's last log line written after offset `since`, shortened."""
-    try:
-        with open(RUN / "logs" / f"{name}.log", "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(since, f.tell() - 4096))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return "-"
-    if not lines:
-        return "-"
-    try:
-        message = str(json.loads(lines[-1]).get("msg", lines[-1]))
-    except ValueError:
-        message = lines[-1]
-    return message if len(message) <= width else message[: width - 3] + "..."
 
 
 async def _prepare(state: dict) -> None:
@@ -406,6 +355,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=float(os.environ.get("DEMO_RATE", "200")),
                         help="demo purchases per second (make run)")
     args = parser.parse_args()
+    # Progress as it happens, also through a pipe (`make run | tee run.log`).
+    sys.stdout.reconfigure(line_buffering=True)
     if args.command == "up":
         up(args.partitions)
     elif args.command == "down":
