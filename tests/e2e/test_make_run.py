@@ -3,10 +3,12 @@ mode-700 folder (like a clone in root's home): whatever happens to the terminal 
 pipe, stopping `make run` stops everything it started; `make up`/`make down` work there
 as root (PostgreSQL's tools run as the `postgres` user, who cannot enter that folder)."""
 
+import json
 import os
 import pty
 import signal
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -71,18 +73,41 @@ def test_closing_the_terminal_of_make_run_stops_everything_it_started():
         assert not (clone / ".run" / "endpoints.env").exists()
 
 
+def endpoints(clone) -> dict[str, str]:
+    lines = (clone / ".run" / "endpoints.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def make(clone, *args: str, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([*MAKE, *args], cwd=clone, env=make_env(**env), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 def test_make_up_and_down_work_in_a_clone_under_a_mode_700_folder():
     with checkout() as clone:
         assert os.stat(clone.parent).st_mode & 0o777 == 0o700
-        up = subprocess.run([*MAKE, "up"], cwd=clone, env=make_env(), capture_output=True, text=True, timeout=240)
-        assert up.returncode == 0, up.stdout + up.stderr
-        status = subprocess.run([*MAKE, "status"], cwd=clone, env=make_env(), capture_output=True, text=True)
-        assert status.returncode == 0 and "not ready" not in status.stdout, status.stdout + status.stderr
-        assert "ready" in status.stdout and "postgres   running" in status.stdout, status.stdout
+        make(clone, "up")
+        status = make(clone, "status").stdout
+        assert "not ready" not in status and "ready" in status and "postgres   running" in status, status
         assert "database system is ready" in (clone / ".run" / "logs" / "postgres.log").read_text()
-        down = subprocess.run([*MAKE, "down"], cwd=clone, env=make_env(), capture_output=True, text=True, timeout=180)
-        assert down.returncode == 0, down.stdout + down.stderr
+        first = endpoints(clone)
+        urllib.request.urlopen(f"{first['PURCHASES_URL']}/healthz").close()
+        for name in ("purchases", "ledger", "rewards"):  # one format, no per-request or expected noise
+            for line in (clone / ".run" / "logs" / f"{name}.log").read_text().splitlines():
+                entry = json.loads(line)
+                assert entry["logger"] != "uvicorn.access" and "Auto create topics" not in entry["msg"], line
+        make(clone, "down")
+        assert processes_of(clone) == {}
+
+        # the partition count is honoured when the broker starts again; the ports stay
+        make(clone, "up", TOPIC_PARTITIONS="2")
+        again = endpoints(clone)
+        assert again["TOPIC_PARTITIONS"] == "2" and first["TOPIC_PARTITIONS"] == "4"
+        assert {k: v for k, v in again.items() if k != "TOPIC_PARTITIONS"} == {
+            k: v for k, v in first.items() if k != "TOPIC_PARTITIONS"}
+        make(clone, "down")
         assert processes_of(clone) == {}
         # with nothing running, make status says so without failing
-        after = subprocess.run([*MAKE, "status"], cwd=clone, env=make_env(), capture_output=True, text=True)
-        assert after.returncode == 0 and "Error" not in after.stderr, after.stdout + after.stderr
+        after = make(clone, "status")
+        assert "Error" not in after.stderr, after.stdout + after.stderr
