@@ -31,12 +31,30 @@ import numpy as np
 from scipy import special, stats
 
 from services.churn._fit import NotEnoughData, compress, minimise
-from services.churn.rfm import SEGMENTS, quintile_edges, quintile_score, quintile_scores, segment
+from services.churn.rfm import (
+    SEGMENTS,
+    quintile_edges,
+    quintile_score,
+    quintile_scores,
+    segment,
+)
 
 __all__ = [
-    "DEFAULT_MODEL", "FrequencyFit", "NotEnoughData", "SEGMENTS", "SpendFit", "customer_lifetime_value",
-    "expected_purchases", "expected_spend", "fit_frequency_model", "fit_gamma_gamma", "p_alive",
-    "quintile_edges", "quintile_score", "quintile_scores", "segment",
+    "DEFAULT_MODEL",
+    "SEGMENTS",
+    "FrequencyFit",
+    "NotEnoughData",
+    "SpendFit",
+    "customer_lifetime_value",
+    "expected_purchases",
+    "expected_spend",
+    "fit_frequency_model",
+    "fit_gamma_gamma",
+    "p_alive",
+    "quintile_edges",
+    "quintile_score",
+    "quintile_scores",
+    "segment",
 ]
 
 FrequencyModel = Literal["bgnbd", "mbgnbd"]
@@ -180,7 +198,7 @@ def fit_frequency_model(x: object, t_x: object, T: object, *, model: FrequencyMo
         converged, message = False, "no repeat purchases: BG/NBD's a and b are not identified"
     r, alpha, a, b = (float(v) for v in np.exp(theta))
     return FrequencyFit(model=model, r=r, alpha=alpha, a=a, b=b, log_likelihood=-value * nll.total,
-                        converged=converged, customers=int(round(nll.total)), iterations=iterations,
+                        converged=converged, customers=round(nll.total), iterations=iterations,
                         seconds=time.perf_counter() - started, message=message, distinct_rows=len(nll.w))
 
 
@@ -319,7 +337,7 @@ def fit_gamma_gamma(x: object, mean_value: object, *, weights: object = None) ->
     p, q, gamma = (float(v) for v in np.exp(theta))
     population_mean = p * gamma / (q - 1) if q > 1 else mean
     return SpendFit(p=p, q=q, gamma=gamma, log_likelihood=-value * nll.total, converged=converged,
-                    customers=int(round(nll.total)), seconds=time.perf_counter() - started, message=message,
+                    customers=round(nll.total), seconds=time.perf_counter() - started, message=message,
                     population_mean=population_mean)
 
 

@@ -251,7 +251,7 @@ def test_lifetime_value_is_the_discounted_margin_of_the_expected_purchases_step_
     g = m.SpendFit(p=6.25, q=3.74, gamma=15.44, log_likelihood=0.0, converged=True, customers=1, seconds=0.0,
                    population_mean=6.25 * 15.44 / 2.74)
     x, t_x, T, mean = np.array([0.0, 2, 7]), np.array([0.0, 213, 245]), np.array([272.0, 272, 272]), np.array([0.0, 22, 40])
-    terms = dict(margin_rate=0.3, cost_per_purchase=1.5, annual_discount_rate=0.1)
+    terms = {"margin_rate": 0.3, "cost_per_purchase": 1.5, "annual_discount_rate": 0.1}
     clv = m.customer_lifetime_value(days, g, x, t_x, T, mean, horizon_days=365, step_days=30, **terms)
     unit = m.expected_spend(g, x, mean) * 0.3 - 1.5
     edges = [min(k * 30, 365) for k in range(1, 14)]
@@ -262,3 +262,16 @@ def test_lifetime_value_is_the_discounted_margin_of_the_expected_purchases_step_
                                              cost_per_purchase=1.5, annual_discount_rate=0.0, step_days=365)
     np.testing.assert_allclose(undiscounted, m.expected_purchases(days, 365, x, t_x, T) * unit, rtol=1e-9)
     assert np.all(undiscounted > clv)
+
+
+def test_fits_recover_the_parameters_a_synthetic_base_was_drawn_from():
+    from bench.churn_models import TRUE_FREQUENCY, TRUE_SPEND, simulate
+
+    base = simulate(200_000, seed=11)
+    f = m.fit_frequency_model(base["x"], base["t_x"], base["T"])
+    g = m.fit_gamma_gamma(base["x"], base["mean_value"])
+    assert f.model == m.DEFAULT_MODEL == "mbgnbd" and f.converged and g.converged
+    for name, truth in TRUE_FREQUENCY.items():
+        assert getattr(f, name) == pytest.approx(truth, rel=0.06), name
+    for name, truth in TRUE_SPEND.items():
+        assert getattr(g, name) == pytest.approx(truth, rel=0.06), name
