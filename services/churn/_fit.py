@@ -76,7 +76,7 @@ def minimise(objective: Objective, theta0: np.ndarray) -> tuple[np.ndarray, floa
     message = "" if ok else f"L-BFGS-B: {res.message}"
     if not ok or value >= 1e300:
         nm = optimize.minimize(lambda th: safe(np.clip(th, -LOG_BOUND, LOG_BOUND))[0], theta, method="Nelder-Mead",
-                               options={"maxiter": 4000, "xatol": 1e-8, "fatol": 1e-12})
+                               options={"maxiter": 1500, "xatol": 1e-8, "fatol": 1e-12})
         iterations += int(nm.nit)
         if float(nm.fun) <= value:
             theta, value, ok = np.clip(nm.x, -LOG_BOUND, LOG_BOUND), float(nm.fun), bool(nm.success)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
+from services.churn._expectation import alive_purchases
 from services.churn._fit import NotEnoughData, compress, minimise
 from services.churn.rfm import (
     SEGMENTS,
@@ -64,6 +65,10 @@ DAYS_PER_YEAR = 365.0
 
 @dataclass(frozen=True)
 class FrequencyFit:
+    """A fitted BG/NBD or MBG/NBD. alpha is in the time unit of the data (days in the service);
+    log_likelihood is the total over customers; converged False means the parameters are finite
+    but not identified by the data (message says why); distinct_rows is what the fit evaluated."""
+
     model: FrequencyModel
     r: float
     alpha: float
@@ -80,6 +85,8 @@ class FrequencyFit:
 
 @dataclass(frozen=True)
 class SpendFit:
+    """A fitted Gamma-Gamma spend model (spend in the currency unit of mean_value)."""
+
     p: float
     q: float
     gamma: float
@@ -177,8 +184,10 @@ class _FrequencyLikelihood:
 
 def fit_frequency_model(x: object, t_x: object, T: object, *, model: FrequencyModel = DEFAULT_MODEL,
                         weights: object = None) -> FrequencyFit:
-    """Maximum-likelihood BG/NBD or MBG/NBD. x = repeat purchase periods, t_x = time of the last
-    one since the first purchase, T = time since the first purchase (alpha comes out in that unit)."""
+    """Maximum-likelihood BG/NBD or MBG/NBD. x = repeat purchase days, t_x = time of the last one
+    since the first purchase, T = time since the first purchase (alpha comes out in that unit);
+    weights = how many customers each row stands for. Raises NotEnoughData for an empty base,
+    ValueError for impossible rows (t_x > T, x = 0 with t_x > 0, negatives, NaN)."""
     started = time.perf_counter()
     k = _shift(model)
     x, t_x, T = _columns(x, t_x, T)
@@ -220,20 +229,6 @@ def p_alive(fit: FrequencyFit, x: object, t_x: object, T: object) -> np.ndarray:
     return special.expit(-_log_odds_dead(fit, x, t_x, T))
 
 
-def _alive_purchases(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray, r: float, a: float) -> np.ndarray:
-    """E[purchases in (T, T+t] | alive, x, T]: the posterior of p is Beta(a, b+x+k), of lambda
-    Gamma(r+x, alpha+T). The published form c/(a-1) [1 - ((alpha+T)/(alpha+T+t))^(r+x)
-    2F1(r+x, b+x+k; c; z)], c = a+b+x+k-1, z = t/(alpha+T+t), is rewritten by Euler's
-    transformation as c/(a-1) [1 - (1-z)^(a-1) 2F1(c-r-x, a-1; c; z)], whose 2F1 has small
-    upper parameters and stays near 1 even for heavy buyers (no overflow, no cancellation in x)."""
-    k = _shift(fit.model)
-    c = a + fit.b + x + k - 1
-    z = t / (fit.alpha + T + t)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        h = special.hyp2f1(c - r - x, a - 1, c, z)
-        return c / (a - 1) * -np.expm1((a - 1) * np.log1p(-z) + np.log(h))
-
-
 def expected_purchases(fit: FrequencyFit, t: object, x: object, t_x: object, T: object) -> np.ndarray:
     """E[repeat purchases in the next t | x, t_x, T] = P(alive) * E[purchases in t | alive]."""
     t, x, t_x, T = _columns(t, x, t_x, T)
@@ -248,40 +243,7 @@ def _alive_purchases_grouped(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T:
     # The alive part depends on (x, T, t) only, not on t_x: once per distinct triple.
     g = compress(x, T, t)
     (ux, uT, ut), (ix, iT, it) = g.uniques, g.index
-    return _alive_purchases_stable(fit, ut[it], ux[ix], uT[iT])[g.inverse]
-
-
-def _alive_purchases_stable(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray) -> np.ndarray:
-    r, a = fit.r, fit.a
-    if abs(a - 1.0) < 1e-6:
-        # c/(a-1) [...] is 0/0 at a = 1; the mean of a = 1 -+ 1e-4 is exact to O(1e-8).
-        out = 0.5 * (_alive_purchases(fit, t, x, T, r, 1.0 - 1e-4) + _alive_purchases(fit, t, x, T, r, 1.0 + 1e-4))
-    else:
-        out = _alive_purchases(fit, t, x, T, r, a)
-    # scipy's 2F1 loses digits near z = 1 when c - a - b (here r + x + 1 - a) is an integer
-    # (its logarithmic case): the mean of r -+ 1e-6 is exact to O(1e-12) there.
-    gap = r + x + 1 - a
-    integer = np.abs(gap - np.round(gap)) < 1e-9
-    if integer.any():
-        sub = (t[integer], x[integer], T[integer])
-        out[integer] = 0.5 * (_alive_purchases(fit, *sub, r - 1e-6, a) + _alive_purchases(fit, *sub, r + 1e-6, a))
-    bad = ~np.isfinite(out)
-    if bad.any():
-        out[bad] = _alive_purchases_quadrature(fit, t[bad], x[bad], T[bad])
-    return np.maximum(np.where(t == 0, 0.0, out), 0.0)
-
-
-def _alive_purchases_quadrature(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray,
-                                nodes: int = 256) -> np.ndarray:
-    """The same expectation as E_p[(1 - ((alpha+T)/(alpha+T+p t))^(r+x)) / p], p ~ Beta(a, b+x+k),
-    by the midpoint rule on the quantile scale (nodes per distinct x): the fallback where
-    scipy's 2F1 overflows (a and b in the millions: p is then nearly a point mass)."""
-    k = _shift(fit.model)
-    ux, ix = np.unique(x, return_inverse=True)
-    u = (np.arange(nodes) + 0.5) / nodes
-    p = np.maximum(stats.beta.ppf(u[None, :], fit.a, fit.b + ux[:, None] + k), 1e-300)[ix]
-    g = -np.expm1(-(fit.r + x[:, None]) * np.log1p(p * (t / (fit.alpha + T))[:, None]))
-    return (g / p).mean(axis=1)
+    return alive_purchases(fit, ut[it], ux[ix], uT[iT])[g.inverse]
 
 
 class _SpendLikelihood:
@@ -382,7 +344,7 @@ def customer_lifetime_value(freq: FrequencyFit, spend: SpendFit, x: object, t_x:
     before = np.zeros(len(gx))
     for k in range(1, steps + 1):
         t_k = min(k * step_days, horizon_days)
-        upto = _alive_purchases_stable(freq, np.full(len(gx), float(t_k)), gx, gT)
+        upto = alive_purchases(freq, np.full(len(gx), float(t_k)), gx, gT)
         discounted += (upto - before) / (1 + annual_discount_rate) ** (t_k / DAYS_PER_YEAR)
         before = upto
     return (alive * discounted[g.inverse] * unit_margin).reshape(shape)
