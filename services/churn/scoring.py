@@ -101,28 +101,46 @@ def score(rows: list[Mapping[str, Any]], *, now: datetime, snapshot: Snapshot | 
     model_values: dict[str, tuple[float, float, Decimal | None, Decimal | None]] = {}
     if fit is not None and buyers:
         model_values = _model_scores(buyers, today=today, fit=fit, policy=policy)
+    rfm = _rfm_scores(rows, today=today, snapshot=snapshot)
     for r in rows:
-        has_days = bool(r["purchase_days"]) and r["last_purchase_day"] is not None
-        recency_days = (today - r["last_purchase_day"]).days if has_days else None
-        rs = fs = ms = None
-        segment = None
-        if snapshot is not None and has_days:
-            rs = models.quintile_score(recency_days, snapshot.recency_edges, higher_is_better=False)
-            fs = models.quintile_score(r["purchase_days"], snapshot.frequency_edges)
-            ms = models.quintile_score(float(r["net_spend"]), snapshot.monetary_edges)
-            segment = models.segment(rs, fs)
+        recency_days, rs, fs, ms = rfm[r["customer_id"]]
+        segment = models.segment(rs, fs) if rs is not None else None
         p_alive, expected, spend, ltv = model_values.get(r["customer_id"], (None, None, None, None))
         if ltv is not None and snapshot is not None and snapshot.ltv_edges:
             value_score = models.quintile_score(float(ltv), snapshot.ltv_edges)
         else:
             value_score = ms
         rank_value = ltv if ltv is not None else Decimal(r["margin"]).quantize(CENT)
-        previous = r.get("segment") if hasattr(r, "get") else r["segment"]
+        previous = r["segment"]
         changes = (r["segment_changes"] or 0) + (1 if segment is not None and segment != previous else 0)
         out.append(Scores(
             r["customer_id"], recency_days, rs, fs, ms, segment, changes, p_alive, expected, spend, ltv,
             value_score, rank_value, fit.version if fit is not None and p_alive is not None else None,
             snapshot.version if snapshot is not None else None, previous))
+    return out
+
+
+def _rfm_scores(rows: list[Mapping[str, Any]], *, today: date, snapshot: Snapshot | None,
+                ) -> dict[str, tuple[int | None, int | None, int | None, int | None]]:
+    """(recency days, R, F, M) per customer; scores None without a snapshot or a purchase."""
+    out: dict[str, tuple[int | None, int | None, int | None, int | None]] = {}
+    buyers = []
+    for r in rows:
+        if r["purchase_days"] and r["last_purchase_day"] is not None:
+            buyers.append(r)
+        out[r["customer_id"]] = (None, None, None, None)
+    if not buyers:
+        return out
+    recency = [(today - r["last_purchase_day"]).days for r in buyers]
+    if snapshot is None:
+        for r, days in zip(buyers, recency):
+            out[r["customer_id"]] = (days, None, None, None)
+        return out
+    rs = models.quintile_scores(recency, snapshot.recency_edges, higher_is_better=False)
+    fs = models.quintile_scores([r["purchase_days"] for r in buyers], snapshot.frequency_edges)
+    ms = models.quintile_scores([float(r["net_spend"]) for r in buyers], snapshot.monetary_edges)
+    for i, r in enumerate(buyers):
+        out[r["customer_id"]] = (recency[i], int(rs[i]), int(fs[i]), int(ms[i]))
     return out
 
 

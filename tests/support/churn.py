@@ -8,12 +8,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.support.churn_models import install_if_missing
-
-install_if_missing()
-
-from services.churn.main import create_app  # noqa: E402 - after the stand-in, if the models are missing
-from services.churn.settings import ChurnSettings  # noqa: E402
+from services.churn.main import create_app
+from services.churn.settings import ChurnSettings
 
 ADMIN_KEY = "churn-admin-test-key"
 ADMIN = {"X-Admin-Key": ADMIN_KEY}
