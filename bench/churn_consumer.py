@@ -25,14 +25,21 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
 from bench.ledger_throughput import PARTITIONS, cpu_seconds, create_topics
 from deploy.local.infra import PgCluster, free_port, start_broker, stop_process_group
-from shared.topics import CHURN_ALERTS, CHURN_DLQ, ENGAGEMENT_EVENTS, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from shared.topics import (
+    CHURN_ALERTS,
+    CHURN_DLQ,
+    ENGAGEMENT_EVENTS,
+    POINTS_EVENTS,
+    PURCHASES_RECORDED,
+    REWARDS_EVENTS,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-churn-admin"
@@ -44,7 +51,7 @@ def purchase_recorded(i: int, customers: int, occurred: datetime, rng: random.Ra
     at = occurred.isoformat()
     envelope = {
         "event_id": str(uuid.uuid4()), "type": "PurchaseRecorded", "schema_version": 1, "occurred_at": at,
-        "recorded_at": datetime.now(timezone.utc).isoformat(), "producer": "bench", "correlation_id": f"bench-{i}",
+        "recorded_at": datetime.now(UTC).isoformat(), "producer": "bench", "correlation_id": f"bench-{i}",
         "causation_id": None, "customer_id": customer,
         "payload": {
             "purchase_id": f"bench-p{i}", "type": "sale", "original_purchase_id": None, "source": "pos",
@@ -62,7 +69,7 @@ async def preload(bootstrap: str, topic: str, first: int, events: int, customers
                                 max_request_size=8 * 1024 * 1024)
     await producer.start()
     rng = random.Random(first)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         futures = []
         for i in range(first, first + events):

@@ -3,6 +3,7 @@ state machine with its episodes (hysteresis, cool-down), alert priority. No I/O 
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from itertools import pairwise
 from statistics import median
 from typing import Literal
 
@@ -18,7 +19,7 @@ def purchase_intervals(days: list[date]) -> list[int]:
     """Days between consecutive purchase days (sorted, distinct: several purchases on one
     day are one purchase day, as the buy-till-you-die models count them)."""
     ordered = sorted(set(days))
-    return [(b - a).days for a, b in zip(ordered, ordered[1:])]
+    return [(b - a).days for a, b in pairwise(ordered)]
 
 
 def median_interval(intervals: list[int]) -> float | None:

@@ -23,27 +23,34 @@ from shared.outbox import enqueue
 
 log = logging.getLogger(__name__)
 
-_OPEN_RUN = "SELECT run_id, cursor FROM evaluations WHERE finished_at IS NULL ORDER BY run_id LIMIT 1"
-_NEW_RUN = "INSERT INTO evaluations (trigger, started_at) VALUES ($1, $2) RETURNING run_id, cursor"
+_OPEN_RUN = ("SELECT run_id, cursor, with_transitions FROM evaluations WHERE finished_at IS NULL "
+             "ORDER BY run_id LIMIT 1")
+_NEW_RUN = ("INSERT INTO evaluations (trigger, started_at, with_transitions) VALUES ($1, $2, $3) "
+            "RETURNING run_id, cursor, with_transitions")
 _ADVANCE = ("UPDATE evaluations SET cursor = $2, customers = customers + $3, transitions = transitions + $4 "
             "WHERE run_id = $1")
 _FINISH = "UPDATE evaluations SET finished_at = $2 WHERE run_id = $1"
 
 
-async def run_evaluation(ctx: ChurnContext, *, trigger: str = "schedule") -> dict[str, Any] | None:
-    """Evaluate the whole base (or finish the run left unfinished). None when another
+async def run_evaluation(ctx: ChurnContext, *, trigger: str = "schedule", transitions: bool = True,
+                         ) -> dict[str, Any] | None:
+    """Evaluate the whole base (or finish the run left unfinished). With transitions=False,
+    rescore only (no risk transitions, no alerts but SegmentChanged). None when another
     instance is evaluating."""
-    return await base.with_lock(ctx.pool(), base.EVALUATION_LOCK, lambda conn: _evaluate(ctx, conn, trigger))
+    return await base.with_lock(ctx.pool(), base.EVALUATION_LOCK,
+                                lambda conn: _evaluate(ctx, conn, trigger, transitions))
 
 
-async def _evaluate(ctx: ChurnContext, conn: asyncpg.Connection, trigger: str) -> dict[str, Any]:
+async def _evaluate(ctx: ChurnContext, conn: asyncpg.Connection, trigger: str, with_transitions: bool,
+                    ) -> dict[str, Any]:
     started = time.perf_counter()
     await base.load_knowledge(ctx, conn)
     run = await conn.fetchrow(_OPEN_RUN)
     resumed = run is not None
     if run is None:
-        run = await conn.fetchrow(_NEW_RUN, trigger, utcnow())
-    run_id, cursor = run["run_id"], run["cursor"]
+        run = await conn.fetchrow(_NEW_RUN, trigger, utcnow(), with_transitions)
+    # a resumed run keeps what it was started as
+    run_id, cursor, with_transitions = run["run_id"], run["cursor"], run["with_transitions"]
     customers = transitions = 0
     while True:
         async with transaction(conn):
@@ -53,7 +60,8 @@ async def _evaluate(ctx: ChurnContext, conn: asyncpg.Connection, trigger: str) -
                 await conn.execute(_FINISH, run_id, now)
                 break
             sink = AlertSink(ctx.settings)
-            changed = evaluate_chunk(ctx, rows, now=now, sink=sink, correlation_id=f"churn-evaluation-{run_id}")
+            changed = evaluate_chunk(ctx, rows, now=now, sink=sink, correlation_id=f"churn-evaluation-{run_id}",
+                                     transitions=with_transitions)
             scores, risks = changed
             await repository.write_scores(conn, scores, now)
             await repository.write_risks(conn, risks, now)
@@ -75,7 +83,7 @@ async def _evaluate(ctx: ChurnContext, conn: asyncpg.Connection, trigger: str) -
 
 
 def evaluate_chunk(ctx: ChurnContext, rows: list[Any], *, now, sink: AlertSink, correlation_id: str,
-                   ) -> tuple[list[scoring.Scores], list[tuple[str, domain.Risk]]]:
+                   transitions: bool = True) -> tuple[list[scoring.Scores], list[tuple[str, domain.Risk]]]:
     """Rescore `rows` against now and apply the time-driven transitions (pure but for the sink)."""
     scores = scoring.score(rows, now=now, snapshot=ctx.knowledge.snapshot, fit=ctx.knowledge.fit,
                            policy=ctx.value_policy)
@@ -84,6 +92,8 @@ def evaluate_chunk(ctx: ChurnContext, rows: list[Any], *, now, sink: AlertSink, 
         customer = row["customer_id"]
         if s.segment_changed:
             sink.segment_changed(customer, s, now=now, correlation_id=correlation_id)
+        if not transitions:
+            continue
         transition = domain.evaluate_risk(risk_from_row(row), now=now, last_purchase_at=row["last_purchase_at"],
                                           rhythm_=ctx.rhythm(row), p_alive=s.p_alive, policy=ctx.risk_policy)
         if transition is not None:
@@ -92,7 +102,8 @@ def evaluate_chunk(ctx: ChurnContext, rows: list[Any], *, now, sink: AlertSink, 
     return scores, risks
 
 
-async def refresh_base(ctx: ChurnContext, *, trigger: str, fit: bool = True) -> dict[str, Any] | None:
+async def refresh_base(ctx: ChurnContext, *, trigger: str, fit: bool = True, transitions: bool = True,
+                       ) -> dict[str, Any] | None:
     """Snapshot (and fit), then an evaluation: what runs at start, on schedule and on demand.
     None when another instance is doing it."""
 
@@ -105,5 +116,5 @@ async def refresh_base(ctx: ChurnContext, *, trigger: str, fit: bool = True) -> 
     result = await base.with_lock(ctx.pool(), base.FIT_LOCK, work)
     if result is None:
         return None
-    result["evaluation"] = await run_evaluation(ctx, trigger=trigger)
+    result["evaluation"] = await run_evaluation(ctx, trigger=trigger, transitions=transitions)
     return result

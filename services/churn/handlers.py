@@ -14,7 +14,13 @@ from shared.events.points import POINTS_EVENT_TYPES
 from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
 from shared.events.rewards import REWARDS_EVENT_TYPES, SHIPMENT_EVENT_TYPES
 from shared.pipeline import Batch, Subscription, pydantic_decoder
-from shared.topics import CHURN_DLQ, ENGAGEMENT_EVENTS, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
+from shared.topics import (
+    CHURN_DLQ,
+    ENGAGEMENT_EVENTS,
+    POINTS_EVENTS,
+    PURCHASES_RECORDED,
+    REWARDS_EVENTS,
+)
 
 Fold = Callable[[Facts, Any], None]
 
@@ -37,7 +43,7 @@ ENGAGEMENT: dict[str, Fold] = {
 
 
 def _union(types: tuple[type, ...]) -> Any:
-    return Annotated[Union[types], Field(discriminator="type")]  # type: ignore[valid-type]
+    return Annotated[Union[types], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
 
 
 def applier(ctx: ChurnContext, table: dict[str, Fold]) -> Callable[[Batch[Any]], Any]:

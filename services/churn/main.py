@@ -19,7 +19,12 @@ from shared.events.churn import CHURN_EVENT_TYPES
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
 from shared.topics import (
-    CHURN_ALERTS, CHURN_DLQ, ENGAGEMENT_EVENTS, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS,
+    CHURN_ALERTS,
+    CHURN_DLQ,
+    ENGAGEMENT_EVENTS,
+    POINTS_EVENTS,
+    PURCHASES_RECORDED,
+    REWARDS_EVENTS,
 )
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,10 @@ def create_app(settings: ChurnSettings | None = None) -> FastAPI:
 
     async def refresh_cache() -> None:
         await base.load_knowledge(ctx, pool())
-        if settings.refresh_on_growth and await base.base_grew(ctx, pool()):
-            await evaluation.refresh_base(ctx, trigger="growth")
+        if settings.refresh_on_growth:
+            due = await base.growth_refresh(ctx, pool())
+            if due is not None:
+                await evaluation.refresh_base(ctx, trigger="growth", transitions=due == "evaluate")
 
     async def scheduled_evaluation() -> None:
         if await evaluation.run_evaluation(ctx, trigger="schedule") is not None:
@@ -89,7 +96,7 @@ def create_app(settings: ChurnSettings | None = None) -> FastAPI:
                     await evaluation.refresh_base(ctx, trigger="start")
                 elif await pool().fetchval("SELECT count(*) FROM evaluations WHERE finished_at IS NULL"):
                     await evaluation.run_evaluation(ctx, trigger="resume")  # finish what a crash left
-            except Exception:  # noqa: BLE001 - the schedules try again
+            except Exception:  # the schedules try again
                 log.exception("the first refresh failed")
 
         runtime.spawn(first_round(), "churn-first-round")

@@ -2,10 +2,11 @@
 buy-till-you-die and Gamma-Gamma models against the latest fit, LTV, value. Vectorised over
 the group (one call of each model function per batch, not per customer)."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -7,7 +7,7 @@ import asyncio
 import threading
 import urllib.request
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -61,7 +61,7 @@ async def test_kill_9_during_an_evaluation_then_restart_loses_no_alert_and_repea
     service = ServiceProcess("churn", base_env, extra, log_dir=tmp_path)
     service.start()
     try:
-        events = base_of_customers(datetime.now(timezone.utc))
+        events = base_of_customers(datetime.now(UTC))
         await produce(kafka_bootstrap, base_env["TOPIC_PREFIX"] + PURCHASES_RECORDED, events, key_field="customer_id")
         for _ in range(1200):
             if await scalar(dsn, "SELECT coalesce(sum(purchases), 0) FROM customer_state") >= len(events):

@@ -20,6 +20,7 @@ async def test_an_imported_base_is_segmented_fitted_and_evaluated_straight_after
         base_env, kafka_bootstrap, database_url):
     settings = churn_settings(base_env, refresh_on_growth=True, cache_refresh_interval_s=0.5)
     events = synthetic_base("h-", 300)
+    buyers = len({e["customer_id"] for e in events})
     async with running_churn(settings) as (_, churn):
         await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED), events, key_field="customer_id")
         deadline = time.monotonic() + 90
@@ -28,9 +29,10 @@ async def test_an_imported_base_is_segmented_fitted_and_evaluated_straight_after
             applied = await churn_rows(database_url, "SELECT sum(purchases) AS n FROM customer_state")
             # the base rescored (an evaluation) after the latest fit, once every event is in
             rescored = fits and await churn_rows(
-                database_url, "SELECT 1 FROM evaluations WHERE finished_at IS NOT NULL AND started_at > $1",
+                database_url, "SELECT 1 FROM evaluations WHERE finished_at IS NOT NULL AND with_transitions "
+                              "AND started_at > $1",
                 (await churn_rows(database_url, "SELECT max(fitted_at) AS t FROM model_fits"))[0]["t"])
-            if rescored and applied[0]["n"] == len(events):
+            if rescored and applied[0]["n"] == len(events) and fits[0]["customers"] == buyers:
                 break
             assert time.monotonic() < deadline, f"no refresh after the import: {fits}"
             await asyncio.sleep(0.2)
@@ -39,10 +41,11 @@ async def test_an_imported_base_is_segmented_fitted_and_evaluated_straight_after
         profiles = [(await churn.get(f"/v1/customers/h-{n:05d}/profile")).json() for n in range(0, 300, 7)]
         alerts = await consume(kafka_bootstrap, settings.topic(CHURN_ALERTS), idle_s=2, timeout_s=30,
                                distinct="event_id")
+    # while the import grew fast: rescoring only; once it stopped: the evaluation with alerts
+    runs = await churn_rows(database_url, "SELECT with_transitions FROM evaluations ORDER BY run_id")
+    assert runs[-1]["with_transitions"] and not runs[0]["with_transitions"]
     assert fit["trigger"] == "growth" and fit["frequency_converged"] is True and fit["error"] is None
     assert fit["frequency_params"]["r"] > 0 and fit["customers"] > 200 and fit["spend_customers"] > 150
-    buyers = len({e["customer_id"] for e in events})
-    assert fit["customers"] == buyers
     assert sum(s["customers"] for s in segments) == buyers and "none" not in {s["segment"] for s in segments}
     assert len({s["segment"] for s in segments}) >= 5
     for p in profiles:

@@ -4,7 +4,7 @@ the OpenAPI and AsyncAPI documents describe the API and the topics."""
 
 import asyncio
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -35,7 +35,7 @@ async def test_an_evaluation_waits_for_no_one_while_another_instance_holds_the_l
 async def test_metrics_are_aggregates_without_customer_ids(base_env, kafka_bootstrap):
     settings = churn_settings(base_env, metrics_interval_s=0.2)
     customers = [unique("m-") for _ in range(6)]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = [purchase(c, now - timedelta(days=d + 10 * k), "25.00") for n, c in enumerate(customers)
               for d in (n * 5,) for k in range(3)]
     async with running_churn(settings) as (app, churn):

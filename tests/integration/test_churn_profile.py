@@ -3,7 +3,7 @@ service: purchases change the profile (recency, frequency, value, rhythm) and th
 return lowers the value, a customer who stops buying gets exactly one CustomerAtRisk with its
 reasons and then CustomerRecovered when they buy; one long gone is lost."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -11,14 +11,19 @@ import pytest
 from shared.topics import CHURN_ALERTS
 from tests.support.churn import churn_settings, running_churn, wait_for_profile
 from tests.support.kafka import consume, unique
-from tests.support.purchases import purchases_settings, return_of, running_purchases, sale
+from tests.support.purchases import (
+    purchases_settings,
+    return_of,
+    running_purchases,
+    sale,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 STORE = {"X-API-Key": "key-store-1"}
 
 
 def days_ago(days: float) -> datetime:
-    return datetime.now(timezone.utc) - timedelta(days=days)
+    return datetime.now(UTC) - timedelta(days=days)
 
 
 async def buy(client, customer: str, days: float, amount: str = "50.00", category: str = "grocery") -> dict:

@@ -4,7 +4,7 @@ synthetic base of customers with their own rhythms."""
 
 import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +12,7 @@ from typing import Any
 def envelope(type_: str, customer_id: str, payload: dict[str, Any], *, occurred_at: datetime,
              producer: str, event_id: str | None = None) -> dict[str, Any]:
     return {"event_id": event_id or str(uuid.uuid4()), "type": type_, "schema_version": 1,
-            "occurred_at": occurred_at.isoformat(), "recorded_at": datetime.now(timezone.utc).isoformat(),
+            "occurred_at": occurred_at.isoformat(), "recorded_at": datetime.now(UTC).isoformat(),
             "producer": producer, "correlation_id": f"corr-{uuid.uuid4().hex[:8]}", "causation_id": None,
             "customer_id": customer_id, "payload": payload}
 
@@ -55,7 +55,7 @@ def synthetic_base(prefix: str, customers: int, *, seed: int = 7, history: bool 
     """Purchases over the last year: each customer buys every `rhythm` days (+-30%) from a
     start date, and some stopped buying a while ago. Deterministic for a seed."""
     rng = random.Random(seed)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     events = []
     for n in range(customers):
         customer = f"{prefix}{n:05d}"

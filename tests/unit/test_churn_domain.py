@@ -1,12 +1,12 @@
 """The churn service's pure rules: purchase days and rhythm, the risk state machine with its
 episodes (hysteresis, cool-down, lost), recovery, priority."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from services.churn import domain
 from services.churn.domain import Risk, RiskPolicy
 
-NOW = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 POLICY = RiskPolicy(overdue_factor=2.0, lost_factor=4.0, p_alive_threshold=0.3, cooldown_days=14)
 TEN_DAYS = domain.Rhythm(10.0, "own", 3)
 

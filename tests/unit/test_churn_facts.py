@@ -1,20 +1,18 @@
 """Folding a batch of events into per-customer facts (services/churn/service.py Facts) and
 scoring customers (services/churn/scoring.py), without I/O."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
-from pydantic import TypeAdapter
-
 from services.churn import handlers, scoring
-from services.churn.settings import ChurnSettings
 from services.churn.service import Facts
+from services.churn.settings import ChurnSettings
 from shared.events.engagement import SurveyAnswered
 from shared.events.points import PointsEarned
 from shared.events.purchases import PurchaseRecorded, ReturnRecorded
 from tests.support.churn_inputs import points_earned, purchase, survey_answered
 
-NOW = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 SETTINGS = ChurnSettings(category_margin_rates='{"drinks": "0.50"}', margin_rate=Decimal("0.20"))
 
 

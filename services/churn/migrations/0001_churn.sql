@@ -134,6 +134,7 @@ CREATE TABLE evaluations (
     run_id      bigserial   PRIMARY KEY,
     trigger     text        NOT NULL,
     started_at  timestamptz NOT NULL,
+    with_transitions boolean NOT NULL DEFAULT true,  -- false: rescoring only (a growing import)
     cursor      text        NOT NULL DEFAULT '',   -- the last customer_id done
     customers   integer     NOT NULL DEFAULT 0,
     transitions integer     NOT NULL DEFAULT 0,
