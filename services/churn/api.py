@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.churn import domain, evaluation, queries
@@ -47,6 +47,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: a stable `error` code and a human `detail` (422s add `errors`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut, "description": text} for status, text in (
+    (401, "Missing or wrong X-Admin-Key"), (404, "Unknown customer"),
+    (409, "Another instance is doing this right now"), (422, "The request does not match the API"),
+    (503, "The admin API is disabled (CHURN_ADMIN_API_KEY unset)"))}
 
 
 class ReasonOut(BaseModel):
@@ -129,7 +144,7 @@ def _parse_cursor(cursor: str) -> tuple[Decimal, str]:
 def create_routers(ctx: ChurnContext) -> list[APIRouter]:
     s = ctx.settings
     admin = Depends(admin_key_dependency(lambda: s.admin_api_key, setting="CHURN_ADMIN_API_KEY"))
-    router = APIRouter(prefix="/v1", dependencies=[admin], tags=["churn"])
+    router = APIRouter(prefix="/v1", dependencies=[admin], tags=["churn"], responses=_ERRORS)
 
     @router.get("/customers/{customer_id}/profile", response_model=ProfileOut,
                 summary="What the service knows of one customer: RFM, rhythm, models, LTV, risk and its reasons")
@@ -161,33 +176,33 @@ def create_routers(ctx: ChurnContext) -> list[APIRouter]:
         return {"items": items,
                 "next_cursor": _cursor(last["rank_value"], last["customer_id"]) if more and last else None}
 
-    admin_router = APIRouter(prefix="/v1/admin", dependencies=[admin], tags=["admin"])
+    admin_router = APIRouter(prefix="/v1/admin", dependencies=[admin], tags=["admin"], responses=_ERRORS)
 
-    @admin_router.post("/models/fit", summary="Fit the models on the whole base now (stored as a new version), "
+    @admin_router.post("/models/fit", status_code=201, summary="Fit the models on the whole base now (stored as a new version), "
                                               "then refresh the RFM snapshot and rescore the base")
-    async def fit() -> JSONResponse:
+    async def fit() -> dict[str, Any]:
         result = await evaluation.refresh_base(ctx, trigger="admin")
         if result is None:
             raise ApiError(409, "busy", "another instance is fitting or evaluating; try again shortly")
-        return JSONResponse(jsonable_encoder(result), status_code=201)
+        return result
 
     @admin_router.get("/models", summary="Fit history, newest first")
     async def fits(limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
         return {"items": await queries.fits(ctx.pool(), limit=limit)}
 
-    @admin_router.post("/rfm/refresh", summary="Recompute the RFM quintile boundaries now, then rescore the base")
-    async def refresh_rfm() -> JSONResponse:
+    @admin_router.post("/rfm/refresh", status_code=201, summary="Recompute the RFM quintile boundaries now, then rescore the base")
+    async def refresh_rfm() -> dict[str, Any]:
         result = await evaluation.refresh_base(ctx, trigger="admin", fit=False)
         if result is None:
             raise ApiError(409, "busy", "another instance is refreshing; try again shortly")
-        return JSONResponse(jsonable_encoder(result), status_code=201)
+        return result
 
-    @admin_router.post("/evaluations", summary="Evaluate the whole base now (or finish an interrupted run)")
-    async def evaluate() -> JSONResponse:
+    @admin_router.post("/evaluations", status_code=201, summary="Evaluate the whole base now (or finish an interrupted run)")
+    async def evaluate() -> dict[str, Any]:
         result = await evaluation.run_evaluation(ctx, trigger="admin")
         if result is None:
             raise ApiError(409, "busy", "another instance is evaluating; try again shortly")
-        return JSONResponse(jsonable_encoder(result), status_code=201)
+        return result
 
     return [router, admin_router]
 
