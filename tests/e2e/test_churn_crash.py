@@ -1,7 +1,9 @@
-"""kill -9 of the churn service in the middle of an evaluation of the whole base, then a
-restart: the run is resumed from its cursor and every overdue customer gets exactly one
-CustomerAtRisk (none lost, none repeated: one event id per customer and episode), while the
-customers within their rhythm get none."""
+"""kill -9 of a churn instance in the middle of an evaluation of the whole base, with a second
+instance running: the other instance resumes the run from its cursor, the killed one restarts,
+and every overdue customer gets exactly one CustomerAtRisk (none lost, none repeated: one event
+id per customer and episode), while the customers within their rhythm get none."""
+
+import json
 
 import asyncio
 import threading
@@ -45,12 +47,12 @@ def base_of_customers(now: datetime) -> list[dict]:
     return events
 
 
-def evaluate(url: str) -> None:
+def evaluate(url: str) -> dict | None:
     request = urllib.request.Request(f"{url}/v1/admin/evaluations", method="POST", headers={"X-Admin-Key": ADMIN_KEY})
     try:
-        urllib.request.urlopen(request, timeout=120).read()
+        return json.loads(urllib.request.urlopen(request, timeout=120).read())
     except Exception:  # noqa: BLE001 - the process is killed under it
-        pass
+        return None
 
 
 async def test_kill_9_during_an_evaluation_then_restart_loses_no_alert_and_repeats_none(
@@ -59,7 +61,9 @@ async def test_kill_9_during_an_evaluation_then_restart_loses_no_alert_and_repea
     extra = {"CHURN_ADMIN_API_KEY": ADMIN_KEY, "CHURN_EVALUATION_CHUNK_SIZE": "10", "CHURN_REFRESH_AT_START": "false",
              "CHURN_REFRESH_ON_GROWTH": "false", "CHURN_EVALUATION_INTERVAL_S": "3600"}
     service = ServiceProcess("churn", base_env, extra, log_dir=tmp_path)
+    other = ServiceProcess("churn", base_env, extra, log_dir=tmp_path)
     service.start()
+    other.start()
     try:
         events = base_of_customers(datetime.now(UTC))
         await produce(kafka_bootstrap, base_env["TOPIC_PREFIX"] + PURCHASES_RECORDED, events, key_field="customer_id")
@@ -77,15 +81,16 @@ async def test_kill_9_during_an_evaluation_then_restart_loses_no_alert_and_repea
         at_kill = await scalar(dsn, "SELECT count(*) FROM alerts")
         assert 0 < at_kill < OVERDUE, "the kill must land in the middle of the evaluation"
         assert await scalar(dsn, "SELECT count(*) FROM evaluations WHERE finished_at IS NULL") == 1
-        service.start()  # resumes the unfinished run at start
-        for _ in range(1200):
-            if not await scalar(dsn, "SELECT count(*) FROM evaluations WHERE finished_at IS NULL"):
-                break
-            await asyncio.sleep(0.05)
-        evaluate(service.url)  # and one more: nothing new to say
+        resumed = await asyncio.to_thread(evaluate, other.url)  # the other instance finishes the run
+        assert resumed is not None and resumed["resumed"] is True
+        assert not await scalar(dsn, "SELECT count(*) FROM evaluations WHERE finished_at IS NULL")
+        service.start()
+        again = await asyncio.to_thread(evaluate, service.url)  # and one more: nothing new to say
+        assert again is not None and again["transitions"] == 0
         alerts = await consume(kafka_bootstrap, base_env["TOPIC_PREFIX"] + CHURN_ALERTS, timeout_s=60, idle_s=3)
     finally:
         service.stop()
+        other.stop()
     ids = defaultdict(set)
     for a in alerts:
         if a["type"] == "CustomerAtRisk":
