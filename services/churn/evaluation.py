@@ -76,6 +76,7 @@ async def _evaluate(ctx: ChurnContext, conn: asyncpg.Connection, trigger: str, w
         transitions += len(risks)
     seconds = time.perf_counter() - started
     metrics.EVALUATION_SECONDS.observe(seconds)
+    metrics.LAST_EVALUATION.set(time.time())
     log.info("base evaluated", extra={"run_id": run_id, "customers": customers, "transitions": transitions,
                                        "resumed": resumed, "seconds": round(seconds, 3)})
     return {"run_id": run_id, "customers": customers, "transitions": transitions, "resumed": resumed,

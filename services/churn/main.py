@@ -3,7 +3,6 @@ schedules (evaluation, fits, RFM boundaries, cache, gauges) and the HTTP app. No
 connects before the app's lifespan starts."""
 
 import logging
-import time
 from pathlib import Path
 from typing import Union
 
@@ -74,8 +73,7 @@ def create_app(settings: ChurnSettings | None = None) -> FastAPI:
                 await evaluation.refresh_base(ctx, trigger="growth", transitions=due == "evaluate")
 
     async def scheduled_evaluation() -> None:
-        if await evaluation.run_evaluation(ctx, trigger="schedule") is not None:
-            metrics.LAST_EVALUATION.set(time.time())
+        await evaluation.run_evaluation(ctx, trigger="schedule")
 
     async def sample_gauges() -> None:
         counts = {r["segment"]: r for r in await queries.segments(pool())}
