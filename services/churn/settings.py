@@ -5,7 +5,7 @@ import json
 from decimal import Decimal
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
@@ -69,6 +69,12 @@ class ChurnSettings(ServiceSettings):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else {}
         return value
+
+    @model_validator(mode="after")
+    def _lost_after_at_risk(self) -> "ChurnSettings":
+        if self.lost_factor <= self.overdue_factor:
+            raise ValueError("CHURN_LOST_FACTOR must be greater than CHURN_OVERDUE_FACTOR (lost comes after at risk)")
+        return self
 
     def margin_for(self, category: str) -> Decimal:
         return self.category_margin_rates.get(category, self.margin_rate)

@@ -91,3 +91,14 @@ def test_no_purchase_no_risk():
 
 def test_alerts_are_ranked_by_value_not_silenced():
     assert [domain.priority(s) for s in (5, 4, 3, 2, 1, None)] == ["high", "high", "medium", "low", "low", "medium"]
+
+
+def test_settings_refuse_a_lost_threshold_before_the_at_risk_one():
+    import pytest
+    from pydantic import ValidationError
+
+    from services.churn.settings import ChurnSettings
+
+    with pytest.raises(ValidationError, match="LOST_FACTOR"):
+        ChurnSettings(overdue_factor=3, lost_factor=2)
+    assert ChurnSettings(category_margin_rates='{"drinks": "0.5"}').margin_for("drinks") == 0.5
