@@ -147,11 +147,14 @@ async def growth_refresh(ctx: ChurnContext, conn: asyncpg.Connection | asyncpg.P
     scheduled time. "rescore" while it grows fast (the customers who bought grew by a fifth,
     plus 10, since the snapshot): a snapshot, a fit and new scores, but no risk transitions on
     a half-imported history; then "evaluate" once the growth stops (no new customer since the
-    last look): the same with the transitions. None otherwise."""
-    buyers = await conn.fetchval("SELECT count(*) FROM customer_state WHERE purchase_days > 0")
+    last look, not even for a known customer): the same with the transitions. None otherwise."""
+    row = await conn.fetchrow("SELECT count(*) FILTER (WHERE purchase_days > 0) AS buyers, "
+                              "coalesce(sum(purchases + returns), 0) AS events FROM customer_state")
+    buyers = row["buyers"]
     k = ctx.knowledge
     known = k.snapshot.customers if k.snapshot is not None else 0
-    quiet, k.last_buyers = buyers == k.last_buyers, buyers
+    # quiet: not one purchase applied since the last look
+    quiet, k.last_buyers = (buyers, row["events"]) == k.last_buyers, (buyers, row["events"])
     if buyers > 0 and buyers >= known * 1.2 + 10:
         k.growth_pending = True
         return "rescore"

@@ -32,8 +32,8 @@ class Knowledge:
     def __init__(self) -> None:
         self.snapshot: scoring.Snapshot | None = None
         self.fit: scoring.Fit | None = None
-        # base.base_grew's memory: customers seen at the last look, a growth refresh to follow up
-        self.last_buyers = -1
+        # base.growth_refresh's memory: (buyers, purchases) at the last look, a refresh to follow up
+        self.last_buyers: tuple[int, int] = (-1, -1)
         self.growth_pending = False
 
 

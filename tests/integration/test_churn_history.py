@@ -18,7 +18,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 async def test_an_imported_base_is_segmented_fitted_and_evaluated_straight_after_the_import(
         base_env, kafka_bootstrap, database_url):
-    settings = churn_settings(base_env, refresh_on_growth=True, cache_refresh_interval_s=0.5)
+    settings = churn_settings(base_env, refresh_on_growth=True, cache_refresh_interval_s=1.0)
     events = synthetic_base("h-", 300)
     buyers = len({e["customer_id"] for e in events})
     async with running_churn(settings) as (_, churn):
@@ -60,4 +60,6 @@ async def test_an_imported_base_is_segmented_fitted_and_evaluated_straight_after
     # SegmentChanged only from the evaluation (as of now), never from the imported events
     assert all(a["correlation_id"].startswith("churn-evaluation-") for a in alerts)
     overdue = [a for a in alerts if a["type"] in ("CustomerAtRisk", "CustomerLost")]
-    assert overdue and len({a["customer_id"] for a in overdue}) == len(overdue)
+    # never one alert twice for an episode (an evaluation on a pause half-way through the
+    # import may have alerted on partial history: then at risk, later lost, is possible)
+    assert overdue and len({(a["customer_id"], a["payload"]["episode"], a["type"]) for a in overdue}) == len(overdue)
