@@ -59,7 +59,7 @@ class ServiceRuntime:
         # Where a refused input from a door without a topic (HTTP, webhooks) goes back to when
         # an operator replays it: door name -> topic (shared/deadletters.py).
         self.dead_letter_doors: dict[str, str] = {}
-        self._periodic: list[tuple[float, str, Callable[[], Awaitable[object]]]] = []
+        self._periodic: list[tuple[float, str, Callable[[], Awaitable[object]], float | None]] = []
 
     def _wake_relay(self) -> None:
         if self.relay is not None:
@@ -87,9 +87,11 @@ class ServiceRuntime:
         self.subscriptions.append(subscription)
         _describe(self.broker, subscription, group_id=self.settings.group_id(self.service, subscription.lane))
 
-    def every(self, interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
-        """A periodic job (shared/periodic.py), started once the service is up."""
-        self._periodic.append((interval_s, name, job))
+    def every(self, interval_s: float, name: str, job: Callable[[], Awaitable[object]], *,
+              first_delay_s: float | None = None) -> None:
+        """A periodic job (shared/periodic.py), started once the service is up: at once, or
+        after `first_delay_s` (a job that also runs at start some other way)."""
+        self._periodic.append((interval_s, name, job, first_delay_s))
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run after the database, outbox and consumers are up (e.g. a loader)."""
@@ -125,8 +127,8 @@ class ServiceRuntime:
         await self._start_consumers()
         for hook in self._on_start:
             await hook()
-        for interval_s, name, job in self._periodic:
-            self.spawn(every(interval_s, name, job), name)
+        for interval_s, name, job, first_delay_s in self._periodic:
+            self.spawn(every(interval_s, name, job, first_delay_s=first_delay_s), name)
         log.info("service started", extra={"service": self.service})
 
     async def _start_consumers(self) -> None:

@@ -72,3 +72,17 @@ async def test_rewards_answers_every_generated_request_as_its_openapi_document_s
         ready = await client.get("/readyz")
     assert ready.status_code == 200
     check(report, cases)
+
+
+async def test_churn_answers_every_generated_request_as_its_openapi_document_says(base_env):
+    from services.churn.main import create_app as create_churn
+    from tests.support.churn import ADMIN as CHURN_ADMIN
+    from tests.support.churn import churn_settings
+
+    app = create_churn(churn_settings(base_env))
+    cases = openapi_cases(app, max_examples_per_mode=max_examples())
+    async with serving(app, "http://churn") as client:
+        report = await fuzz(client, cases, auth=lambda op: CHURN_ADMIN)
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    check(report, cases)
