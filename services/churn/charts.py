@@ -22,9 +22,9 @@ def _svg(width: int, height: int, title: str, body: list[str], css_class: str) -
 
 
 def _empty(width: int, height: int, title: str, css_class: str, message: str) -> str:
-    return _svg(width, height, title, [
-        f"<text class='empty' x='{width / 2}' y='{height / 2}' text-anchor='middle' font-size='14' "
-        f"fill='#6b7280'>{_t(message)}</text>"], css_class)
+    text = (f"<text class='empty' x='{width / 2}' y='{height / 2}' text-anchor='middle' font-size='14' "
+            f"fill='#6b7280'>{_t(message)}</text>")
+    return _svg(width, height, title, [text], css_class)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The churn service's reports, pure: indicators, matrix quadrants, cohorts, departure factors."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from services.churn import cohorts, departures, indicators, matrix
@@ -59,23 +59,23 @@ def _value(cid: str, profit: str, loyalty: float) -> matrix.CustomerValue:
 
 
 def test_matrix_quadrants_at_cut_points_name_reinartz_and_kumar():
-    cuts = matrix.CutPoints(Decimal("100"), 0.5)
-    assert matrix.quadrant_of(Decimal("101"), 0.6, cuts) == "true_friend"
-    assert matrix.quadrant_of(Decimal("101"), 0.5, cuts) == "butterfly"  # at the cut is low
-    assert matrix.quadrant_of(Decimal("100"), 0.9, cuts) == "barnacle"
-    assert matrix.quadrant_of(Decimal("5"), 0.1, cuts) == "stranger"
+    cuts = matrix.CutPoints(Decimal(100), 0.5)
+    assert matrix.quadrant_of(Decimal(101), 0.6, cuts) == "true_friend"
+    assert matrix.quadrant_of(Decimal(101), 0.5, cuts) == "butterfly"  # at the cut is low
+    assert matrix.quadrant_of(Decimal(100), 0.9, cuts) == "barnacle"
+    assert matrix.quadrant_of(Decimal(5), 0.1, cuts) == "stranger"
 
 
 def test_matrix_summary_adds_up_and_ranks_a_quadrant():
     customers = [_value("a", "500", 0.9), _value("b", "300", 0.8), _value("c", "400", 0.1),
                  _value("d", "10", 0.7), _value("e", "20", 0.2)]
     cuts = matrix.median_cuts(customers)
-    assert cuts == matrix.CutPoints(Decimal("300"), 0.7)
+    assert cuts == matrix.CutPoints(Decimal(300), 0.7)
     summary = {s.quadrant: s for s in matrix.summarise(customers, cuts)}
     assert sum(s.customers for s in summary.values()) == len(customers)
-    assert summary["true_friend"].customers == 1 and summary["true_friend"].revenue == Decimal("2000")
+    assert summary["true_friend"].customers == 1 and summary["true_friend"].revenue == Decimal(2000)
     assert summary["butterfly"].customers == 1 and summary["barnacle"].customers == 1
-    assert summary["stranger"].customers == 2 and summary["stranger"].margin == Decimal("30")
+    assert summary["stranger"].customers == 2 and summary["stranger"].margin == Decimal(30)
     assert all(s.treatment for s in summary.values())
     two = [_value("x", "10", 0.1), _value("y", "20", 0.1)]
     assert [c.customer_id for c in matrix.ranked(two, "stranger", matrix.CutPoints(Decimal(50), 0.5))] == ["y", "x"]
@@ -89,16 +89,16 @@ def test_cohorts_share_of_each_first_month_buying_later():
     assert rows[0].shares == [1.0, 0.5, 1.0]
 
 
-NOW = datetime(2026, 3, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
 
 def test_departure_factors_from_what_preceded_the_loss():
-    facts = departures.CustomerFacts(at=NOW, last_nps=4, open_complaints=1, bought=Decimal("100"),
-                                     returned=Decimal("25"), points_balance=800, tier_lost=True, failed_redemptions=1,
+    facts = departures.CustomerFacts(at=NOW, last_nps=4, open_complaints=1, bought=Decimal(100),
+                                     returned=Decimal(25), points_balance=800, tier_lost=True, failed_redemptions=1,
                                      last_contact_at=NOW - timedelta(days=120), quadrant="barnacle")
     assert departures.factors(facts) == {"low_satisfaction", "open_complaint", "high_returns", "unredeemed_points",
                                          "tier_lost", "failed_redemption", "no_recent_contact", "quadrant_barnacle"}
-    calm = departures.CustomerFacts(at=NOW, last_nps=9, last_csat=5, bought=Decimal("100"), returned=Decimal("5"),
+    calm = departures.CustomerFacts(at=NOW, last_nps=9, last_csat=5, bought=Decimal(100), returned=Decimal(5),
                                     points_balance=499, last_contact_at=NOW - timedelta(days=89))
     assert departures.factors(calm) == frozenset()
 
