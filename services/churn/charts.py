@@ -67,7 +67,7 @@ def line_chart(title: str, x_labels: Sequence[str], series: Sequence[Series], *,
         body.append(f"<line x1='{left}' x2='{width - right}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#e5e7eb'/>"
                     f"<text class='y-tick' x='{left - 6}' y='{y(v) + 4:.1f}' font-size='10' text-anchor='end'>"
                     f"{_t(_fmt(v))}{_t(unit)}</text>")
-    every = max(1, len(x_labels) // 12)
+    every = max(1, -(-len(x_labels) // 8))  # at most ~8 labels: legible at 640 px
     for i, label in enumerate(x_labels):
         if i % every == 0 or i == len(x_labels) - 1:
             body.append(f"<text class='x-tick' x='{x(i):.1f}' y='{height - lower + 16}' font-size='10' "
@@ -148,7 +148,7 @@ def heat_map(title: str, row_labels: Sequence[str], col_labels: Sequence[str], c
              empty_message: str = "No data yet") -> str:
     """A grid of shaded cells (shade by value / max); `cell_text` overrides what is written."""
     values = [v for row in cells for v in row if v is not None]
-    left, upper = 110, 40
+    left, upper = 110, 56
     width, height = left + cell * len(col_labels) + 16, upper + cell * len(row_labels) + 44
     if not values or not any(values):
         return _empty(max(width, 320), max(height, 160), title, "heat-map", empty_message)
@@ -173,7 +173,7 @@ def heat_map(title: str, row_labels: Sequence[str], col_labels: Sequence[str], c
                         f"font-size='10' text-anchor='middle' fill='{'#fff' if dark else '#111'}'>{_t(text)}</text>")
     body.append(f"<text class='axis-label' x='{left + cell * len(col_labels) / 2}' y='{height - 12}' font-size='11' "
                 f"text-anchor='middle'>{_t(x_label)}</text>"
-                f"<text class='axis-label' x='8' y='{upper - 6}' font-size='11'>{_t(y_label)}</text>")
+                f"<text class='axis-label' x='8' y='{upper - 24}' font-size='11'>↓ {_t(y_label)}</text>")
     return _svg(width, height, title, body, "heat-map")
 
 

@@ -61,7 +61,7 @@ def test_heat_map_shades_by_value_and_writes_the_numbers():
     assert set(cells) == {("R5", "F1"), ("R5", "F5"), ("R1", "F1")}
     assert cells[("R1", "F1")].get("fill") == "rgb(30,64,175)"  # the largest is the darkest
     assert cells[("R5", "F5")].get("fill") == "rgb(255,255,255)"
-    assert {"3", "10", "frequency score", "recency score"} <= set(texts(root))
+    assert {"3", "10", "frequency score", "↓ recency score"} <= set(texts(root))
 
 
 def test_loyalty_matrix_shows_each_quadrant_count():
