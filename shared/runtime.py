@@ -56,7 +56,7 @@ class ServiceRuntime:
         self.subscriptions: list[Subscription] = []
         self.lanes: dict[str, Lane] = {}
         self.consumers: list[ConsumerLoop] = []
-        self._periodic: list[tuple[float, str, Callable[[], Awaitable[object]]]] = []
+        self._periodic: list[tuple[float, str, Callable[[], Awaitable[object]], float | None]] = []
 
     def _wake_relay(self) -> None:
         if self.relay is not None:
@@ -84,9 +84,11 @@ class ServiceRuntime:
         self.subscriptions.append(subscription)
         _describe(self.broker, subscription, group_id=self.settings.group_id(self.service, subscription.lane))
 
-    def every(self, interval_s: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
-        """A periodic job (shared/periodic.py), started once the service is up."""
-        self._periodic.append((interval_s, name, job))
+    def every(self, interval_s: float, name: str, job: Callable[[], Awaitable[object]], *,
+              first_delay_s: float | None = None) -> None:
+        """A periodic job (shared/periodic.py), started once the service is up: at once, or
+        after `first_delay_s` (a job that also runs at start some other way)."""
+        self._periodic.append((interval_s, name, job, first_delay_s))
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run after the database, outbox and broker are up (e.g. a scheduler)."""
@@ -125,8 +127,8 @@ class ServiceRuntime:
             coalesce_commits(self.broker, s.consumer_commit_interval_ms)
         for hook in self._on_start:
             await hook()
-        for interval_s, name, job in self._periodic:
-            self.spawn(every(interval_s, name, job), name)
+        for interval_s, name, job, first_delay_s in self._periodic:
+            self.spawn(every(interval_s, name, job, first_delay_s=first_delay_s), name)
         log.info("service started", extra={"service": self.service})
 
     async def _start_consumers(self) -> None:

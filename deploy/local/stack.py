@@ -67,7 +67,7 @@ def _secrets(state: dict) -> dict:
     """Local-only credentials, generated once per checkout and kept in .run/state.json."""
     creds = state.setdefault("secrets", {})
     for name in ("store_api_key", "shopify_webhook_secret", "woocommerce_webhook_secret", "ledger_admin_api_key",
-                 "rewards_admin_api_key", "rewards_jwt_secret"):
+                 "rewards_admin_api_key", "rewards_jwt_secret", "churn_admin_api_key"):
         creds.setdefault(name, secrets.token_urlsafe(24))
     return creds
 
@@ -88,6 +88,7 @@ def service_env(name: str, state: dict) -> dict[str, str]:
         "LEDGER_ADMIN_API_KEY": creds["ledger_admin_api_key"],
         "REWARDS_ADMIN_API_KEY": creds["rewards_admin_api_key"],
         "REWARDS_JWT_SECRET": creds["rewards_jwt_secret"],
+        "CHURN_ADMIN_API_KEY": creds["churn_admin_api_key"],
         # One local identity provider: a customer's token reads their ledger balance too.
         "LEDGER_JWT_SECRET": creds["rewards_jwt_secret"],
         "REWARDS_LEDGER_URL": f"http://127.0.0.1:{ports.get('ledger', 0)}",
@@ -223,6 +224,7 @@ def write_endpoints(state: dict) -> None:
         f"LEDGER_ADMIN_API_KEY={creds['ledger_admin_api_key']}",
         f"REWARDS_ADMIN_API_KEY={creds['rewards_admin_api_key']}",
         f"REWARDS_JWT_SECRET={creds['rewards_jwt_secret']}",
+        f"CHURN_ADMIN_API_KEY={creds['churn_admin_api_key']}",
     ]
     ENDPOINTS.write_text("\n".join(lines) + "\n")
 

@@ -1,0 +1,1 @@
+"""The churn service: customer knowledge (RFM, rhythm, models, LTV) and churn alerts."""
