@@ -1,6 +1,7 @@
 """Numerical plumbing shared by the model fits: grouping identical rows, and a minimiser that
 says honestly whether it found an identified optimum."""
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -10,7 +11,11 @@ from scipy import optimize
 # Log-parameters are kept inside +-LOG_BOUND (e^25 ~ 7e10): far beyond any sensible value,
 # close enough that the likelihood stays finite. A fit that ends near the bound is unidentified.
 LOG_BOUND = 25.0
-AT_BOUND = LOG_BOUND - 1.0
+# Beyond 1e+-6 a parameter is heading for a limit (no heterogeneity in the rates, a point-mass
+# dropout probability, ...) that the likelihood approaches without reaching: not an optimum the
+# data identify, whatever the optimiser reports. Times and money must be in units that keep
+# sensible parameters inside this range (days and currency units do).
+AT_BOUND = math.log(1e6)
 
 
 class NotEnoughData(ValueError):
@@ -79,7 +84,7 @@ def minimise(objective: Objective, theta0: np.ndarray) -> tuple[np.ndarray, floa
     if not np.isfinite(value) or value >= 1e300:
         return np.asarray(theta0, dtype=float), float("inf"), False, iterations, "likelihood not finite"
     if ok and np.any(np.abs(theta) >= AT_BOUND):
-        ok, message = False, "a parameter ran to its bound: the data do not identify the model"
+        ok, message = False, "a parameter ran past 1e+-6 towards a limit: the data do not identify the model"
     if ok and not _curved(safe, theta):
         ok, message = False, "the likelihood is flat in some direction: the data do not identify the model"
     return theta, value, ok, iterations, message

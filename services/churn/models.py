@@ -28,15 +28,33 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from services.churn._fit import NotEnoughData, compress, minimise
-from services.churn.rfm import SEGMENTS, quintile_edges, quintile_score, quintile_scores, segment
+from services.churn.rfm import (
+    SEGMENTS,
+    quintile_edges,
+    quintile_score,
+    quintile_scores,
+    segment,
+)
 
 __all__ = [
-    "DEFAULT_MODEL", "FrequencyFit", "NotEnoughData", "SEGMENTS", "SpendFit", "customer_lifetime_value",
-    "expected_purchases", "expected_spend", "fit_frequency_model", "fit_gamma_gamma", "p_alive",
-    "quintile_edges", "quintile_score", "quintile_scores", "segment",
+    "DEFAULT_MODEL",
+    "SEGMENTS",
+    "FrequencyFit",
+    "NotEnoughData",
+    "SpendFit",
+    "customer_lifetime_value",
+    "expected_purchases",
+    "expected_spend",
+    "fit_frequency_model",
+    "fit_gamma_gamma",
+    "p_alive",
+    "quintile_edges",
+    "quintile_score",
+    "quintile_scores",
+    "segment",
 ]
 
 FrequencyModel = Literal["bgnbd", "mbgnbd"]
@@ -180,7 +198,7 @@ def fit_frequency_model(x: object, t_x: object, T: object, *, model: FrequencyMo
         converged, message = False, "no repeat purchases: BG/NBD's a and b are not identified"
     r, alpha, a, b = (float(v) for v in np.exp(theta))
     return FrequencyFit(model=model, r=r, alpha=alpha, a=a, b=b, log_likelihood=-value * nll.total,
-                        converged=converged, customers=int(round(nll.total)), iterations=iterations,
+                        converged=converged, customers=round(nll.total), iterations=iterations,
                         seconds=time.perf_counter() - started, message=message, distinct_rows=len(nll.w))
 
 
@@ -202,7 +220,7 @@ def p_alive(fit: FrequencyFit, x: object, t_x: object, T: object) -> np.ndarray:
     return special.expit(-_log_odds_dead(fit, x, t_x, T))
 
 
-def _alive_purchases(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray, a: float) -> np.ndarray:
+def _alive_purchases(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray, r: float, a: float) -> np.ndarray:
     """E[purchases in (T, T+t] | alive, x, T]: the posterior of p is Beta(a, b+x+k), of lambda
     Gamma(r+x, alpha+T). The published form c/(a-1) [1 - ((alpha+T)/(alpha+T+t))^(r+x)
     2F1(r+x, b+x+k; c; z)], c = a+b+x+k-1, z = t/(alpha+T+t), is rewritten by Euler's
@@ -211,8 +229,9 @@ def _alive_purchases(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndar
     k = _shift(fit.model)
     c = a + fit.b + x + k - 1
     z = t / (fit.alpha + T + t)
-    h = special.hyp2f1(c - fit.r - x, a - 1, c, z)
-    return c / (a - 1) * -np.expm1((a - 1) * np.log1p(-z) + np.log(h))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h = special.hyp2f1(c - r - x, a - 1, c, z)
+        return c / (a - 1) * -np.expm1((a - 1) * np.log1p(-z) + np.log(h))
 
 
 def expected_purchases(fit: FrequencyFit, t: object, x: object, t_x: object, T: object) -> np.ndarray:
@@ -233,29 +252,36 @@ def _alive_purchases_grouped(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T:
 
 
 def _alive_purchases_stable(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray) -> np.ndarray:
-    if abs(fit.a - 1.0) < 1e-6:
+    r, a = fit.r, fit.a
+    if abs(a - 1.0) < 1e-6:
         # c/(a-1) [...] is 0/0 at a = 1; the mean of a = 1 -+ 1e-4 is exact to O(1e-8).
-        out = 0.5 * (_alive_purchases(fit, t, x, T, 1.0 - 1e-4) + _alive_purchases(fit, t, x, T, 1.0 + 1e-4))
+        out = 0.5 * (_alive_purchases(fit, t, x, T, r, 1.0 - 1e-4) + _alive_purchases(fit, t, x, T, r, 1.0 + 1e-4))
     else:
-        out = _alive_purchases(fit, t, x, T, fit.a)
+        out = _alive_purchases(fit, t, x, T, r, a)
+    # scipy's 2F1 loses digits near z = 1 when c - a - b (here r + x + 1 - a) is an integer
+    # (its logarithmic case): the mean of r -+ 1e-6 is exact to O(1e-12) there.
+    gap = r + x + 1 - a
+    integer = np.abs(gap - np.round(gap)) < 1e-9
+    if integer.any():
+        sub = (t[integer], x[integer], T[integer])
+        out[integer] = 0.5 * (_alive_purchases(fit, *sub, r - 1e-6, a) + _alive_purchases(fit, *sub, r + 1e-6, a))
     bad = ~np.isfinite(out)
     if bad.any():
         out[bad] = _alive_purchases_quadrature(fit, t[bad], x[bad], T[bad])
     return np.maximum(np.where(t == 0, 0.0, out), 0.0)
 
 
-def _alive_purchases_quadrature(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray) -> np.ndarray:
+def _alive_purchases_quadrature(fit: FrequencyFit, t: np.ndarray, x: np.ndarray, T: np.ndarray,
+                                nodes: int = 256) -> np.ndarray:
     """The same expectation as E_p[(1 - ((alpha+T)/(alpha+T+p t))^(r+x)) / p], p ~ Beta(a, b+x+k),
-    by Gauss-Jacobi quadrature: the fallback where scipy's 2F1 gives up."""
+    by the midpoint rule on the quantile scale (nodes per distinct x): the fallback where
+    scipy's 2F1 overflows (a and b in the millions: p is then nearly a point mass)."""
     k = _shift(fit.model)
-    out = np.empty(len(t))
-    for i in range(len(t)):
-        beta_b = fit.b + x[i] + k
-        nodes, weights = special.roots_jacobi(64, beta_b - 1, fit.a - 1)
-        p = (nodes + 1) / 2
-        g = -np.expm1(-(fit.r + x[i]) * np.log1p(p * t[i] / (fit.alpha + T[i])))
-        out[i] = (weights @ (g / p)) / (2 ** (fit.a + beta_b - 1) * special.beta(fit.a, beta_b))
-    return out
+    ux, ix = np.unique(x, return_inverse=True)
+    u = (np.arange(nodes) + 0.5) / nodes
+    p = np.maximum(stats.beta.ppf(u[None, :], fit.a, fit.b + ux[:, None] + k), 1e-300)[ix]
+    g = -np.expm1(-(fit.r + x[:, None]) * np.log1p(p * (t / (fit.alpha + T))[:, None]))
+    return (g / p).mean(axis=1)
 
 
 class _SpendLikelihood:
@@ -311,7 +337,7 @@ def fit_gamma_gamma(x: object, mean_value: object, *, weights: object = None) ->
     p, q, gamma = (float(v) for v in np.exp(theta))
     population_mean = p * gamma / (q - 1) if q > 1 else mean
     return SpendFit(p=p, q=q, gamma=gamma, log_likelihood=-value * nll.total, converged=converged,
-                    customers=int(round(nll.total)), seconds=time.perf_counter() - started, message=message,
+                    customers=round(nll.total), seconds=time.perf_counter() - started, message=message,
                     population_mean=population_mean)
 
 
