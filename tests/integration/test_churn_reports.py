@@ -5,7 +5,7 @@ consumer pipeline's `record_signals`; each indicator is checked against an indep
 computation from the same raw history; the matrix's quadrants add up to the customers;
 departure factors match a hand-built case."""
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from statistics import median
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from services.churn import reports, signals
-from tests.support.churn_history import History
+from tests.support.churn_history import expected_month, month_bounds
 from tests.support.churn_reports import (
     HISTORY,
     KEY,
@@ -24,39 +24,6 @@ from tests.support.churn_reports import (
     build,
     load_history,
 )
-
-# ---- the independent computation, from the raw history only ----
-
-def active(days: list[date], at: date) -> bool:
-    return any(0 <= (at - d).days < WINDOW for d in days)
-
-
-def expected_month(history: History, first: date, last: date) -> dict:
-    before = first - timedelta(days=1)
-    start = {c.customer_id for c in history.customers.values() if active(c.days, before)}
-    end = {c.customer_id for c in history.customers.values() if active(c.days, last)}
-    repeat = {cid for cid in end
-              if sum(1 for d in history.customers[cid].days if 0 <= (last - d).days < WINDOW) >= 2}
-    answers = [a["payload"] for a in history.answers
-               if first <= datetime.fromisoformat(a["payload"]["answered_at"]).date() <= last]
-    csat = [a["csat"] for a in answers if a["csat"] is not None]
-    nps = [a["nps"] for a in answers if a["nps"] is not None]
-    return {
-        "customers_at_start": len(start), "customers_at_end": len(end), "new_customers": len(end - start),
-        "lost_customers": len(start - end),
-        "retention_rate": round(len(start & end) / len(start), 6) if start else None,
-        "churn_rate": round(len(start - end) / len(start), 6) if start else None,
-        "loyalty_index": round(len(repeat) / len(end), 6) if end else None,
-        "csat": round(sum(1 for v in csat if v >= 4) / len(csat), 6) if csat else None, "csat_answers": len(csat),
-        "nps": round(100 * (sum(1 for v in nps if v >= 9) - sum(1 for v in nps if v <= 6)) / len(nps), 6)
-        if nps else None, "nps_answers": len(nps),
-    }
-
-
-def month_bounds(year: int, month: int) -> tuple[date, date]:
-    first = date(year, month, 1)
-    nxt = date(year + month // 12, month % 12 + 1, 1)
-    return first, nxt - timedelta(days=1)
 
 
 @pytest.fixture
@@ -83,7 +50,7 @@ async def test_each_indicator_equals_an_independent_computation_from_the_history
     checked_rates = 0
     for row in body["months"]:
         first, last = month_bounds(*map(int, row["period"].split("-")))
-        want = expected_month(HISTORY, first, last)
+        want = expected_month(HISTORY, WINDOW, first, last)
         got = {k: row[k] for k in ("customers_at_start", "customers_at_end", "new_customers", "lost_customers",
                                    "retention_rate", "churn_rate", "loyalty_index")}
         got.update({k: row["satisfaction"][k] for k in ("csat", "csat_answers", "nps", "nps_answers")})
@@ -93,7 +60,7 @@ async def test_each_indicator_equals_an_independent_computation_from_the_history
     assert any(m["lost_customers"] > 0 for m in body["months"])  # some customers leave
     rolling = body["rolling"]
     assert rolling["period"] == "2025-12..2026-11"
-    want = expected_month(HISTORY, date(2025, 12, 1), date(2026, 11, 30))
+    want = expected_month(HISTORY, WINDOW, date(2025, 12, 1), date(2026, 11, 30))
     assert {k: rolling[k] for k in ("retention_rate", "churn_rate", "loyalty_index", "customers_at_start")} == {
         k: want[k] for k in ("retention_rate", "churn_rate", "loyalty_index", "customers_at_start")}
 

@@ -155,3 +155,38 @@ async def seed_state(conn: asyncpg.Connection, history: History, *, lost_after_d
             INSERT INTO risk_states (customer_id, state, episode, entered_at, reasons, updated_at)
             VALUES ($1, $2, $3, $4, $5::jsonb, $6)""", c.customer_id, state, 0 if state == "active" else 1,
             entered if state != "active" else None, reasons, history.now)
+
+
+# ---- the independent computation, from the raw history only ----
+
+def active(days: list[date], at: date, window: int) -> bool:
+    return any(0 <= (at - d).days < window for d in days)
+
+
+def expected_month(history: History, window: int, first: date, last: date) -> dict:
+    """The indicators of [first, last] by their definitions, from the raw history only."""
+    before = first - timedelta(days=1)
+    start = {c.customer_id for c in history.customers.values() if active(c.days, before, window)}
+    end = {c.customer_id for c in history.customers.values() if active(c.days, last, window)}
+    repeat = {cid for cid in end
+              if sum(1 for d in history.customers[cid].days if 0 <= (last - d).days < window) >= 2}
+    answers = [a["payload"] for a in history.answers
+               if first <= datetime.fromisoformat(a["payload"]["answered_at"]).date() <= last]
+    csat = [a["csat"] for a in answers if a["csat"] is not None]
+    nps = [a["nps"] for a in answers if a["nps"] is not None]
+    return {
+        "customers_at_start": len(start), "customers_at_end": len(end), "new_customers": len(end - start),
+        "lost_customers": len(start - end),
+        "retention_rate": round(len(start & end) / len(start), 6) if start else None,
+        "churn_rate": round(len(start - end) / len(start), 6) if start else None,
+        "loyalty_index": round(len(repeat) / len(end), 6) if end else None,
+        "csat": round(sum(1 for v in csat if v >= 4) / len(csat), 6) if csat else None, "csat_answers": len(csat),
+        "nps": round(100 * (sum(1 for v in nps if v >= 9) - sum(1 for v in nps if v <= 6)) / len(nps), 6)
+        if nps else None, "nps_answers": len(nps),
+    }
+
+
+def month_bounds(year: int, month: int) -> tuple[date, date]:
+    first = date(year, month, 1)
+    nxt = date(year + month // 12, month % 12 + 1, 1)
+    return first, nxt - timedelta(days=1)
