@@ -204,6 +204,9 @@ async def main(endpoints: Path, *, rate: float = 200.0, seconds: float | None = 
     producer = asyncio.create_task(produce_loop(env, rate, tally, traffic))
     started = time.monotonic()
     last_seen = 0
+    if env.get("CHURN_URL"):
+        print(f"customer relationship dashboard: {env['CHURN_URL']}/dashboard "
+              f"(sign in with CHURN_ADMIN_API_KEY from {endpoints})")
     print(f"demo traffic at ~{rate:.0f} purchases/s (Ctrl-C to stop)\n")
     try:
         while seconds is None or time.monotonic() - started < seconds:
