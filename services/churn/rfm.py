@@ -39,7 +39,10 @@ def quintile_scores(values: object, edges: tuple[float, float, float, float], *,
                     higher_is_better: bool = True) -> np.ndarray:
     """1 + the number of edges a value is above (a value on an edge takes the lower quintile),
     reversed when lower is better (recency in days since the last purchase: fewer is better)."""
-    above = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(values, dtype=np.float64), side="left")
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values to score must be finite numbers")
+    above = np.searchsorted(np.asarray(edges, dtype=np.float64), v, side="left")
     return (1 + above if higher_is_better else 5 - above).astype(np.int64)
 
 
