@@ -1,5 +1,6 @@
 """Prometheus gauges of the reports: aggregates only (never a customer id in a label).
-Sampled on a schedule from the same use cases as the JSON endpoints."""
+Sampled on a schedule from the same use cases as the JSON endpoints. Segment and risk-state
+counts are the service's own gauges (metrics.py: churn_customers, churn_customers_by_risk_state)."""
 
 from datetime import datetime
 
@@ -7,7 +8,6 @@ import asyncpg
 from prometheus_client import Gauge
 
 from services.churn import indicators, reports
-from services.churn import reports_repository as repo
 from services.churn.matrix import QUADRANTS
 from services.churn.reports_settings import ReportsSettings
 
@@ -18,8 +18,6 @@ ANSWERS = Gauge("churn_relationship_survey_answers", "Survey answers behind the 
 CUSTOMERS = Gauge("churn_relationship_customers", "Customers counted by the indicators (S, E, N, lost)",
                   ["count", "window"])
 QUADRANT = Gauge("churn_relationship_quadrant_customers", "Customers per loyalty-matrix quadrant", ["quadrant"])
-SEGMENT = Gauge("churn_relationship_segment_customers", "Customers per RFM segment", ["segment"])
-RISK = Gauge("churn_relationship_risk_customers", "Customers per risk state", ["state"])
 DEPARTURES = Gauge("churn_relationship_departures_recorded", "Departures recorded (lost episodes studied)")
 
 
@@ -50,10 +48,4 @@ async def sample(pool: asyncpg.Pool, settings: ReportsSettings, *, now: datetime
         counts = {q.quadrant: q.customers for q in (await reports.matrix_report(conn, settings, now=now)).quadrants}
         for q in QUADRANTS:
             QUADRANT.labels(q).set(counts.get(q, 0))
-        SEGMENT.clear()
-        for row in await repo.segment_counts(conn):
-            SEGMENT.labels(row["segment"]).set(row["customers"])
-        risk = await repo.risk_counts(conn)
-        for state in ("active", "at_risk", "lost"):
-            RISK.labels(state).set(risk.get(state, 0))
         DEPARTURES.set(await conn.fetchval("SELECT count(*) FROM departures"))

@@ -98,11 +98,6 @@ async def rfm_grid(conn: asyncpg.Connection) -> list[asyncpg.Record]:
         WHERE recency_score IS NOT NULL AND frequency_score IS NOT NULL GROUP BY 1, 2""")
 
 
-async def segment_counts(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT segment, count(*) AS customers FROM scores WHERE segment IS NOT NULL "
-                            "GROUP BY 1 ORDER BY 2 DESC, 1")
-
-
 _AT_RISK = """
 SELECT r.customer_id, r.entered_at, r.reasons, s.segment, s.rank_value, s.ltv, s.p_alive, q.quadrant,
        c.net_spend, c.last_purchase_day

@@ -17,11 +17,13 @@ from datetime import time as dtime
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from playwright.async_api import async_playwright
+from prometheus_client import REGISTRY
 
 from deploy.local.infra import free_port
-from services.churn import reports
+from services.churn import reports, reports_metrics
 from services.churn.reports_settings import ReportsSettings
 from shared.events import utcnow
 from shared.topics import (
@@ -120,6 +122,18 @@ async def test_the_running_churn_service_reports_its_consumed_history(base_env, 
         assert departures["lost_customers"] == lost and departures["retained_customers"] > 0
         quadrant_rows = [f for f in departures["factors"] if f["factor"].startswith("quadrant_")]
         assert sum(f["lost_count"] for f in quadrant_rows) == lost  # each lost customer had a quadrant
+
+        # the gauges: aggregates of the same figures, no customer id in any label
+        await reports_metrics.sample(runtime.pool, ReportsSettings(), now=utcnow())
+        for q in matrix["quadrants"]:
+            assert REGISTRY.get_sample_value("churn_relationship_quadrant_customers",
+                                             {"quadrant": q["quadrant"]}) == q["customers"]
+        rolling = (await churn.get("/v1/indicators")).json()["rolling"]
+        assert REGISTRY.get_sample_value("churn_relationship_indicator", {
+            "indicator": "churn_rate", "window": "rolling"}) == pytest.approx(rolling["churn_rate"], abs=1e-6)
+        assert REGISTRY.get_sample_value("churn_relationship_departures_recorded") == lost
+        exposition = (await churn.get("/metrics")).text
+        assert not any(cid in exposition for cid in history.customers)
 
         # the page, in a real browser, on a real port
         server, task, url = await serve(app)
