@@ -3,6 +3,7 @@ the pure modules (indicators, matrix, cohorts, departures), and the two schedule
 write (the quadrant refresh, the departure record). Every figure the JSON endpoints, the
 dashboard and the gauges show comes from here."""
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
@@ -37,11 +38,13 @@ async def indicators_report(conn: asyncpg.Connection, settings: ReportsSettings,
     days = await repo.purchase_days(conn, up_to=last_day)
     answers = await repo.survey_answers(conn, since=_midnight(first),
                                         until=_midnight(indicators.add_months(to_month, 1)))
-    months = indicators.monthly_indicators(days, answers, from_month=from_month, to_month=to_month,
-                                           active_window_days=settings.active_window_days)
-    rolling = indicators.rolling_indicators(days, answers, to_month=to_month,
-                                            window_months=settings.rolling_window_months,
-                                            active_window_days=settings.active_window_days)
+    # Pure Python over every customer's purchase days (~2.7 s for 100k customers and 25 months
+    # here): in a worker thread, so the service's consumers keep their event loop meanwhile.
+    months = await asyncio.to_thread(indicators.monthly_indicators, days, answers, from_month=from_month,
+                                     to_month=to_month, active_window_days=settings.active_window_days)
+    rolling = await asyncio.to_thread(indicators.rolling_indicators, days, answers, to_month=to_month,
+                                      window_months=settings.rolling_window_months,
+                                      active_window_days=settings.active_window_days)
     return months, rolling
 
 
@@ -109,4 +112,5 @@ async def departures_report(conn: asyncpg.Connection, settings: ReportsSettings,
 
 
 async def cohorts_report(conn: asyncpg.Connection, *, as_of: date) -> list[cohorts.Cohort]:
-    return cohorts.cohorts(await repo.purchase_days(conn, up_to=as_of), as_of=as_of)
+    days = await repo.purchase_days(conn, up_to=as_of)
+    return await asyncio.to_thread(cohorts.cohorts, days, as_of=as_of)

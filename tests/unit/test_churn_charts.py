@@ -82,3 +82,15 @@ def test_cohort_triangle_has_one_cell_fewer_per_later_cohort():
         ("2026-01 (n=2)", "0", "100"), ("2026-01 (n=2)", "1", "50"), ("2026-01 (n=2)", "2", "100"),
         ("2026-02 (n=1)", "0", "100"), ("2026-02 (n=1)", "1", "0")]
     assert "cohorts" in root.get("class") and "50%" in texts(root)
+
+
+def test_a_dashboard_session_is_signed_with_the_admin_key_and_expires():
+    from services.churn.dashboard_auth import session_valid, session_value
+
+    value = session_value("key-1", now=1000, ttl_s=60)
+    assert session_valid(value, "key-1", now=1059)
+    assert not session_valid(value, "key-1", now=1061)  # expired
+    assert not session_valid(value, "key-2", now=1000)  # the key changed: every session ends
+    expires, signature = value.split(".")
+    assert not session_valid(f"{int(expires) + 3600}.{signature}", "key-1", now=1000)  # a longer life is forged
+    assert not session_valid("garbage", "key-1") and not session_valid(value, None, now=1000)
