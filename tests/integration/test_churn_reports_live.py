@@ -27,6 +27,7 @@ from services.churn import reports, reports_metrics
 from services.churn.reports_settings import ReportsSettings
 from shared.events import utcnow
 from shared.topics import (
+    CHURN_ALERTS,
     ENGAGEMENT_EVENTS,
     POINTS_EVENTS,
     PURCHASES_RECORDED,
@@ -40,7 +41,7 @@ from tests.support.churn_history import (
     month_bounds,
 )
 from tests.support.churn_inputs import purchase
-from tests.support.kafka import produce
+from tests.support.kafka import consume, produce
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -92,9 +93,19 @@ async def test_the_running_churn_service_reports_its_consumed_history(base_env, 
                     and signals[0]["n"] == len({e["customer_id"] for e in history.events}))
 
         await wait_until(folded, "every input folded by the churn consumers")
-        for path in ("/v1/admin/rfm/refresh", "/v1/admin/evaluations"):
+        runtime = app.state.runtime
+        # quadrants first: the evaluation's alerts then carry each customer's quadrant
+        await reports.refresh_quadrants(runtime.pool, ReportsSettings(), now=utcnow())
+        stored = {r["customer_id"]: r["quadrant"] for r in await churn_rows(
+            database_url, "SELECT customer_id, quadrant FROM customer_quadrants")}
+        for path in ("/v1/admin/rfm/refresh", "/v1/admin/evaluations"):  # the refresh rescores and evaluates
             response = await churn.post(path)
             assert response.status_code < 300, (path, response.text)
+        alerts = [a for a in await consume(kafka_bootstrap, settings.topic(CHURN_ALERTS), idle_s=2, timeout_s=30,
+                                           distinct="event_id") if a["type"] in ("CustomerAtRisk", "CustomerLost")]
+        wrong = [(a["customer_id"], a["payload"]["quadrant"], stored.get(a["customer_id"])) for a in alerts
+                 if a["payload"]["quadrant"] != stored[a["customer_id"]]]
+        assert alerts and not wrong, wrong[:5]
 
         # the indicators, month by month, against the raw history
         body = (await churn.get("/v1/indicators", params={"from": "2025-01", "to": "2026-11"})).json()
@@ -109,8 +120,6 @@ async def test_the_running_churn_service_reports_its_consumed_history(base_env, 
         # the matrix: quadrants add up; after the refresh every profile names its quadrant
         matrix = (await churn.get("/v1/matrix")).json()
         assert sum(q["customers"] for q in matrix["quadrants"]) == matrix["customers"] == len(history.customers)
-        runtime = app.state.runtime
-        await reports.refresh_quadrants(runtime.pool, ReportsSettings(), now=utcnow())
         some = sorted(history.customers)[::37]
         quadrants = {(await churn.get(f"/v1/customers/{cid}/profile")).json()["quadrant"] for cid in some}
         assert quadrants <= {"true_friend", "butterfly", "barnacle", "stranger"} and len(quadrants) >= 2
