@@ -112,3 +112,12 @@ def test_departure_comparison_ratios_rank_the_factors_that_come_before_leaving()
     assert rows["no_recent_contact"].ratio == (1 / 3) / (1 / 4)
     assert rows["tier_lost"].ratio is None and rows["tier_lost"].lost_share == 0.0
     assert departures.compare(lost, kept)[0].factor == "open_complaint"
+
+
+def test_a_tier_is_lost_only_down_the_program_order():
+    from services.churn.signals import tier_went_down
+
+    order = ["Bronze", "Silver", "Gold"]
+    assert tier_went_down("Gold", "silver", order) and tier_went_down("Silver", "Bronze", order)
+    assert not tier_went_down("Bronze", "Gold", order)
+    assert not tier_went_down("Platinum", "Bronze", order)  # unknown tier: never counted as a loss
