@@ -124,6 +124,31 @@ def build() -> dict[str, Any]:
         (p95("rewards_redemption_latency_seconds", "outcome"), "p95 {{outcome}}"),
     ], x=12, w=12, unit="s")
 
+    g.row("Relationship")
+    rolling = 'max by (indicator) (churn_relationship_indicator{window="rolling", indicator=~"%s"})'
+    g.panel("Retention, churn, loyalty (rolling window)", "stat", [
+        (rolling % "retention_rate|churn_rate|loyalty_index|csat", "{{indicator}}")], x=0, w=8, h=6,
+        unit="percentunit", description="The churn service's four key indicators over the rolling window "
+        "(CHURN_ROLLING_WINDOW_MONTHS); formulas in services/churn/REPORTS.md. Also on GET /dashboard.")
+    g.panel("NPS (rolling window)", "stat", [(rolling % "nps", "NPS")], x=8, w=4, h=6,
+            description="% promoters (9-10) minus % detractors (0-6) of the survey answers, -100..100.",
+            thresholds=[{"color": "red", "value": None}, {"color": "orange", "value": 0},
+                        {"color": "green", "value": 30}])
+    g.panel("Customers at risk / lost", "stat", [
+        ('max by (state) (churn_customers_by_risk_state{state=~"at_risk|lost"})', "{{state}}")], x=12, w=6, h=6)
+    g.panel("Churn alerts per hour", "stat", [
+        ("sum by (kind) (rate(churn_alerts_total[1h])) * 3600", "{{kind}}")],
+        x=18, w=6, h=6, description="CustomerAtRisk, CustomerRecovered, CustomerLost and SegmentChanged emitted.")
+    g.line()
+    g.panel("Indicators this month", "timeseries", [
+        ('max by (indicator) (churn_relationship_indicator{window="month", indicator=~"retention_rate|churn_rate|'
+         'loyalty_index|csat"})', "{{indicator}}")], x=0, w=8, unit="percentunit",
+        description="The calendar month so far (resets on the 1st).")
+    g.panel("Customers by RFM segment", "timeseries", [
+        ("max by (segment) (churn_customers)", "{{segment}}")], x=8, w=8, unit="short")
+    g.panel("Customers by loyalty-matrix quadrant", "timeseries", [
+        ("max by (quadrant) (churn_relationship_quadrant_customers)", "{{quadrant}}")], x=16, w=8, unit="short")
+
     g.row("Kafka and outbox")
     g.panel("Consumer lag (messages)", "timeseries", [
         ("sum by (job, topic) (kafka_consumer_lag_messages)", "{{job}} {{topic}}"),

@@ -278,6 +278,9 @@ async def main(endpoints: Path, *, rate: float = 200.0, seconds: float | None = 
     last_recorded, last_t = 0, started
     display = Display()
     print(f"demo traffic at ~{rate:.0f} purchases/s, customers redeeming rewards (Ctrl-C to stop)\n", flush=True)
+    if env.get("CHURN_URL"):
+        print(f"customer relationship dashboard: {env['CHURN_URL']}/dashboard "
+              f"(sign in with CHURN_ADMIN_API_KEY from {endpoints})", flush=True)
     try:
         async with httpx.AsyncClient() as http:
             while seconds is None or time.monotonic() - started < seconds:

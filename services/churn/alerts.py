@@ -71,7 +71,7 @@ class AlertSink:
             episode=risk.episode,
             reasons=[AlertReason(signal=r.signal, detail=r.detail, value=r.value, threshold=r.threshold)
                      for r in transition.reasons],
-            segment=scores.segment, ltv=scores.ltv, currency=row["currency"], priority=priority,
+            segment=scores.segment, quadrant=row.get("quadrant"), ltv=scores.ltv, currency=row["currency"], priority=priority,
             p_alive=scores.p_alive, days_since_last_purchase=days_since, fit_version=scores.fit_version)
         event = envelope(cls, event_id=event_id, occurred_at=now, recorded_at=now, producer=PRODUCER,
                          correlation_id=correlation_id or str(event_id), customer_id=customer_id, payload=payload)

@@ -108,6 +108,7 @@ class ProfileOut(BaseModel):
     frequency_score: int | None
     monetary_score: int | None
     segment: str | None
+    quadrant: str | None = None  # the loyalty matrix's (reports, issue 13)
     p_alive: float | None
     expected_purchases: float | None
     expected_purchases_days: int
@@ -229,7 +230,7 @@ def _profile(ctx: ChurnContext, r: Any, categories: list[dict[str, Any]]) -> Pro
                          overdue_after_days=s.overdue_factor * rhythm.interval_days,
                          lost_after_days=s.lost_factor * rhythm.interval_days),
         recency_days=r["recency_days"], recency_score=r["recency_score"], frequency_score=r["frequency_score"],
-        monetary_score=r["monetary_score"], segment=r["segment"], p_alive=r["p_alive"],
+        monetary_score=r["monetary_score"], segment=r["segment"], quadrant=r.get("quadrant"), p_alive=r["p_alive"],
         expected_purchases=r["expected_purchases"], expected_purchases_days=s.expected_purchases_days,
         expected_spend=r["expected_spend"], ltv=r["ltv"], ltv_horizon_days=s.ltv_horizon_days,
         value_score=r["value_score"], priority=domain.priority(r["value_score"]), fit_version=r["fit_version"],

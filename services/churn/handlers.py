@@ -7,7 +7,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter
 
-from services.churn import domain, service
+from services.churn import domain, service, signals
+from services.churn.reports_settings import ReportsSettings
 from services.churn.service import ChurnContext, Facts
 from shared.events.engagement import ENGAGEMENT_EVENT_TYPES
 from shared.events.points import POINTS_EVENT_TYPES
@@ -46,7 +47,8 @@ def _union(types: tuple[type, ...]) -> Any:
     return Annotated[Union[types], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
 
 
-def applier(ctx: ChurnContext, table: dict[str, Fold]) -> Callable[[Batch[Any]], Any]:
+def applier(ctx: ChurnContext, table: dict[str, Fold],
+            tier_order: tuple[str, ...] = ()) -> Callable[[Batch[Any]], Any]:
     async def apply(batch: Batch[Any]) -> None:
         facts = Facts(ctx.settings, domain.news_window_start(batch.now, ctx.settings.alert_horizon_days))
         for item in batch.items:
@@ -54,12 +56,14 @@ def applier(ctx: ChurnContext, table: dict[str, Fold]) -> Callable[[Batch[Any]],
             if fold is not None and item.event.customer_id:  # an anonymous sale is nobody's yet
                 fold(facts, item.event)
         await service.apply_facts(ctx, batch, facts)
+        await signals.record_signals(batch.conn, batch.events, tier_order=tier_order)  # the reports' (issue 13)
     return apply
 
 
 def subscriptions(ctx: ChurnContext) -> list[Subscription[Any]]:
     s = ctx.settings
     dlq = s.topic(CHURN_DLQ)
+    tier_order = tuple(ReportsSettings().tier_order)
     specs = (
         (PURCHASES_RECORDED, service.PURCHASES_CONSUMER, (PurchaseRecorded, ReturnRecorded, PurchaseClaimed),
          PURCHASES, "sales, returns and claimed sales: purchase days, spend, rhythm"),
@@ -75,7 +79,7 @@ def subscriptions(ctx: ChurnContext) -> list[Subscription[Any]]:
         subs.append(Subscription(
             topic=s.topic(topic), consumer=consumer, decode=pydantic_decoder(TypeAdapter(_union(types)),
                                                                              known_types=known),
-            apply=applier(ctx, table), dead_letter_topic=dlq, door=f"{topic} consumer", lane="main",
+            apply=applier(ctx, table, tier_order), dead_letter_topic=dlq, door=f"{topic} consumer", lane="main",
             schema=_union(types), description=f"read by {consumer}: {description}"))
     return subs
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from services.churn import base, evaluation, metrics, queries
 from services.churn.api import create_routers, install_error_handlers
 from services.churn.handlers import subscriptions
+from services.churn.reports_wiring import install_reports
 from services.churn.service import ChurnContext
 from services.churn.settings import ChurnSettings
 from shared.events import DeadLetter
@@ -116,4 +117,5 @@ def create_app(settings: ChurnSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in create_routers(ctx):
         app.include_router(router)
+    install_reports(app, runtime, admin_key=lambda: settings.admin_api_key)  # issue 13: reports, /dashboard
     return app

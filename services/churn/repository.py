@@ -160,7 +160,8 @@ c.complaints_open, c.history_purchases,
 s.recency_days, s.recency_score, s.frequency_score, s.monetary_score, s.segment, s.segment_changes, s.p_alive,
 s.expected_purchases, s.expected_spend, s.ltv, s.value_score, s.rank_value, s.fit_version, s.snapshot_version,
 s.scored_at,
-r.state, r.episode, r.entered_at, r.entry_last_purchase_at, r.left_at, r.reasons
+r.state, r.episode, r.entered_at, r.entry_last_purchase_at, r.left_at, r.reasons,
+(SELECT q.quadrant FROM customer_quadrants q WHERE q.customer_id = c.customer_id) AS quadrant
 """
 
 _LOAD_FOR_UPDATE = f"""

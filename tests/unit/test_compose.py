@@ -281,6 +281,10 @@ def registered_metric_names() -> tuple[set[str], set[str]]:
     for service in {*APP_SERVICES, *compose_apps()}:
         if module_or_none(f"services.{service}.metrics") is None:
             missing.add(service)
+    # A service may keep some of its metrics next to the feature they measure (e.g. churn's
+    # reports_metrics.py): every *metrics.py module under services/ registers its names.
+    for path in sorted((ROOT / "services").glob("*/*metrics.py")):
+        importlib.import_module(f"services.{path.parent.name}.{path.stem}")
     return set(REGISTRY._names_to_collectors), missing
 
 
