@@ -235,6 +235,22 @@ def _refused(refused: AdminKeyRefused) -> Exception:
     return DeadLetterApiError(refused.status, refused.reason, refused.msg)
 
 
+TIME = "An ISO 8601 time with its offset, e.g. 2026-12-07T08:00:00+01:00"
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    """A query time: ISO 8601 with an offset (a bare number or a naive time is refused)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise DeadLetterApiError(422, "invalid_time", f"{name}: {TIME}")
+    return parsed
+
+
 def _cursor(position: int) -> str:
     return base64.urlsafe_b64encode(str(position).encode()).decode()
 
@@ -255,10 +271,11 @@ def dead_letter_router(desk: DeadLetterDesk, *, admin_key: Any, setting: str) ->
                        dependencies=[Depends(admin_key_dependency(admin_key, setting=setting, refusal=_refused))])
 
     @router.get("", response_model=DeadLetterPage, summary="Dead letters, newest first, by reason and time")
-    async def list_dead_letters(reason: str | None = None, since: AwareDatetime | None = None,
-                                until: AwareDatetime | None = None,
+    async def list_dead_letters(reason: str | None = None, since: Annotated[str | None, Query(description=TIME)] = None,
+                                until: Annotated[str | None, Query(description=TIME)] = None,
                                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
                                 cursor: str | None = None) -> DeadLetterPage:
+        since, until = _time(since, "since"), _time(until, "until")
         start = _position(cursor)
         matching = [x for x in await desk.letters() if _matches(x, reason, since, until)]
         counts: dict[str, int] = {}

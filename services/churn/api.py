@@ -58,7 +58,7 @@ class ErrorOut(BaseModel):
     detail: str
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut, "description": text} for status, text in (
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut, "description": text} for status, text in (
     (401, "Missing or wrong X-Admin-Key"), (404, "Unknown customer"),
     (409, "Another instance is doing this right now"), (422, "The request does not match the API"),
     (503, "The admin API is disabled (CHURN_ADMIN_API_KEY unset)"))}
@@ -145,7 +145,7 @@ def _parse_cursor(cursor: str) -> tuple[Decimal, str]:
 def create_routers(ctx: ChurnContext) -> list[APIRouter]:
     s = ctx.settings
     admin = Depends(admin_key_dependency(lambda: s.admin_api_key, setting="CHURN_ADMIN_API_KEY"))
-    router = APIRouter(prefix="/v1", dependencies=[admin], tags=["churn"], responses=_ERRORS)
+    router = APIRouter(prefix="/v1", dependencies=[admin], tags=["churn"], responses=ERRORS)
 
     @router.get("/customers/{customer_id}/profile", response_model=ProfileOut,
                 summary="What the service knows of one customer: RFM, rhythm, models, LTV, risk and its reasons")
@@ -177,7 +177,7 @@ def create_routers(ctx: ChurnContext) -> list[APIRouter]:
         return {"items": items,
                 "next_cursor": _cursor(last["rank_value"], last["customer_id"]) if more and last else None}
 
-    admin_router = APIRouter(prefix="/v1/admin", dependencies=[admin], tags=["admin"], responses=_ERRORS)
+    admin_router = APIRouter(prefix="/v1/admin", dependencies=[admin], tags=["admin"], responses=ERRORS)
 
     @admin_router.post("/models/fit", status_code=201, summary="Fit the models on the whole base now (stored as a new version), "
                                               "then refresh the RFM snapshot and rescore the base")

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from services.churn import indicators, matrix, reports
 from services.churn import reports_repository as repo
+from services.churn.api import ERRORS
 from services.churn.reports_settings import ReportsSettings
 
 MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
@@ -107,7 +108,7 @@ async def profitability_payload(conn: asyncpg.Connection, by: str) -> dict[str, 
 
 def create_reports_router(*, pool: Callable[[], asyncpg.Pool], settings: ReportsSettings,
                           authorised: Callable[..., Awaitable[None]], clock: Callable[[], datetime]) -> APIRouter:
-    router = APIRouter(tags=["reports"], dependencies=[Depends(authorised)])
+    router = APIRouter(tags=["reports"], dependencies=[Depends(authorised)], responses=ERRORS)
 
     @router.get("/v1/indicators", summary="The four key indicators, month by month and over a rolling window")
     async def get_indicators(from_: Annotated[str | None, Query(alias="from", description="YYYY-MM")] = None,

@@ -29,11 +29,13 @@ EXPECTED_COLUMNS = {
     "outbox": ["id", "topic", "key", "value", "headers", "created_at"],
     "outbox_failed": ["id", "topic", "key", "value", "headers", "created_at", "failed_at", "error"],
     "schema_migrations": ["name", "applied_at"],
+    "dead_letter_replays": ["dead_letter_id", "dlq_topic", "reason", "target_topic", "replayed_by", "replayed_at"],
 }
 EXPECTED_UNIQUE_INDEXES = {
     "coupon_codes_pkey", "coupon_codes_redemption_id_key", "redemptions_pkey",
     "redemptions_customer_id_idempotency_key_key", "redemptions_voucher_code", "rewards_pkey",
     "customer_standing_pkey", "inbox_pkey", "outbox_pkey", "outbox_failed_pkey", "schema_migrations_pkey",
+    "dead_letter_replays_pkey",
 }
 
 
