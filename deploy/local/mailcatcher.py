@@ -1,0 +1,90 @@
+"""A local mail catcher (aiosmtpd): an SMTP server on loopback that keeps every message as
+an .eml file in a folder. The file is named after the message's Message-ID, so a message
+sent twice with the same id (the engagement dispatcher's resend after a crash) is one file;
+`deliveries.log` keeps one line per SMTP delivery, duplicates included.
+
+    python -m deploy.local.mailcatcher --dir .run/mail --port 8025
+"""
+
+import argparse
+import hashlib
+import os
+import re
+import signal
+import threading
+from email import message_from_bytes
+from email.policy import default as default_policy
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+_SAFE = re.compile(r"[^A-Za-z0-9@._-]")
+
+
+def file_name(message_id: str | None, raw: bytes) -> str:
+    if message_id:
+        name = _SAFE.sub("_", message_id.strip().strip("<>"))[:150]
+        if name:
+            return f"{name}.eml"
+    return f"no-id-{hashlib.sha256(raw).hexdigest()[:24]}.eml"
+
+
+class _Keeper:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        raw = envelope.original_content or envelope.content
+        message = message_from_bytes(raw, policy=default_policy)
+        name = file_name(message.get("Message-ID"), raw)
+        tmp = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(raw)
+        os.replace(tmp, self.folder / name)  # atomic: a reader never sees half a message
+        with self.lock, open(self.folder / "deliveries.log", "a") as log:
+            log.write(f"{name}\n")
+        return "250 Message accepted"
+
+
+class MailCatcher:
+    """Start/stop in-process (tests) or run as a process (make up)."""
+
+    def __init__(self, folder: Path, *, host: str = "127.0.0.1", port: int = 8025) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.host, self.port = host, port
+        self.controller = Controller(_Keeper(self.folder), hostname=host, port=port, decode_data=False,
+                                     data_size_limit=10_000_000)
+
+    def start(self) -> "MailCatcher":
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def messages(self) -> list:
+        return [message_from_bytes(p.read_bytes(), policy=default_policy) for p in sorted(self.folder.glob("*.eml"))]
+
+    def deliveries(self) -> list[str]:
+        path = self.folder / "deliveries.log"
+        return path.read_text().split() if path.exists() else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8025)
+    args = parser.parse_args()
+    catcher = MailCatcher(args.dir, host=args.host, port=args.port).start()
+    print(f"mail catcher on {args.host}:{args.port}, keeping messages in {args.dir}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    catcher.stop()
+
+
+if __name__ == "__main__":
+    main()
