@@ -3,7 +3,7 @@ dispatch table naming what each event type does. Decoders and facts only; the us
 are in service.py."""
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter
 
@@ -117,7 +117,7 @@ TOPICS = ((PURCHASES_RECORDED, _PURCHASES, "engagement.purchases"), (POINTS_EVEN
 
 
 def _union(models: tuple) -> Any:
-    return Annotated[models, Field(discriminator="type")]
+    return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007 - a union built from a tuple
 
 
 def subscriptions(engine: Engagement, *, refresh: Callable) -> list[Subscription]:
