@@ -14,7 +14,7 @@ DEFAULT_JOURNEYS_FILE = Path(__file__).parent / "journeys.yaml"
 class EngagementSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ENGAGEMENT_", extra="ignore")
 
-    http_port: int = 8105
+    http_port: int = 8104
     max_body_bytes: int = Field(default=200_000, gt=0)
     # X-Admin-Key for /v1/admin/*, staff and customer-data endpoints; unset: 503.
     admin_api_key: SecretStr | None = None
@@ -24,7 +24,7 @@ class EngagementSettings(ServiceSettings):
     # Signs the links in messages (unsubscribe, survey, complaint). Required in production;
     # the default only suits a local run.
     link_secret: SecretStr = SecretStr("change-me-local-only")
-    public_base_url: str = "http://127.0.0.1:8105"
+    public_base_url: str = "http://127.0.0.1:8104"
 
     journeys_file: Path = DEFAULT_JOURNEYS_FILE
 
