@@ -7,6 +7,7 @@ sent twice with the same id (the engagement dispatcher's resend after a crash) i
 """
 
 import argparse
+import asyncio
 import hashlib
 import os
 import re
@@ -17,8 +18,10 @@ from email.policy import default as default_policy
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 _SAFE = re.compile(r"[^A-Za-z0-9@._-]")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.+?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
 
 
 def file_name(message_id: str | None, raw: bytes) -> str:
@@ -33,16 +36,19 @@ class _Keeper:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.lock = threading.Lock()
+        # Kept open: opening a file costs as much as the rest of a delivery here.
+        self.log = open(folder / "deliveries.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the server
 
     async def handle_DATA(self, server, session, envelope) -> str:
         raw = envelope.original_content or envelope.content
-        message = message_from_bytes(raw, policy=default_policy)
-        name = file_name(message.get("Message-ID"), raw)
+        # Only the Message-ID is needed here: read from the header block, not a full parse.
+        found = _MESSAGE_ID.search(raw.split(b"\r\n\r\n", 1)[0].replace(b"\r\n", b"\n"))
+        name = file_name(found[1].decode(errors="replace") if found else None, raw)
         tmp = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_bytes(raw)
         os.replace(tmp, self.folder / name)  # atomic: a reader never sees half a message
-        with self.lock, open(self.folder / "deliveries.log", "a") as log:
-            log.write(f"{name}\n")
+        with self.lock:
+            self.log.write(f"{name}\n")
         return "250 Message accepted"
 
 
@@ -77,13 +83,24 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8025)
     args = parser.parse_args()
-    catcher = MailCatcher(args.dir, host=args.host, port=args.port).start()
-    print(f"mail catcher on {args.host}:{args.port}, keeping messages in {args.dir}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    catcher.stop()
+    asyncio.run(serve(Path(args.dir), args.host, args.port))
+
+
+async def serve(folder: Path, host: str, port: int) -> None:
+    """The catcher as a process: the SMTP server on this process's own event loop (no
+    controller thread to share the interpreter with)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keeper = _Keeper(folder)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(keeper, hostname="mailcatcher.local", decode_data=False,
+                                                   data_size_limit=10_000_000), host, port)
+    print(f"mail catcher on {host}:{port}, keeping messages in {folder}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
 
 
 if __name__ == "__main__":
