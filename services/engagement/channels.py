@@ -2,7 +2,6 @@
 (aiosmtplib, any server), a webhook (HTTP POST, HMAC-signed). Every message carries its
 idempotency key: the SMTP Message-ID derives from it, the webhook sends it as a header."""
 
-import asyncio
 import binascii
 import hashlib
 import hmac
