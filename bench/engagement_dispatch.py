@@ -76,14 +76,15 @@ async def load(dsn: str, settings: EngagementSettings, scheduled: int, due: int)
 
 
 async def dispatch_rate(dsn: str, settings: EngagementSettings, due: int) -> float:
-    pool = await create_pool(dsn, schema="engagement", min_size=2, max_size=4)
+    pool = await create_pool(dsn, schema="engagement", min_size=2, max_size=2 + settings.dispatch_workers)
     engine = Engagement(settings=settings, clock=lambda: datetime.now(UTC), journeys=JourneyBook(settings.journeys_file),
                         templates=Templates(), email=EmailChannel(settings), webhook=WebhookChannel(settings))
     try:
         async with pool.acquire() as conn:
             await engine.journeys.refresh(conn)
         started = time.perf_counter()
-        sent = await dispatch.dispatch_until_idle(pool, engine)
+        sent = sum(await asyncio.gather(*(dispatch.dispatch_until_idle(pool, engine)
+                                          for _ in range(settings.dispatch_workers))))
         elapsed = time.perf_counter() - started
         n = await pool.fetchval("SELECT count(*) FROM timers WHERE status = 'sent'")
         assert n == due, f"{n} sent of {due} due ({sent} claimed)"
@@ -127,6 +128,7 @@ async def main() -> None:
     parser.add_argument("--scheduled", type=int, default=1_000_000)
     parser.add_argument("--due", type=int, default=20_000)
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, default=2, help="dispatch rounds at once (ENGAGEMENT_DISPATCH_WORKERS)")
     args = parser.parse_args()
     with infra(durable=False) as env:
         smtp_port = free_port()
@@ -137,11 +139,12 @@ async def main() -> None:
             time.sleep(1)
             # Quiet hours off (start = end): the figure must not depend on the hour it runs at.
             settings = EngagementSettings(database_url=env.dsn(), smtp_port=smtp_port, quiet_start_hour=0,
-                                          quiet_end_hour=0, dispatch_batch=500, dispatch_concurrency=8)
+                                          quiet_end_hour=0, dispatch_batch=500, dispatch_concurrency=8,
+                                          dispatch_workers=args.workers)
             await load(env.dsn(), settings, args.scheduled, args.due)
             rate = await dispatch_rate(env.dsn(), settings, args.due)
             print(f"dispatch: {args.due:,} messages to the local SMTP server at {rate:,.0f} messages/s "
-                  f"({args.scheduled:,} scheduled)")
+                  f"({args.scheduled:,} scheduled, {args.workers} workers)")
             events_rate = await consumer_rate(env, args.events, smtp_port)
             print(f"consumer: {args.events:,} PointsEarned -> journey + timer at {events_rate:,.0f} events/s")
             print(json.dumps({"scheduled": args.scheduled, "due": args.due, "dispatch_per_s": round(rate),

@@ -66,7 +66,8 @@ def create_app(settings: EngagementSettings | None = None, *, clock: Clock | Non
     # on_start hooks, but every batch's prepare refreshes the journeys from the table first.
     runtime.on_start(load_journeys)
     runtime.on_stop(close_channels)
-    runtime.every(settings.dispatch_interval_s, "engagement-dispatcher", dispatch)
+    for n in range(settings.dispatch_workers):
+        runtime.every(settings.dispatch_interval_s, f"engagement-dispatcher-{n}", dispatch)
     runtime.every(settings.metrics_interval_s, "engagement-gauges", lambda: refresh_gauges(runtime.pool, engine))
     runtime.add_readiness_check("journeys", journeys_loaded)
     app = create_service_app(runtime, title="Loyalty engagement", description=DESCRIPTION)

@@ -45,6 +45,9 @@ class EngagementSettings(ServiceSettings):
     dispatch_interval_s: float = Field(default=1.0, gt=0)
     dispatch_batch: int = Field(default=200, gt=0)
     dispatch_concurrency: int = Field(default=8, gt=0)
+    # Dispatch rounds running at once in a process (SKIP LOCKED keeps them apart): one claims
+    # and records in PostgreSQL while another waits for the SMTP server.
+    dispatch_workers: int = Field(default=2, ge=1, le=16)
     delivery_max_attempts: int = Field(default=5, ge=1)
     delivery_backoff_s: float = Field(default=30.0, ge=0)
     metrics_interval_s: float = Field(default=15.0, gt=0)

@@ -156,3 +156,34 @@ async def test_a_refused_delivery_is_retried_then_marked_failed(base_env, tmp_pa
     assert decisions == {"send": 3, "retry": 2, "failed": 1}  # each attempt decided "send", then its outcome
     [timer] = await rows(dsn, "SELECT status, attempts, reason FROM timers")
     assert timer["status"] == "failed" and timer["reason"]  # the channel's error, kept
+
+
+async def test_win_back_credits_its_points_through_the_ledger_once_then_sends(base_env, tmp_path, kafka_bootstrap):
+    from services.ledger.main import create_app as create_ledger
+    from shared.topics import CHURN_ALERTS
+    from tests.support.engagement import alert, served
+    from tests.support.ledger import ADMIN_KEY as LEDGER_KEY
+    from tests.support.ledger import ledger_settings
+
+    clock = TestClock(NOON_UTC)
+    customer = f"c-{uuid.uuid4().hex[:8]}"
+    ledger_port = free_port()
+    async with served(create_ledger(ledger_settings(base_env, http_port=ledger_port)), ledger_port) as ledger:
+        with mail_catcher(tmp_path / "mail") as catcher:
+            settings = engagement_settings(base_env, smtp_port=catcher.port, http_port=free_port(),
+                                           ledger_url=f"http://127.0.0.1:{ledger_port}",
+                                           ledger_admin_api_key=LEDGER_KEY)
+            async with running_engagement(settings, clock) as (_, client):
+                assert (await client.put(f"/v1/customers/{customer}/contact", json=contact("w@example.com"),
+                                         headers={"X-Backend-Key": BACKEND_KEY})).status_code == 200
+                await produce(kafka_bootstrap, base_env["TOPIC_PREFIX"] + CHURN_ALERTS, [
+                    alert("CustomerAtRisk", customer, at=NOON_UTC, quadrant="true_friend", ltv="640.00"),
+                    alert("CustomerAtRisk", f"{customer}-x", at=NOON_UTC, quadrant="butterfly", ltv="900.00"),
+                ], key_field="customer_id")
+                mail = (await wait_for(lambda: [m for m in catcher.messages() if m["To"] == "w@example.com"],
+                                       what="the win-back"))[0]
+        balance = (await ledger.get(f"/v1/customers/{customer}/balance", headers={"X-Admin-Key": LEDGER_KEY})).json()
+    assert "200 pkt" in mail.get_body(("plain",)).get_content()
+    assert balance["available_points"] == 200
+    assert [r["journey"] for r in await rows(base_env["DATABASE_URL"], "SELECT journey FROM journey_instances")] == [
+        "win_back"]

@@ -50,14 +50,11 @@ def engagement_settings(base_env: dict[str, str], *, smtp_port: int, http_port: 
 
 
 @contextlib.asynccontextmanager
-async def running_engagement(settings: EngagementSettings, clock: TestClock):
-    """The service (consumers, dispatcher, relay, HTTP) served by uvicorn on its port."""
-    app = create_app(settings, clock=clock)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.http_port, log_config=None,
-                                           lifespan="on"))
+async def served(app, port: int):
+    """An ASGI app (lifespan included) served by uvicorn on a real port, and a client for it."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     task = asyncio.create_task(server.serve())
-    base = f"http://127.0.0.1:{settings.http_port}"
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -67,13 +64,21 @@ async def running_engagement(settings: EngagementSettings, clock: TestClock):
                 pass
             if task.done() or time.monotonic() > deadline:
                 server.should_exit = True
-                raise RuntimeError("engagement did not become ready")
+                raise RuntimeError("the app did not become ready")
             await asyncio.sleep(0.1)
         try:
-            yield app, client
+            yield client
         finally:
             server.should_exit = True
             await task
+
+
+@contextlib.asynccontextmanager
+async def running_engagement(settings: EngagementSettings, clock: TestClock):
+    """The service (consumers, dispatcher, relay, HTTP) served by uvicorn on its port."""
+    app = create_app(settings, clock=clock)
+    async with served(app, settings.http_port) as client:
+        yield app, client
 
 
 @contextlib.contextmanager
@@ -160,3 +165,12 @@ def contact(email: str, *, consent_email: bool = True, locale: str = "pl-PL",
 
 
 NOON_UTC = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+def alert(event_type: str, customer_id: str, *, at: datetime, quadrant: str | None = None, ltv: str | None = None,
+          episode: int = 1) -> dict:
+    payload = {"episode": episode, "reasons": [], "segment": None, "quadrant": quadrant, "ltv": ltv,
+               "currency": "PLN", "priority": "high", "p_alive": 0.3, "days_since_last_purchase": 90,
+               "fit_version": 1}
+    return _envelope(event_type, customer_id, payload, occurred_at=at, producer="churn",
+                     event_id=str(uuid.uuid4()))
