@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from deploy.local.infra import free_port
+from services.engagement.feedback import refresh_gauges
 from shared.topics import ENGAGEMENT_EVENTS, POINTS_EVENTS, PURCHASES_RECORDED
 from tests.support.engagement import (
     ADMIN_KEY,
@@ -103,7 +104,7 @@ async def test_the_survey_is_answered_in_a_real_browser_and_a_detractor_opens_a_
     prefix, dsn = base_env["TOPIC_PREFIX"], base_env["DATABASE_URL"]
     clock = TestClock(NOON_UTC)
     customer, email = f"c-{uuid.uuid4().hex[:8]}", f"{uuid.uuid4().hex[:8]}@example.com"
-    async with await start(base_env, catcher, clock) as (_, client):
+    async with await start(base_env, catcher, clock) as (app, client):
         await put_contact(client, customer, email, locale="en-GB")
         sold = sale(customer, at=NOON_UTC, category="shoes", store="krakow-1")
         await produce(kafka_bootstrap, prefix + PURCHASES_RECORDED, [sold], key_field="customer_id")
@@ -127,6 +128,9 @@ async def test_the_survey_is_answered_in_a_real_browser_and_a_detractor_opens_a_
         events = await consume(kafka_bootstrap, prefix + ENGAGEMENT_EVENTS, count=10, timeout_s=20, idle_s=2)
         followups = (await client.get("/v1/followups?status=open", headers=ADMIN)).json()
         stats = (await client.get("/v1/stats/satisfaction", headers=ADMIN)).json()
+        gap = (await client.get("/v1/stats/relationship?days=60", headers=ADMIN)).json()
+        await refresh_gauges(app.state.runtime.pool, app.state.engine)
+        metrics = (await client.get("/metrics")).text
     answered = [e for e in events if e["type"] == "SurveyAnswered"]
     assert len(answered) == 1
     assert {k: answered[0]["payload"][k] for k in ("nps", "csat", "has_remark", "store_id", "category", "purchase_id")} == {
@@ -138,6 +142,12 @@ async def test_the_survey_is_answered_in_a_real_browser_and_a_detractor_opens_a_
     assert opened["store_id"] == "krakow-1"
     assert [(s["store_id"], s["category"], s["nps"], s["csat_average"], s["response_rate"]) for s in stats] == [
         ("krakow-1", "shoes", -100.0, 2.0, 1.0)]
+    assert 'engagement_nps{category="shoes",month="2026-12",store="krakow-1"} -100.0' in metrics
+    assert 'engagement_csat_average{category="shoes",month="2026-12",store="krakow-1"} 2.0' in metrics
+    assert customer not in metrics
+    # the sale's first touchpoint was the survey, 15 days on: not followed up within 7 days
+    assert gap["sales"] == 1 and gap["followed_up_within_7d_share"] == 0.0 and gap["survey_response_rate"] == 1.0
+    assert gap["median_first_touch_seconds"] == 15 * 86400 + 60
     # the usage note and the welcome were due long before: dropped as stale, counted
     skipped = {r["step"]: r["reason"] for r in await rows(dsn, "SELECT step, reason FROM timers WHERE status = 'skipped'")}
     assert skipped == {"usage_note": "stale", "welcome": "stale"}
