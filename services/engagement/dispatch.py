@@ -35,6 +35,7 @@ class Pending:
     timer: asyncpg.Record
     step: Step
     outgoing: Outgoing
+    variables: dict
     error: str | None = None
 
 
@@ -81,8 +82,7 @@ async def _settle(conn: asyncpg.Connection, engine: Engagement, timers: list[asy
             h.capped_sent.append(r["sent_at"])
         if r["survey"] and (h.last_survey_at is None or r["sent_at"] > h.last_survey_at):
             h.last_survey_at = r["sent_at"]
-    returned = await repo.returned_purchases(conn, [(t["customer_id"], t["purchase_id"]) for t in timers
-                                                    if t["purchase_id"]])
+    sales = await repo.sales_of(conn, [(t["customer_id"], t["purchase_id"]) for t in timers if t["purchase_id"]])
     out: list[OutboxMessage] = []
     completed, rescheduled, decisions, pending = [], [], [], []
     for timer in timers:
@@ -97,7 +97,8 @@ async def _settle(conn: asyncpg.Connection, engine: Engagement, timers: list[asy
         customer = customers.get(timer["customer_id"])
         channel_consent = "email" if step.channel == "email" else "sms"
         address = (customer["email"] if step.channel == "email" else customer["phone"]) if customer else None
-        holds = step.condition != "not_returned" or (timer["customer_id"], timer["purchase_id"]) not in returned
+        sold = sales.get((timer["customer_id"], timer["purchase_id"]))
+        holds = step.condition != "not_returned" or not (sold and sold["returned"])
         history = histories.setdefault((timer["customer_id"], step.channel), d.History())
         decision = d.decide(now=now, step=step, valid_until=timer["valid_until"],
                             consent=consents.get((timer["customer_id"], channel_consent), False),
@@ -113,7 +114,7 @@ async def _settle(conn: asyncpg.Connection, engine: Engagement, timers: list[asy
             rescheduled.append((timer["timer_id"], decision.until, timer["attempts"], decision.reason))
         else:
             d.record_sent(history, step, now)
-            pending.append(_outgoing(engine, timer, step, customer, address, now))
+            pending.append(_outgoing(engine, timer, step, customer, address, now, sold))
     await _incentives(engine, [p for p in pending if p.step.incentive_points])
     await _send_all(engine, [p for p in pending if p.error is None])
     sent_rows, touches = [], []
@@ -140,7 +141,7 @@ async def _settle(conn: asyncpg.Connection, engine: Engagement, timers: list[asy
             decisions.append((t["timer_id"], now, "retry", p.error[:500], retry_at))
             m.DECISIONS.labels(t["journey"], "retry", "delivery_failed").inc()
     survey_rows = [(p.timer["timer_id"], p.timer["customer_id"], p.timer["journey"], p.timer["purchase_id"],
-                    *_survey_place(p.timer), now, now + timedelta(days=s.survey_link_valid_days))
+                    *_survey_place(p), now, now + timedelta(days=s.survey_link_valid_days))
                    for p in pending if p.error is None and p.step.survey]
     if survey_rows:
         await conn.executemany(
@@ -156,15 +157,17 @@ async def _settle(conn: asyncpg.Connection, engine: Engagement, timers: list[asy
     return out
 
 
-def _survey_place(timer: asyncpg.Record) -> tuple[str | None, str | None]:
-    context = repo.json_context(timer["context"])
-    return context.get("store_id"), context.get("category")
+def _survey_place(p: "Pending") -> tuple[str | None, str | None]:
+    return p.variables.get("store_id"), p.variables.get("category")
 
 
 def _outgoing(engine: Engagement, timer: asyncpg.Record, step: Step, customer: asyncpg.Record, address: str,
-              now: datetime) -> Pending:
+              now: datetime, sold: asyncpg.Record | None) -> Pending:
     s = engine.settings
     variables = repo.json_context(timer["context"])
+    if sold is not None:  # the trigger may have been read before its sale (another topic)
+        variables.setdefault("store_id", sold["store_id"])
+        variables.setdefault("category", sold["category"])
     if step.survey:
         variables["survey_url"] = survey_url(engine, timer["timer_id"], now + timedelta(days=s.survey_link_valid_days))
     if step.incentive_points:
@@ -176,7 +179,7 @@ def _outgoing(engine: Engagement, timer: asyncpg.Record, step: Step, customer: a
     return Pending(timer, step, Outgoing(timer["timer_id"], timer["customer_id"],
                                          address if step.channel == "email" else None,
                                          address if step.channel != "email" else None,
-                                         rendered, unsubscribe_page, unsubscribe_post))
+                                         rendered, unsubscribe_page, unsubscribe_post), variables)
 
 
 async def _send_all(engine: Engagement, pending: list[Pending]) -> None:

@@ -53,9 +53,13 @@ async def on_return(conn, engine: Engagement, e: ReturnRecorded, publish: Publis
 
 async def on_points_earned(conn, engine: Engagement, e: PointsEarned, publish: Publish) -> None:
     p = e.payload
+    # The sale, when it was read first (usually): its store and category for the trigger's
+    # conditions. The message reads them at send time (dispatch.py), whichever came first.
+    sold = await service.repo.sale(conn, purchase_id=p.purchase_id, customer_id=e.customer_id)
     await service.on_facts(conn, engine, d.Facts(
         event_id=e.event_id, event_type=e.type, customer_id=e.customer_id, occurred_at=e.occurred_at,
         history=p.history, purchase_id=p.purchase_id, source=p.source, tier=p.balance.tier,
+        store_id=sold["store_id"] if sold else None, category=sold["category"] if sold else None,
         context={"points": p.amount_points, "pending": p.pending, "available_points": p.balance.available_points,
                  "purchase_id": p.purchase_id}), publish)
 

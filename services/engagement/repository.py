@@ -90,14 +90,16 @@ async def sale(conn: asyncpg.Connection, *, purchase_id: str, customer_id: str) 
                                purchase_id, customer_id)
 
 
-async def returned_purchases(conn: asyncpg.Connection, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+async def sales_of(conn: asyncpg.Connection, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], asyncpg.Record]:
+    """(customer_id, purchase_id) -> the sale (store, category, returned), for the sales known."""
     if not pairs:
-        return set()
+        return {}
     rows = await conn.fetch(
-        """SELECT s.customer_id, s.purchase_id FROM sales s
-           JOIN unnest($1::text[], $2::text[]) AS w(customer_id, purchase_id) USING (customer_id, purchase_id)
-           WHERE s.returned""", [p[0] for p in pairs], [p[1] for p in pairs])
-    return {(r["customer_id"], r["purchase_id"]) for r in rows}
+        """SELECT DISTINCT ON (s.customer_id, s.purchase_id) s.customer_id, s.purchase_id, s.store_id, s.category,
+                  s.returned FROM sales s
+           JOIN unnest($1::text[], $2::text[]) AS w(customer_id, purchase_id) USING (customer_id, purchase_id)""",
+        [p[0] for p in pairs], [p[1] for p in pairs])
+    return {(r["customer_id"], r["purchase_id"]): r for r in rows}
 
 
 async def first_touch(conn: asyncpg.Connection, rows: Sequence[tuple[str, str, datetime]]) -> None:

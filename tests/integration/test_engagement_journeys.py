@@ -68,7 +68,7 @@ async def test_a_sale_brings_the_thank_you_email_with_the_points_it_earned(base_
     assert len(mails) == 1
     mail = mails[0]
     assert mail["Subject"] == "Dziękujemy za zakupy"
-    assert "42 pkt" in body_of(mail)
+    assert "42 pkt" in body_of(mail) and "w sklepie s1" in body_of(mail)
     assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert re.match(r"<http://127\.0\.0\.1:\d+/u/[^>]+>", mail["List-Unsubscribe"])
     timer = (await rows(base_env["DATABASE_URL"], "SELECT timer_id FROM timers WHERE journey = 'thank_you'"))[0]
