@@ -154,4 +154,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import uvloop  # as the service runs (shared/http.py serve)
+    uvloop.run(main())

@@ -37,7 +37,7 @@ class _Keeper:
         self.folder = folder
         self.lock = threading.Lock()
         # Kept open: opening a file costs as much as the rest of a delivery here.
-        self.log = open(folder / "deliveries.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the server
+        self.log = open(folder / "deliveries.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the server; O_APPEND keeps lines whole across processes
 
     async def handle_DATA(self, server, session, envelope) -> str:
         raw = envelope.original_content or envelope.content
@@ -82,18 +82,35 @@ def main() -> None:
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8025)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="server processes sharing the port (SO_REUSEPORT), for benchmarks")
     args = parser.parse_args()
-    asyncio.run(serve(Path(args.dir), args.host, args.port))
+    children = []
+    for _ in range(args.processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = None
+            break
+        children.append(pid)
+    try:
+        import uvloop  # the loop in C: the catcher must not be what a dispatch benchmark measures
+        uvloop.run(serve(Path(args.dir), args.host, args.port, reuse_port=args.processes > 1))
+    except ImportError:
+        asyncio.run(serve(Path(args.dir), args.host, args.port, reuse_port=args.processes > 1))
+    for pid in children or []:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
 
 
-async def serve(folder: Path, host: str, port: int) -> None:
+async def serve(folder: Path, host: str, port: int, *, reuse_port: bool = False) -> None:
     """The catcher as a process: the SMTP server on this process's own event loop (no
     controller thread to share the interpreter with)."""
     folder.mkdir(parents=True, exist_ok=True)
     keeper = _Keeper(folder)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(keeper, hostname="mailcatcher.local", decode_data=False,
-                                                   data_size_limit=10_000_000), host, port)
+                                                   data_size_limit=10_000_000), host, port,
+                                    reuse_port=reuse_port)
     print(f"mail catcher on {host}:{port}, keeping messages in {folder}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
