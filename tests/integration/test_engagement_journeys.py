@@ -214,8 +214,16 @@ async def test_erasing_a_customer_removes_contact_consent_and_message_content(ba
         sold = sale(customer, at=NOON_UTC)
         await produce(kafka_bootstrap, prefix + PURCHASES_RECORDED, [sold], key_field="customer_id")
         await produce(kafka_bootstrap, prefix + POINTS_EVENTS, [points_earned(sold, 7)], key_field="customer_id")
-        await wait_for(lambda: mails_to(catcher, email), what="the thank-you")
+        mail = (await wait_for(lambda: mails_to(catcher, email), what="the thank-you"))[0]
         await wait_for(lambda: rows(dsn, "SELECT 1 FROM timers WHERE step = 'survey'"), what="the survey timer")
+        # the remark or complaint link in the footer: a page, a form, a follow-up
+        complaint_url = re.search(r"http://\S+/c/\S+", body_of(mail))[0]
+        page = await client.get(complaint_url)
+        assert page.status_code == 200 and '<textarea name="remark"' in page.text
+        sent = await client.post(complaint_url, data={"remark": "Nobody answered the phone"})
+        assert sent.status_code == 200
+        [task] = (await client.get("/v1/followups", headers=ADMIN)).json()
+        assert task["source"] == "complaint_form" and task["remark"] == "Nobody answered the phone"
         r = await client.delete(f"/v1/customers/{customer}", headers=ADMIN)
         assert r.status_code == 200, r.text
         after = (await client.get(f"/v1/customers/{customer}/contact", headers=ADMIN)).json()
@@ -223,3 +231,4 @@ async def test_erasing_a_customer_removes_contact_consent_and_message_content(ba
     assert [tuple(r) for r in await rows(dsn, "SELECT subject, body FROM messages")] == [(None, None)]
     assert {r["status"] for r in await rows(dsn, "SELECT status FROM timers WHERE step <> 'thank_you'")} == {"skipped"}
     assert not await rows(dsn, "SELECT 1 FROM customers WHERE email IS NOT NULL OR phone IS NOT NULL")
+    assert [r["remark"] for r in await rows(dsn, "SELECT remark FROM followups")] == [None]
