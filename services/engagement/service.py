@@ -20,6 +20,7 @@ from services.engagement import repository as repo
 from services.engagement.channels import EmailChannel, Templates, WebhookChannel
 from services.engagement.journeys import JourneysDocument, load_file, parse_document
 from services.engagement.settings import EngagementSettings
+from shared.errors import TransientError
 from shared.events import derived_event_id, envelope, utcnow
 from shared.events.engagement import (
     ConsentChanged,
@@ -45,6 +46,10 @@ def make_clock(settings: EngagementSettings) -> Clock:
         offset = timedelta(seconds=settings.clock_offset_s)
         return lambda: utcnow() + offset
     return utcnow
+
+
+class JourneysNotLoaded(TransientError):
+    """Retried by the pipeline until the journeys are loaded; never a dead letter."""
 
 
 @dataclass
@@ -139,7 +144,8 @@ async def on_facts(conn: asyncpg.Connection, engine: Engagement, facts: d.Facts,
     """Start the journeys this event starts (planning their steps as timers)."""
     doc, version = engine.journeys.current, engine.journeys.version
     if doc is None:
-        raise RuntimeError("journeys not loaded")
+        # First start: consumers may read before the start hook stored the file's version.
+        raise JourneysNotLoaded("journeys not loaded yet")
     now = engine.clock()
     started: list[uuid.UUID] = []
     for journey in d.journeys_started(doc, facts):
@@ -164,7 +170,9 @@ async def exit_journeys(conn: asyncpg.Connection, engine: Engagement, *, custome
     """End the customer's active instances of the journeys that exit on `rule`; their
     scheduled steps are skipped (TouchpointSkipped, reason exited:<rule>)."""
     doc = engine.journeys.current
-    names = [j.name for j in doc.journeys if rule in j.exit_on] if doc else []
+    if doc is None:
+        raise JourneysNotLoaded("journeys not loaded yet")
+    names = [j.name for j in doc.journeys if rule in j.exit_on]
     if not names:
         return 0
     rows = await repo.active_instances(conn, customer_id=customer_id, journeys=names, purchase_id=purchase_id)

@@ -168,3 +168,21 @@ def test_no_customer_ever_exceeds_the_cap_or_gets_a_message_in_quiet_hours(burst
             assert b - a >= RULES.cap_interval
         for k, t in enumerate(times):
             assert len([u for u in times[k:] if u < t + timedelta(days=7)]) <= RULES.cap_per_week
+
+
+def test_events_read_before_the_journeys_are_loaded_are_retried_not_dead_lettered():
+    import asyncio
+
+    from services.engagement.service import (
+        Engagement,
+        JourneyBook,
+        JourneysNotLoaded,
+        on_facts,
+    )
+    from shared.errors import is_transient
+
+    engine = Engagement(settings=None, clock=lambda: NOON, journeys=JourneyBook(file=None), templates=None,
+                        email=None, webhook=None)
+    with pytest.raises(JourneysNotLoaded) as raised:
+        asyncio.run(on_facts(None, engine, facts("PointsEarned"), lambda *_: None))
+    assert is_transient(raised.value)
