@@ -232,3 +232,22 @@ async def test_erasing_a_customer_removes_contact_consent_and_message_content(ba
     assert {r["status"] for r in await rows(dsn, "SELECT status FROM timers WHERE step <> 'thank_you'")} == {"skipped"}
     assert not await rows(dsn, "SELECT 1 FROM customers WHERE email IS NOT NULL OR phone IS NOT NULL")
     assert [r["remark"] for r in await rows(dsn, "SELECT remark FROM followups")] == [None]
+
+
+async def test_a_thank_you_in_quiet_hours_waits_for_the_morning_in_the_customers_time_zone(
+        base_env, catcher, kafka_bootstrap):
+    prefix, dsn = base_env["TOPIC_PREFIX"], base_env["DATABASE_URL"]
+    evening = NOON_UTC + timedelta(hours=9, minutes=30)  # 22:30 in Warsaw
+    clock = TestClock(evening)
+    customer, email = f"c-{uuid.uuid4().hex[:8]}", f"{uuid.uuid4().hex[:8]}@example.com"
+    async with await start(base_env, catcher, clock) as (_, client):
+        await put_contact(client, customer, email)
+        await produce(kafka_bootstrap, prefix + POINTS_EVENTS, [points_earned(sale(customer, at=evening), 9)],
+                      key_field="customer_id")
+        deferred = await wait_for(lambda: rows(dsn, "SELECT until_at FROM decisions WHERE decision = 'defer' "
+                                                    "AND reason = 'quiet_hours'"), what="the deferral")
+        assert deferred[0]["until_at"] == NOON_UTC + timedelta(hours=19)  # 08:00 in Warsaw, 07:00 UTC
+        assert not mails_to(catcher, email)
+        clock.advance(timedelta(hours=9, minutes=31))
+        mail = (await wait_for(lambda: mails_to(catcher, email), what="the morning's thank-you"))[0]
+    assert "9 pkt" in body_of(mail)
