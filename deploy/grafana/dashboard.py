@@ -149,6 +149,35 @@ def build() -> dict[str, Any]:
     g.panel("Customers by loyalty-matrix quadrant", "timeseries", [
         ("max by (quadrant) (churn_relationship_quadrant_customers)", "{{quadrant}}")], x=16, w=8, unit="short")
 
+    g.row("Engagement: the relationship gap")
+    g.panel("Sales followed up", "timeseries", [
+        ('engagement_sales_followed_up_share{window="24h"}', "within 24 h"),
+        ('engagement_sales_followed_up_share{window="7d"}', "within 7 days"),
+    ], x=0, w=6, unit="percentunit",
+        description="Share of the last 30 days' sales that got a touchpoint within the window")
+    g.panel("Median time from a sale to its first touchpoint", "stat", [
+        ("engagement_sale_first_touch_median_seconds", "median"),
+    ], x=6, w=6, unit="s")
+    g.panel("Touchpoint decisions per second", "timeseries", [
+        ("sum by (decision, reason) (rate(engagement_decisions_total[5m]))", "{{decision}} {{reason}}"),
+    ], x=12, w=6, unit="ops")
+    g.panel("Follow-ups and dispatch lag", "timeseries", [
+        ("engagement_followups_open", "open follow-ups"),
+        ("engagement_followups_overdue", "past their deadline"),
+        ("engagement_dispatch_lag_now_seconds / 60", "dispatch lag (min)"),
+    ], x=18, w=6, unit="short")
+    g.line()
+    g.panel("NPS by store", "timeseries", [
+        ("avg by (store) (engagement_nps)", "{{store}}"),
+    ], x=0, w=8, unit="short")
+    g.panel("CSAT by category", "timeseries", [
+        ("avg by (category) (engagement_csat_average)", "{{category}}"),
+    ], x=8, w=8, unit="short")
+    g.panel("Survey response rate and follow-ups resolved in time", "timeseries", [
+        ("avg by (store) (engagement_survey_response_rate)", "responses {{store}}"),
+        ("engagement_followups_resolved_in_deadline_share", "follow-ups resolved within deadline"),
+    ], x=16, w=8, unit="percentunit")
+
     g.row("Kafka and outbox")
     g.panel("Consumer lag (messages)", "timeseries", [
         ("sum by (job, topic) (kafka_consumer_lag_messages)", "{{job}} {{topic}}"),

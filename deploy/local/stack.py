@@ -41,7 +41,7 @@ DATABASE = "loyalty"
 # Well-known local ports; a busy one is replaced by the one used last time, else by a free
 # one (written to endpoints.env).
 DEFAULT_PORTS = {"broker": 19092, "postgres": 15432, "purchases": 8101, "ledger": 8102, "rewards": 8103,
-                 "engagement": 8104, "churn": 8105}
+                 "engagement": 8104, "churn": 8105, "mailcatcher": 8025}
 DEMO_STORES = ("store-001", "store-002", "store-003")
 DEFAULT_PARTITIONS = 4
 # Consumer group timing for the local stack: each group join takes about half the session
@@ -105,7 +105,8 @@ def _secrets(state: dict) -> dict:
     """Local-only credentials, generated once per checkout and kept in .run/state.json."""
     creds = state.setdefault("secrets", {})
     for name in ("store_api_key", "shopify_webhook_secret", "woocommerce_webhook_secret", "ledger_admin_api_key",
-                 "rewards_admin_api_key", "rewards_jwt_secret", "churn_admin_api_key"):
+                 "rewards_admin_api_key", "rewards_jwt_secret", "churn_admin_api_key", "engagement_admin_api_key",
+                 "engagement_backend_api_key", "engagement_link_secret"):
         creds.setdefault(name, secrets.token_urlsafe(24))
     return creds
 
@@ -131,6 +132,13 @@ def service_env(name: str, state: dict) -> dict[str, str]:
         # One local identity provider: a customer's token reads their ledger balance too.
         "LEDGER_JWT_SECRET": creds["rewards_jwt_secret"],
         "REWARDS_LEDGER_URL": f"http://127.0.0.1:{ports.get('ledger', 0)}",
+        "ENGAGEMENT_ADMIN_API_KEY": creds["engagement_admin_api_key"],
+        "ENGAGEMENT_BACKEND_API_KEY": creds["engagement_backend_api_key"],
+        "ENGAGEMENT_LINK_SECRET": creds["engagement_link_secret"],
+        "ENGAGEMENT_PUBLIC_BASE_URL": f"http://127.0.0.1:{ports.get('engagement', 0)}",
+        "ENGAGEMENT_SMTP_PORT": str(ports.get("mailcatcher", 0)),
+        "ENGAGEMENT_LEDGER_URL": f"http://127.0.0.1:{ports.get('ledger', 0)}",
+        "ENGAGEMENT_LEDGER_ADMIN_API_KEY": creds["ledger_admin_api_key"],
     }
     return env
 
@@ -194,6 +202,17 @@ def up(partitions: int | None = None, stop: StopSignals | None = None) -> dict:
 
     # topics and migrations (services also do both at start; doing it here reports errors early)
     asyncio.run(_prepare(state))
+
+    # the local mail catcher (deploy/local/mailcatcher.py): every message as .eml in MAIL_DIR
+    pid = _pid_from(RUN / "pids" / "mailcatcher.pid")
+    if not (pid and pid_alive(pid) and port_open(ports.get("mailcatcher", 0))):
+        ports["mailcatcher"] = free_port(DEFAULT_PORTS["mailcatcher"])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy.local.mailcatcher", "--dir", str(RUN / "mail"), "--port",
+             str(ports["mailcatcher"])], cwd=ROOT, stdout=open(RUN / "logs" / "mailcatcher.log", "ab"),
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        (RUN / "pids" / "mailcatcher.pid").write_text(str(proc.pid))
+        print(f"mailcatcher started on 127.0.0.1:{ports['mailcatcher']} (pid {proc.pid}), mail in {RUN / 'mail'}")
 
     # services
     log_offsets: dict[str, int] = {}  # where this start's log lines begin
@@ -268,6 +287,8 @@ def write_endpoints(state: dict) -> None:
         f"REWARDS_ADMIN_API_KEY={creds['rewards_admin_api_key']}",
         f"REWARDS_JWT_SECRET={creds['rewards_jwt_secret']}",
         f"CHURN_ADMIN_API_KEY={creds['churn_admin_api_key']}",
+        f"ENGAGEMENT_ADMIN_API_KEY={creds['engagement_admin_api_key']}",
+        f"MAIL_DIR={RUN / 'mail'}",
     ]
     ENDPOINTS.write_text("\n".join(lines) + "\n")
 
@@ -285,6 +306,7 @@ def down() -> None:
     state = load_state()
     for name in reversed(discover_services()):
         _stop_service(name)
+    _stop_service("mailcatcher")
     _stop_service("broker")
     if state.get("pg_datadir"):
         pg = cluster(state)
