@@ -149,8 +149,9 @@ def parse_purchase(raw: bytes | str | dict[str, Any]) -> PurchaseIn | Rejection:
         return Rejection("schema", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}", "type": "invalid"}])
 
 
-def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_age_days: int) -> Rejection | None:
-    """Checks that need no recorded state: currency, total, timestamp."""
+def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_age_days: int | None) -> Rejection | None:
+    """Checks that need no recorded state: currency, total, timestamp. `max_age_days` None:
+    no age limit (imported history), future dates are refused all the same."""
     if p.currency not in KNOWN_CURRENCIES:
         return Rejection("unknown_currency", [{"loc": ["currency"], "msg": f"{p.currency} is not an ISO 4217 code",
                                                "type": "unknown_currency"}])
@@ -163,7 +164,7 @@ def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_a
         return Rejection("timestamp_future", [{"loc": ["occurred_at"], "msg": f"occurred_at is in the future "
                                                f"(more than {max_clock_skew_s}s ahead of {now.isoformat()})",
                                                "type": "timestamp_future"}])
-    if p.occurred_at < now - timedelta(days=max_age_days):
+    if max_age_days is not None and p.occurred_at < now - timedelta(days=max_age_days):
         return Rejection("timestamp_too_old", [{"loc": ["occurred_at"], "msg": f"occurred_at is more than "
                                                 f"{max_age_days} days old", "type": "timestamp_too_old"}])
     return None
