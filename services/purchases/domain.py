@@ -89,8 +89,10 @@ class PurchaseIn(BaseModel):
         return self
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.source, self.purchase_id)
+    def key(self) -> tuple[str, str, str]:
+        """A purchase's identity: its channel, its store (an e-shop's store is the shop) and
+        its id. Chain stores number receipts independently, so the store is part of it."""
+        return (self.source, self.store_id, self.purchase_id)
 
     def content_hash(self) -> bytes:
         """Same purchase, same hash, whatever the JSON spelling ("12.5" vs "12.50", key
@@ -184,6 +186,7 @@ class RecordedSale:
     returned: dict[str, int]
     # line_id -> (unit_price, discount) as sold: a return cannot claim back more than was paid.
     prices: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+    store_id: str = ""
 
 
 def check_return(r: PurchaseIn, sale: RecordedSale | None) -> Rejection | None:
@@ -191,7 +194,8 @@ def check_return(r: PurchaseIn, sale: RecordedSale | None) -> Rejection | None:
     counting earlier (partial) returns."""
     if sale is None or sale.type != "sale":
         return Rejection("unknown_original", [{"loc": ["original_purchase_id"],
-                                               "msg": f"no recorded {r.source} sale {r.original_purchase_id}",
+                                               "msg": f"no recorded {r.source} sale {r.original_purchase_id} "
+                                                      f"at store {r.store_id}",
                                                "type": "unknown_original"}])
     if r.currency != sale.currency:
         return Rejection("currency_mismatch", [{"loc": ["currency"], "msg": f"the sale was in {sale.currency}",

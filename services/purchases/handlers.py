@@ -17,7 +17,7 @@ from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRec
 from shared.kafka import consumer_options, the_message
 from shared.logging import correlation_id
 from shared.metrics import observe_consumer_lag
-from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
+from shared.topics import PURCHASES_DLQ, PURCHASES_IMPORT, PURCHASES_RAW, PURCHASES_RECORDED
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,26 @@ def _header(record, name: str) -> str | None:
     return None
 
 
-def inbound_from_record(record) -> Inbound:
+IMPORT_POLICIES = ("analytics", "as-earned")
+
+
+def inbound_from_record(record, *, door: str = "kafka") -> Inbound:
+    """A purchases.raw record (door kafka) or a purchases.import one (door import: history,
+    its policy in the `import_policy` header, analytics when absent: history earns nothing
+    unless the sender says so)."""
+    parsed = domain.parse_purchase(record.value or b"")
+    policy = None
+    if door == "import":
+        policy = _header(record, "import_policy") or "analytics"
+        if policy not in IMPORT_POLICIES and not isinstance(parsed, domain.Rejection):
+            parsed = domain.Rejection("import_policy", [{"loc": ["headers", "import_policy"], "type": "import_policy",
+                                                         "msg": f"import_policy must be one of {IMPORT_POLICIES}"}])
+            policy = "analytics"
     return Inbound(
-        door="kafka",
+        door=door,
+        import_policy=policy,
         original=record.value or b"",
-        parsed=domain.parse_purchase(record.value or b""),
+        parsed=parsed,
         correlation_id=_header(record, "correlation_id"),
         kafka={"topic": record.topic, "partition": record.partition, "offset": record.offset,
                # NUL cannot go into a PostgreSQL text column (the dead letter's key)
@@ -55,20 +70,32 @@ def register_handlers(broker: KafkaBroker, *, settings: PurchasesSettings, recor
     broker.publisher(settings.topic(PURCHASES_DLQ), title="purchases.dlq",
                      description="Refused inputs with the original payload, the reason and the door",
                      schema=DeadLetter)
+    _subscribe(broker, settings, recorder, pool_getter, on_committed, topic=PURCHASES_RAW, door="kafka",
+               purpose="ingest", description="Purchases as POS terminals and e-shops produce them (the inbound "
+                                            "contract, JSON)")
+    # History in bigger batches: nobody waits on it, and a batch costs the same round trips.
+    _subscribe(broker, settings.model_copy(update={"consumer_batch_max_records": settings.import_batch_max_records}),
+               recorder, pool_getter, on_committed, topic=PURCHASES_IMPORT, door="import", purpose="import",
+               description="Imported history (the inbound contract, JSON; header import_policy: analytics | "
+                           "as-earned); recorded as history on purchases.recorded")
+
+
+def _subscribe(broker: KafkaBroker, settings: PurchasesSettings, recorder: PurchaseRecorder, pool_getter,
+               on_committed, *, topic: str, door: str, purpose: str, description: str) -> None:
     retry_state = {"backoff_s": 0.1}
 
     @broker.subscriber(
-        settings.topic(PURCHASES_RAW),
+        settings.topic(topic),
         batch=True,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=the_message,
-        title="purchases.raw",
-        description="Purchases as POS terminals and e-shops produce them (the inbound contract, JSON)",
-        **consumer_options(settings, service="purchases", purpose="ingest", bulk=True),
+        title=topic,
+        description=description,
+        **consumer_options(settings, service="purchases", purpose=purpose, bulk=True),
     )
-    async def ingest_raw(message: Any) -> None:  # the batch, a KafkaMessage (decoder the_message)
+    async def ingest(message: Any) -> None:  # the batch, a KafkaMessage (decoder the_message)
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
-        items = [inbound_from_record(r) for r in records]
+        items = [inbound_from_record(r, door=door) for r in records]
         correlation_id.set(items[0].correlation_id if items else None)
         pool: asyncpg.Pool = pool_getter()
         try:

@@ -14,7 +14,7 @@ from services.purchases.settings import PurchasesSettings
 from shared.events import utcnow
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
-from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
+from shared.topics import PURCHASES_DLQ, PURCHASES_IMPORT, PURCHASES_RAW, PURCHASES_RECORDED
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
         schema="purchases",
         migrations_dir=Path(__file__).parent / "migrations",
         description=DESCRIPTION,
-        topics=(PURCHASES_RAW, PURCHASES_RECORDED, PURCHASES_DLQ),
+        topics=(PURCHASES_RAW, PURCHASES_IMPORT, PURCHASES_RECORDED, PURCHASES_DLQ),
     )
     recorder = PurchaseRecorder(settings=settings, clock=clock)
     register_handlers(runtime.broker, settings=settings, recorder=recorder,
