@@ -208,8 +208,11 @@ class Emitter:
         self.messages: list[OutboxMessage] = []
 
     def emit(self, cls: type[Envelope[Any]], payload: BaseModel, *, customer_id: str, cause: str,
-             correlation_id: str | None = None, causation_id: str | None = None) -> None:
+             correlation_id: str | None = None, causation_id: str | None = None, history: bool = False) -> None:
+        """`history`: caused by imported history; consumers (engagement) never message for it."""
         event_id = derived_event_id("ledger", cls.__name__, cause)
+        if history:
+            payload = payload.model_copy(update={"history": True})
         # model_construct: every field is built here from validated data; skipping validation
         # halves the cost of an event on the hot path. The payloads are validated models.
         event = cls.model_construct(event_id=event_id, occurred_at=self._now, recorded_at=self._now,
@@ -220,12 +223,13 @@ class Emitter:
                                            {"type": cls.__name__, "correlation_id": event.correlation_id}))
 
     def emit_points_earned(self, o: d.Earned, p: PurchasePayload, rule_version: int, *,
-                           correlation_id: str | None, causation_id: str | None) -> None:
+                           correlation_id: str | None, causation_id: str | None, history: bool = False) -> None:
         """The hot path's emit: PointsEarned written from a template, several times cheaper
         than building and serialising the pydantic model. Every string from outside goes
         through the C JSON string encoder; the result validates as the contract's model
         (tests/unit/test_ledger_events.py holds it to that, hostile strings included)."""
-        event_id = str(derived_event_id("ledger", "PointsEarned", f"earn:{d.purchase_ref(p.source, p.purchase_id)}"))
+        event_id = str(derived_event_id("ledger", "PointsEarned",
+                                        f"earn:{d.purchase_ref(p.source, p.purchase_id, p.store_id)}"))
         if self._now_iso is None:
             self._now_iso = json_str(self._now.isoformat())
         now, lot, e, b = self._now_iso, o.lot, o.earning, o.balance
@@ -243,16 +247,18 @@ class Emitter:
             f'"pending":{"true" if lot.pending else "false"},'
             f'"matures_at":{json_str(lot.matures_at.isoformat()) if lot.pending else "null"},'
             f'"expires_at":{json_str(lot.expires_at.isoformat())},"tier_multiplier":{json_str(str(e.tier_multiplier))},'
-            f'"breakdown":{_dumps(e.breakdown)}}}}}'
+            f'"breakdown":{_dumps(e.breakdown)},"history":{"true" if history else "false"}}}}}'
         )
         self.messages.append(OutboxMessage(self._topic, o.customer_id, value.encode(),
                                            {"type": "PointsEarned", "correlation_id": correlation_id}))
 
-    def tier_moved(self, moved: d.TierMoved, *, cause: str, correlation_id: str | None = None) -> None:
+    def tier_moved(self, moved: d.TierMoved, *, cause: str, correlation_id: str | None = None,
+                   history: bool = False) -> None:
         self.emit(TierChanged, TierChangedPayload(from_tier=moved.from_tier, to_tier=moved.to_tier,
                                                   qualifying_points=moved.qualifying_points,
                                                   balance=_balance(moved.balance)),
-                  customer_id=moved.customer_id, cause=f"tier:{cause}", correlation_id=correlation_id)
+                  customer_id=moved.customer_id, cause=f"tier:{cause}", correlation_id=correlation_id,
+                  history=history)
 
 
 # ASCII-only output: lone surrogates or control characters in an id cannot break the JSON.
@@ -401,15 +407,25 @@ async def _claim(conn: asyncpg.Connection, consumer: str, items: Sequence[Decode
 # ---- earning from purchases.recorded ------------------------------------------------------
 
 
-def _key(payload: PurchasePayload) -> tuple[str, str]:
-    return (payload.source, payload.purchase_id)
+def _key(payload: PurchasePayload) -> tuple[str, str, str]:
+    """A purchase's identity, as the purchases service keys it: channel, store, id."""
+    return (payload.source, payload.store_id, payload.purchase_id)
 
 
-def _returned_lines(program: Program, payload: PurchasePayload) -> list[tuple[str, str, Decimal]]:
-    rate = program.rate_to_program_currency(payload.currency)
+def _returned_lines(program: Program, payload: PurchasePayload, lot: d.Lot) -> list[tuple[str, str, Decimal]]:
+    """The returned lines in the program currency, at the rate the sale earned at (lots from
+    before the rate was kept: the program's current rate)."""
+    rate = lot.currency_rate if lot.currency_rate is not None else program.rate_to_program_currency(payload.currency)
     if rate is None:
         raise d.UnknownCurrency(f"no rate from {payload.currency} to {program.currency}")
     return [(line.line_id, line.sku, d.line_net_amount(line) * rate) for line in payload.lines]
+
+
+def _earns(event: Any) -> bool:
+    """Whether a purchases.recorded event moves points: live ones do, imported history only
+    with the as-earned policy (analytics: history for the analytics only, inbox and nothing
+    else; see d.history_policy)."""
+    return d.history_earns(event.payload.history, event.payload.import_policy)
 
 
 async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
@@ -424,15 +440,17 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
         uow = UnitOfWork(conn, ledger, now)
         out = Emitter(ledger, now)
         applied: Tally[str] = Tally()
-        sales = [i for i in fresh if i.event is not None and i.event.type != "ReturnRecorded" and i.event.customer_id]
-        returns = [i for i in fresh if i.event is not None and i.event.type == "ReturnRecorded"]
+        moving = [i for i in fresh if i.event is not None and _earns(i.event)]
+        sales = [i for i in moving if i.event.type != "ReturnRecorded" and i.event.customer_id]
+        returns = [i for i in moving if i.event.type == "ReturnRecorded"]
         await uow.lock([i.event.customer_id for i in sales], create=True)
         await uow.lock([i.event.customer_id for i in returns if i.event.customer_id])
-        # A purchase is (source, purchase_id): a POS sale and an e-shop order may share an id.
+        # A purchase is (source, store_id, purchase_id): two stores, or a POS sale and an
+        # e-shop order, may share an id.
         earned = await repo.purchases_with_lots(conn, keys=[_key(i.event.payload) for i in sales])
         lots_by_purchase = await repo.lots_of_purchases(
-            conn, keys=[(i.event.payload.source, i.event.payload.original_purchase_id) for i in returns
-                        if i.event.payload.original_purchase_id])
+            conn, keys=[(i.event.payload.source, i.event.payload.store_id, i.event.payload.original_purchase_id)
+                        for i in returns if i.event.payload.original_purchase_id])
         # A return is booked to the sale's customer; should the event name another, lock the
         # sale's customer too and re-read the lots under that lock.
         others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]
@@ -440,6 +458,12 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             await uow.lock(others)
             lots_by_purchase = await repo.lots_of_purchases(conn, keys=list(lots_by_purchase))
         uow.attach_lots(list(lots_by_purchase.values()))
+        if sales and len(uow.program.tiers) > 1:
+            # The tier of each sale is the one its qualifying points reached at its own time.
+            window_days = max(ledger.programs.at(i.event.recorded_at).program.tier_window_days for i in sales)
+            since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=window_days)
+            for cid, lots in (await repo.window_lots(conn, customer_ids=list(uow.books), since=since)).items():
+                uow.books[cid].window_lots = lots
         if any(ledger.programs.at(i.event.recorded_at).program.daily_cap_points is not None for i in sales):
             since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=1)
             for (cid, day), points in (await repo.earned_by_day(conn, customer_ids=list(uow.books), since=since)).items():
@@ -451,24 +475,30 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                 out.messages.append(_dead_letter(ledger, item, now))
                 result.dead_lettered += 1
                 continue
-            applied[event.type] += 1
             p = event.payload
-            cid, cause = event.customer_id, str(event.event_id)
+            if not _earns(event):
+                applied["history_analytics"] += 1
+                result.processed += 1
+                continue
+            applied[event.type] += 1
+            cid, cause, history = event.customer_id, str(event.event_id), p.history
             rules = ledger.programs.at(event.recorded_at)
             program, version = rules.program, rules.version
             try:
                 if event.type == "ReturnRecorded":
-                    lot = lots_by_purchase.get((p.source, p.original_purchase_id or ""))
+                    lot = lots_by_purchase.get((p.source, p.store_id, p.original_purchase_id or ""))
                     if lot is None:
                         # The sale earned nothing here (anonymous, never claimed): nothing to take back.
                         continue
                     book = uow.books[lot.customer_id]
                     outcomes = d.reverse_return(book, uow.journal, program, return_id=p.purchase_id, lot=lot,
-                                                returned=_returned_lines(program, p), now=now)
+                                                returned=_returned_lines(program, p, lot), now=now,
+                                                returned_at=p.occurred_at)
                 elif cid is None or _key(p) in earned:
                     continue  # anonymous until claimed, or already earned (a claim of a sale we credited)
                 else:
-                    outcomes = d.earn(uow.books[cid], uow.journal, program, version, purchase=p, now=now)
+                    outcomes = d.earn(uow.books[cid], uow.journal, program, version, purchase=p, now=now,
+                                      history=history)
                     earned.add(_key(p))
             except d.LedgerError as exc:  # unknown currency, points out of range
                 item.reason, item.errors = exc.reason, [{"loc": ["payload"], "msg": str(exc), "type": exc.reason}]
@@ -478,7 +508,10 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
             for o in outcomes:
                 if isinstance(o, d.Earned):
                     lots_by_purchase[_key(p)] = o.lot
-                    out.emit_points_earned(o, p, version, correlation_id=event.correlation_id, causation_id=cause)
+                    out.emit_points_earned(o, p, version, correlation_id=event.correlation_id, causation_id=cause,
+                                           history=history)
+                    if history:
+                        _settle_history_lot(uow, out, uow.books[o.customer_id], o.lot)
                 elif isinstance(o, d.Reversed):
                     if o.amount_points == 0:
                         continue
@@ -486,17 +519,32 @@ async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Seq
                         amount_points=o.amount_points, balance=_balance(o.balance), return_id=o.return_id,
                         original_purchase_id=o.lot.purchase_id or "", source=o.lot.purchase_source,
                         debt_points_added=o.debt_points_added,
-                    ), customer_id=o.customer_id, cause=f"reverse:{d.purchase_ref(p.source, o.return_id)}",
-                        correlation_id=event.correlation_id,
-                        causation_id=cause)
+                    ), customer_id=o.customer_id, cause=f"reverse:{d.purchase_ref(p.source, o.return_id, p.store_id)}",
+                        correlation_id=event.correlation_id, causation_id=cause, history=history)
                 else:
-                    out.tier_moved(o, cause=cause, correlation_id=event.correlation_id)
+                    out.tier_moved(o, cause=cause, correlation_id=event.correlation_id, history=history)
             result.processed += 1
         await uow.save(out.messages)
     _batch_done("purchases", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
     for event_type, n in applied.items():
         metrics.EVENTS.labels(event_type, "applied").inc(n)
     return result
+
+
+def _settle_history_lot(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, lot: d.Lot) -> None:
+    """A lot of imported history is brought to the ledger's clock at once: d.earn credited it
+    available if its return window had closed by now, and what would have expired by now is
+    recorded as expired here, its event marked history (the lot is never reminded of: see
+    the scheduler). Its returns, dated before the expiry, take the expired points back
+    (d.reverse_return)."""
+    first_transfer = len(uow.journal.transfers)
+    expired = d.expire(book, uow.journal, lot, now=uow.now)
+    if expired:
+        cause = ",".join(str(t.transfer_id) for t in uow.journal.transfers[first_transfer:])
+        out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=_balance(book.balance()),
+                                                     lot_ids=[str(lot.lot_id)]), customer_id=book.customer_id,
+                 cause=f"expire:{cause}", history=True)
+
 
 
 # ---- the redemption saga from rewards.events ----------------------------------------------
@@ -751,7 +799,8 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
         lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
         reminders: dict[date, int] = {}
         for lot in lots:
-            if (not lot.pending and lot.remaining_points > 0 and lot.reminded_on is None
+            # Never a reminder for imported history: no message is ever sent because of it.
+            if (not lot.pending and lot.remaining_points > 0 and lot.reminded_on is None and not lot.history
                     and lot.expires_at <= remind_until):
                 day = lot.expires_at.astimezone(timezone.utc).date()
                 reminders[day] = reminders.get(day, 0) + lot.remaining_points
@@ -795,18 +844,19 @@ def _due_at(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, *, at: datetime
             out.emit(PointsMatured, PointsMaturedPayload(amount_points=moved, balance=_balance(book.balance()),
                                                          purchase_id=lot.purchase_id or str(lot.lot_id),
                                                          source=lot.purchase_source),
-                     customer_id=book.customer_id, cause=f"mature:{lot.lot_id}")
-    expired_lots, expired, first_transfer = [], 0, len(uow.journal.transfers)
+                     customer_id=book.customer_id, cause=f"mature:{lot.lot_id}", history=lot.history)
+    expired_lots, expired, first_transfer, all_history = [], 0, len(uow.journal.transfers), True
     for lot in lots:
         points = d.expire(book, uow.journal, lot, now=at)
         if points:
             expired_lots.append(str(lot.lot_id))
             expired += points
+            all_history = all_history and lot.history
     if expired:
         cause = ",".join(str(t.transfer_id) for t in uow.journal.transfers[first_transfer:])
         out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=_balance(book.balance()),
                                                      lot_ids=expired_lots), customer_id=book.customer_id,
-                 cause=f"expire:{cause}")
+                 cause=f"expire:{cause}", history=all_history)
     return voided, matured, expired
 
 
