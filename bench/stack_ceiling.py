@@ -38,7 +38,7 @@ from faststream import AckPolicy
 
 from bench.e2e import PARTITIONS, purchase
 from bench.harness import cpu_seconds, create_topics, infra, pg_processes, produce_all, progress, progress_done
-from services.ledger.service import _PURCHASE_EVENT
+from services.ledger.handlers import PURCHASE_EVENT as _PURCHASE_EVENT
 from services.purchases.domain import PurchaseIn
 from shared.events.purchases import purchase_event_json
 from shared.kafka import consumer_options, create_broker, the_message

@@ -31,6 +31,9 @@ class CustomerTokenSettings(BaseModel):
     jwt_public_key_file: str | None = None
     # Clock skew tolerated between the identity provider and us.
     jwt_leeway_s: int = Field(default=30, ge=0, le=300)
+    # The longest lifetime a token may claim (exp - iat, and exp - now): a token minted for a
+    # hundred years is a password that never changes, and is refused.
+    jwt_max_lifetime_s: int = Field(default=86_400, gt=0)
 
     def _env(self, name: str) -> str:
         return f"{self.model_config.get('env_prefix', '')}{name}"
@@ -61,7 +64,8 @@ class CustomerTokenSettings(BaseModel):
 
     def token_verifier(self) -> "TokenVerifier":
         return TokenVerifier(key=self.jwt_verification_key(), algorithm=self.jwt_algorithm, issuer=self.jwt_issuer,
-                             audience=self.jwt_audience, leeway_s=self.jwt_leeway_s)
+                             audience=self.jwt_audience, leeway_s=self.jwt_leeway_s,
+                             max_lifetime_s=self.jwt_max_lifetime_s)
 
 
 # Every token must carry these; a token without an expiry is never accepted.
@@ -84,6 +88,7 @@ class TokenVerifier:
     issuer: str
     audience: str
     leeway_s: int = 30
+    max_lifetime_s: int = 86_400
     clock: Callable[[], float] = time.time
     # A client sends the same token with every request: a token verified once is remembered
     # (by its exact bytes) until it expires, instead of re-checking its signature each time
@@ -141,11 +146,21 @@ class TokenVerifier:
             raise InvalidToken(f"token lacks the {exc.claim!r} claim", "missing_claim") from None
         except jwt.InvalidTokenError:
             raise InvalidToken("token invalid", "invalid") from None
+        exp, iat = claims["exp"], claims["iat"]
+        if not _is_number(exp) or not _is_number(iat):
+            # PyJWT would read "exp": "4102444800" as a number: the claims are NumericDate.
+            raise InvalidToken("token exp and iat must be numbers (NumericDate)", "invalid_time_claim")
+        if exp - iat > self.max_lifetime_s or exp - self.clock() > self.max_lifetime_s + self.leeway_s:
+            raise InvalidToken(f"token lifetime exceeds {self.max_lifetime_s} s", "lifetime_too_long")
         subject = claims.get("sub")
         if (not isinstance(subject, str) or not subject.strip() or len(subject) > 128
                 or any(ord(c) < 32 or ord(c) == 127 for c in subject)):
             raise InvalidToken("token subject invalid", "subject_invalid")
         return subject, float(claims["exp"])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def mint_token(

@@ -66,8 +66,12 @@ def serve(service: str, settings, create_app) -> None:
     tune_collector()
     # uvloop and httptools: the event loop and HTTP parser in C. Every service is I/O-heavy
     # (Kafka, PostgreSQL, HTTP) and CPU-bound on two cores, so the loop's own cost matters.
+    from shared.http_protocol import DEFAULT_MAX_HEAD_BYTES, bounded_head_protocol
+
+    # httptools (the HTTP parser in C), with the request head bounded: 431 past the limit.
+    protocol = bounded_head_protocol(getattr(settings, "max_head_bytes", DEFAULT_MAX_HEAD_BYTES))
     uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_config=None,
-                timeout_graceful_shutdown=20, loop="uvloop", http="httptools")
+                timeout_graceful_shutdown=20, loop="uvloop", http=protocol)
 
 
 # Young-generation collections every 7,000 net allocations instead of 700: a batch or a

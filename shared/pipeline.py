@@ -40,6 +40,7 @@ from shared.db import transaction
 from shared.errors import is_transient
 from shared.events import DeadLetter, derived_event_id, utcnow
 from shared.inbox import claim_new
+from shared.logging import correlation_id
 from shared.outbox import OutboxMessage, enqueue
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,11 @@ class Batch(Generic[E]):
     apply with `refuse` (a dead letter in the same transaction), and leave what must happen
     only once the transaction committed (metrics, waking waiters) to `after_commit`."""
 
-    def __init__(self, conn: asyncpg.Connection, items: list[Item[E]], now: datetime) -> None:
+    def __init__(self, conn: asyncpg.Connection, items: list[Item[E]], now: datetime, read: int | None = None) -> None:
         self.conn = conn
         self.items = items
         self.now = now
+        self.read = len(items) if read is None else read  # records in this attempt, duplicates included
         self.messages: list[OutboxMessage] = []
         self.refusals: list[_Refusal] = []
         self.callbacks: list[Callable[[], None]] = []
@@ -162,6 +164,10 @@ class Subscription(Generic[E]):
       shared/consumer.py.
     - `opening`: SQL run in the same round trip as BEGIN (a lock held to the end).
     - `prepare`: awaited on the connection before each attempt's BEGIN (e.g. load a cache).
+    - `dead_letter`: builds the dead letter of a refused record, for a service whose dead
+      letters keep a shape of their own (default: `dead_letter_message`).
+    - `on_dead_letter`: called after the commit with the reason of each record the batch
+      dead-lettered (a service's own counter of refusals).
     - `schema`, `description`: for the AsyncAPI document.
     """
 
@@ -176,6 +182,7 @@ class Subscription(Generic[E]):
     opening: str = ""
     prepare: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
     dead_letter: DeadLetterBuilder | None = None
+    on_dead_letter: Callable[[str], None] | None = None
     schema: Any = None
     description: str = ""
 
@@ -258,6 +265,7 @@ class Pipeline:
         record by record, or the pipeline stops (`Stopping`). Never returns with a record
         neither applied, skipped, duplicate nor dead-lettered."""
         started = time.perf_counter()
+        correlation_id.set(records[0].header("correlation_id") if records else None)
         decoded = [self._decode(sub, r) for r in records]
         report = BatchReport()
         failures = 0
@@ -381,7 +389,7 @@ class Pipeline:
                             fresh.append(entry)
                 now = self._clock()
                 items = [Item(e.record, e.event) for e in fresh if e.refusal is None]
-                batch: Batch[Any] = Batch(conn, items, now)
+                batch: Batch[Any] = Batch(conn, items, now, read=len(decoded))
                 for entry in fresh:
                     if entry.refusal is not None:
                         batch.refuse(entry.record, entry.refusal.reason, entry.refusal.errors)
@@ -407,6 +415,8 @@ class Pipeline:
                 RECORDS.labels(sub.topic, outcome).inc(n)
         for refusal in batch.refusals:
             DEAD_LETTERS.labels(sub.topic, refusal.reason).inc()
+            if sub.on_dead_letter is not None:
+                sub.on_dead_letter(refusal.reason)
             log.warning("dead-lettered", extra={"topic": sub.topic, "reason": refusal.reason,
                                                 "partition": refusal.record.partition,
                                                 "offset": refusal.record.offset})

@@ -55,6 +55,9 @@ class ServiceSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # The request line and headers together: past this, 431 and the connection is closed
+    # (shared/http_protocol.py). Bodies have their own limit (max_body_bytes, 413).
+    max_head_bytes: int = Field(default=32 * 1024, ge=4096)
 
     outbox_batch_size: int = 2000
     outbox_poll_interval_ms: int = 200

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.ledger.api import body_limit, create_router
-from services.ledger.handlers import register_handlers
+from services.ledger.handlers import declare_publishers, subscriptions
 from services.ledger.service import Clock, Ledger, make_clock, refresh_gauges, run_scheduler
 from services.ledger.settings import LedgerSettings
 from services.ledger.versions import ProgramHistoryUnavailable, ProgramStore
@@ -30,18 +30,6 @@ DESCRIPTION = (
 )
 
 
-async def _every(interval_s: float, what: str, job) -> None:
-    """Run `job` forever, `interval_s` apart; a failed round is logged and retried next time."""
-    while True:
-        try:
-            await job()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed; retrying at the next interval", what)
-        await asyncio.sleep(interval_s)
-
-
 def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
     settings = settings or LedgerSettings()
     runtime = ServiceRuntime(
@@ -60,8 +48,16 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
 
     programs = ProgramStore(settings.program_file, topic=programs_topic, history=published_versions, clock=clock)
     ledger = Ledger(settings, programs, clock)
-    register_handlers(runtime.broker, settings=settings, ledger=ledger, pool_getter=lambda: runtime.pool,
-                      on_committed=lambda: runtime.relay.wake())
+    declare_publishers(runtime.broker, settings)
+    # Several consumers of purchases.recorded in one group and one process: each owns some
+    # partitions (so, some customers), and while one batch waits for PostgreSQL another is
+    # computed. Adjustments keep a group of their own: a rebuild reads them only once the
+    # purchases they spend from are applied (tests/e2e/test_ledger_replay.py).
+    runtime.lane("purchases", bulk=True, instances=settings.purchases_consumers)
+    runtime.lane("rewards")
+    runtime.lane("adjustments", bulk=True)
+    for subscription in subscriptions(settings, ledger):
+        runtime.subscribe(subscription)
 
     async def scheduler_round() -> None:
         async with runtime.pool.acquire() as conn:
@@ -91,9 +87,6 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
     async def start_background() -> None:
         if not await load_program():
             runtime.spawn(load_program_until_loaded(), "ledger-program-loader")
-        runtime.spawn(_every(settings.scheduler_interval_s, "scheduler", scheduler_round), "ledger-scheduler")
-        runtime.spawn(_every(settings.metrics_interval_s, "gauges", lambda: refresh_gauges(runtime.pool)),
-                      "ledger-gauges")
 
     async def program_loaded() -> bool:
         # False until the program is loaded (ledger.programs read): until then no input is
@@ -101,6 +94,8 @@ def create_app(settings: LedgerSettings | None = None, *, clock: Clock | None = 
         return ledger.programs.loaded
 
     runtime.on_start(start_background)
+    runtime.every(settings.scheduler_interval_s, "ledger-scheduler", scheduler_round)
+    runtime.every(settings.metrics_interval_s, "ledger-gauges", lambda: refresh_gauges(runtime.pool))
     runtime.add_readiness_check("program", program_loaded)
     app = create_service_app(runtime, title="Loyalty ledger", description=DESCRIPTION,
                              body_limit=body_limit(settings.max_body_bytes))

@@ -15,13 +15,13 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Annotated, Any, Union
+from typing import Any
 
 import asyncpg
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
 from services.ledger import domain as d
 from services.ledger import metrics
@@ -30,7 +30,14 @@ from services.ledger.program import STACKING_ORDER, Program
 from services.ledger.settings import LedgerSettings
 from services.ledger.versions import ProgramStore
 from shared.db import transaction
-from shared.events import SCHEMA_VERSION, DeadLetter, Envelope, derived_event_id, json_opt_str, json_str, utcnow
+from shared.events import (
+    SCHEMA_VERSION,
+    Envelope,
+    derived_event_id,
+    json_opt_str,
+    json_str,
+    utcnow,
+)
 from shared.events.adjustments import AdjustmentRecorded, AdjustmentRecordedPayload
 from shared.events.points import (
     BalanceAfter,
@@ -55,18 +62,13 @@ from shared.events.points import (
     TierChanged,
     TierChangedPayload,
 )
-from shared.events.purchases import PurchaseClaimed, PurchasePayload, PurchaseRecorded, ReturnRecorded
+from shared.events.purchases import PurchasePayload
 from shared.events.rewards import (
     SHIPMENT_EVENT_TYPES,
-    RedemptionCancelled,
-    RedemptionDelivered,
-    RedemptionFailed,
-    RedemptionFulfilled,
-    RedemptionRequested,
-    RedemptionShipped,
 )
 from shared.inbox import claim_new
 from shared.outbox import OutboxMessage, enqueue
+from shared.pipeline import Batch
 from shared.topics import LEDGER_ADJUSTMENTS, POINTS_DLQ, POINTS_EVENTS
 
 log = logging.getLogger(__name__)
@@ -110,80 +112,9 @@ class Ledger:
         return self.settings.topic(LEDGER_ADJUSTMENTS)
 
 
-# ---- inputs -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed Kafka record, as the handler hands it over."""
-
-    value: bytes
-    key: bytes | None = None
-    topic: str = ""
-    partition: int = -1
-    offset: int = -1
-
-
-PurchaseEvent = Annotated[Union[PurchaseRecorded, ReturnRecorded, PurchaseClaimed], Field(discriminator="type")]
-RewardsEvent = Annotated[
-    Union[RedemptionRequested, RedemptionFulfilled, RedemptionFailed, RedemptionCancelled, RedemptionShipped,
-          RedemptionDelivered], Field(discriminator="type")
-]
 # rewards.events types that move no points (a physical reward shipped or delivered): read,
 # claimed in the inbox and skipped, never dead-lettered as unknown.
 _NO_POINTS = frozenset(cls.model_fields["type"].default for cls in SHIPMENT_EVENT_TYPES)
-AdjustmentEvent = Annotated[Union[AdjustmentRecorded], Field(discriminator="type")]
-_PURCHASE_EVENT = TypeAdapter(PurchaseEvent)
-_REWARDS_EVENT = TypeAdapter(RewardsEvent)
-_ADJUSTMENT_EVENT = TypeAdapter(AdjustmentEvent)
-
-
-@dataclass(slots=True)
-class Decoded:
-    record: Record
-    event: Any = None  # an Envelope subclass
-    reason: str | None = None  # why it cannot be processed (dead-lettered)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def inbox_id(self) -> uuid.UUID:
-        """The event id; for input that has none, one derived from where it was read, so that
-        a redelivered bad record is dead-lettered once."""
-        if self.event is not None:
-            return self.event.event_id
-        r = self.record
-        return derived_event_id("ledger", "undecodable", r.topic, str(r.partition), str(r.offset))
-
-
-def decode(record: Record, adapter: TypeAdapter) -> Decoded:
-    try:
-        return Decoded(record, adapter.validate_json(record.value))
-    except ValidationError as exc:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors(include_url=False, include_context=False, include_input=False)]
-        reason = "malformed_json" if any(e["type"] == "json_invalid" for e in errors) else "schema"
-        if any(e["type"] == "union_tag_invalid" for e in errors):
-            reason = "unknown_event_type"
-        return Decoded(record, None, reason, errors)
-    except (ValueError, TypeError, RecursionError) as exc:  # raised by a validator itself
-        return Decoded(record, None, "schema", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}", "type": "invalid"}])
-
-
-def _dead_letter(ledger: Ledger, item: Decoded, now: datetime) -> OutboxMessage:
-    r = item.record
-    dl = DeadLetter(
-        dead_letter_id=derived_event_id("ledger", "dlq", str(item.inbox_id)),
-        door="kafka", reason=item.reason or "unprocessable", errors=item.errors,
-        original=r.value.decode("utf-8", errors="replace"),
-        # The key becomes an outbox text column: NUL (which PostgreSQL text refuses) is replaced.
-        original_key=r.key.decode(errors="replace").replace("\x00", "\ufffd") if r.key else None,
-        original_topic=r.topic or None, original_partition=r.partition if r.partition >= 0 else None,
-        original_offset=r.offset if r.offset >= 0 else None, producer=PRODUCER, recorded_at=now,
-    )
-    metrics.DEAD_LETTERS.labels(dl.reason).inc()
-    log.warning("dead-lettered", extra={"reason": dl.reason, "topic": r.topic, "offset": r.offset})
-    return OutboxMessage(ledger.dlq_topic, dl.original_key, dl.model_dump_json().encode(),
-                         {"reason": dl.reason, "door": "kafka"})
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -284,6 +215,7 @@ class UnitOfWork:
         self.holds: dict[uuid.UUID, d.Hold] = {}
         self.late_redemptions: list[d.LateRedemption] = []
         self.adjustments: list[d.Adjustment] = []
+        self.counted: Tally[Any] = Tally()  # metric children to increment once committed
         self._program_checked = False
 
     @property
@@ -358,6 +290,8 @@ class UnitOfWork:
         metrics.POINTS_REVERSED.inc(points[d.Code.REVERSE] + points[d.Code.DEBT] - redeemed_as_debt)
         metrics.POINTS_REDEEMED.inc(points[d.Code.POST] + redeemed_as_debt)
         metrics.POINTS_EXPIRED.inc(points[d.Code.EXPIRE])
+        for counter, n in self.counted.items():
+            counter.inc(n)
         for late in self.late_redemptions:
             metrics.LATE_FULFILMENTS.labels("debt" if late.debt_points_added else "covered").inc()
             log.warning("fulfilment after the hold was voided: points redeemed late", extra={
@@ -366,42 +300,25 @@ class UnitOfWork:
                 "debt_points_added": late.debt_points_added})
 
 
-@dataclass
-class BatchResult:
-    processed: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    transfers: int = 0
-    events_out: int = 0
-
-
-def _batch_done(stream: str, uow: UnitOfWork, out: Emitter, result: BatchResult, *, batch_size: int,
-                fresh: Sequence[Decoded], started: float) -> None:
+def _batch_done(stream: str, uow: UnitOfWork, batch: Batch[Any], *, started: float) -> None:
     """After a batch's commit: its counters and figures."""
     uow.count_postings()
-    result.transfers, result.events_out = len(uow.journal.transfers), len(out.messages)
-    metrics.BATCH_SIZE.labels(stream).observe(batch_size)
+    metrics.BATCH_SIZE.labels(stream).observe(batch.read)
     metrics.BATCH_SECONDS.labels(stream).observe(time.perf_counter() - started)
-    _latency(stream, fresh)
+    _latency(stream, batch.events)
 
 
-def _latency(stream: str, items: Sequence[Decoded]) -> None:
+def _latency(stream: str, events: Sequence[Any]) -> None:
     """One observation per batch, its oldest input: the worst latency, at a fraction of the
     cost of observing every event."""
-    recorded = [item.event.recorded_at for item in items if item.event is not None]
+    recorded = [event.recorded_at for event in events]
     if recorded:
         metrics.EVENT_LATENCY.labels(stream).observe(max((utcnow() - min(recorded)).total_seconds(), 0.0))
 
 
-async def _claim(conn: asyncpg.Connection, consumer: str, items: Sequence[Decoded]) -> tuple[list[Decoded], int]:
-    """The new inputs, first occurrence only, in order; and how many were repeats."""
-    new_ids = await claim_new(conn, consumer=consumer, event_ids=list({i.inbox_id: None for i in items}))
-    fresh: list[Decoded] = []
-    for item in items:
-        if item.inbox_id in new_ids:
-            new_ids.discard(item.inbox_id)
-            fresh.append(item)
-    return fresh, len(items) - len(fresh)
+def count_dead_letter(reason: str) -> None:
+    """After the commit, for each input the pipeline sent to points.dlq."""
+    metrics.DEAD_LETTERS.labels(reason).inc()
 
 
 # ---- earning from purchases.recorded ------------------------------------------------------
@@ -423,112 +340,131 @@ def _returned_lines(program: Program, payload: PurchasePayload, lot: d.Lot) -> l
 
 def _earns(event: Any) -> bool:
     """Whether a purchases.recorded event moves points: live ones do, imported history only
-    with the as-earned policy (analytics: history for the analytics only, inbox and nothing
-    else; see d.history_policy)."""
+    under the as-earned policy (analytics: the inbox claim and nothing else)."""
     return d.history_earns(event.payload.history, event.payload.import_policy)
 
 
-async def apply_purchases(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
-    """Earn for sales and claims, reverse for returns: one transaction for the batch."""
-    started = time.perf_counter()
-    await ledger.programs.ensure_loaded(conn)
-    now = ledger.clock()
-    items = [decode(r, _PURCHASE_EVENT) for r in records]
-    result = BatchResult()
-    async with transaction(conn, opening=repo.APPLYING_INPUTS):
-        fresh, result.duplicates = await _claim(conn, PURCHASES_CONSUMER, items)
-        uow = UnitOfWork(conn, ledger, now)
-        out = Emitter(ledger, now)
-        applied: Tally[str] = Tally()
-        moving = [i for i in fresh if i.event is not None and _earns(i.event)]
-        sales = [i for i in moving if i.event.type != "ReturnRecorded" and i.event.customer_id]
-        returns = [i for i in moving if i.event.type == "ReturnRecorded"]
-        await uow.lock([i.event.customer_id for i in sales], create=True)
-        await uow.lock([i.event.customer_id for i in returns if i.event.customer_id])
-        # A purchase is (source, store_id, purchase_id): two stores, or a POS sale and an
-        # e-shop order, may share an id.
-        earned = await repo.purchases_with_lots(conn, keys=[_key(i.event.payload) for i in sales])
-        lots_by_purchase = await repo.lots_of_purchases(
-            conn, keys=[(i.event.payload.source, i.event.payload.store_id, i.event.payload.original_purchase_id)
-                        for i in returns if i.event.payload.original_purchase_id])
-        # A return is booked to the sale's customer; should the event name another, lock the
-        # sale's customer too and re-read the lots under that lock.
-        others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]
-        if others:
-            await uow.lock(others)
-            lots_by_purchase = await repo.lots_of_purchases(conn, keys=list(lots_by_purchase))
-        uow.attach_lots(list(lots_by_purchase.values()))
-        if sales and len(uow.program.tiers) > 1:
-            # The tier of each sale is the one its qualifying points reached at its own time.
-            window_days = max(ledger.programs.at(i.event.recorded_at).program.tier_window_days for i in sales)
-            since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=window_days)
-            for cid, lots in (await repo.window_lots(conn, customer_ids=list(uow.books), since=since)).items():
-                uow.books[cid].window_lots = lots
-        if any(ledger.programs.at(i.event.recorded_at).program.daily_cap_points is not None for i in sales):
-            since = min(i.event.payload.occurred_at for i in sales) - timedelta(days=1)
-            for (cid, day), points in (await repo.earned_by_day(conn, customer_ids=list(uow.books), since=since)).items():
-                uow.books[cid].earned_by_day[day] = points
+@dataclass
+class _Earning:
+    """One batch of purchases.recorded: the books locked, the lots the returns take back."""
 
-        for item in fresh:
-            event = item.event
-            if event is None:
-                out.messages.append(_dead_letter(ledger, item, now))
-                result.dead_lettered += 1
-                continue
-            p = event.payload
-            if not _earns(event):
-                applied["history_analytics"] += 1
-                result.processed += 1
-                continue
-            applied[event.type] += 1
-            cid, cause, history = event.customer_id, str(event.event_id), p.history
-            rules = ledger.programs.at(event.recorded_at)
-            program, version = rules.program, rules.version
-            try:
-                if event.type == "ReturnRecorded":
-                    lot = lots_by_purchase.get((p.source, p.store_id, p.original_purchase_id or ""))
-                    if lot is None:
-                        # The sale earned nothing here (anonymous, never claimed): nothing to take back.
-                        continue
-                    book = uow.books[lot.customer_id]
-                    outcomes = d.reverse_return(book, uow.journal, program, return_id=p.purchase_id, lot=lot,
-                                                returned=_returned_lines(program, p, lot), now=now,
-                                                returned_at=p.occurred_at)
-                elif cid is None or _key(p) in earned:
-                    continue  # anonymous until claimed, or already earned (a claim of a sale we credited)
-                else:
-                    outcomes = d.earn(uow.books[cid], uow.journal, program, version, purchase=p, now=now,
-                                      history=history)
-                    earned.add(_key(p))
-            except d.LedgerError as exc:  # unknown currency, points out of range
-                item.reason, item.errors = exc.reason, [{"loc": ["payload"], "msg": str(exc), "type": exc.reason}]
-                out.messages.append(_dead_letter(ledger, item, now))
-                result.dead_lettered += 1
-                continue
-            for o in outcomes:
-                if isinstance(o, d.Earned):
-                    lots_by_purchase[_key(p)] = o.lot
-                    out.emit_points_earned(o, p, version, correlation_id=event.correlation_id, causation_id=cause,
-                                           history=history)
-                    if history:
-                        _settle_history_lot(uow, out, uow.books[o.customer_id], o.lot)
-                elif isinstance(o, d.Reversed):
-                    if o.amount_points == 0:
-                        continue
-                    out.emit(PointsReversed, PointsReversedPayload(
-                        amount_points=o.amount_points, balance=_balance(o.balance), return_id=o.return_id,
-                        original_purchase_id=o.lot.purchase_id or "", source=o.lot.purchase_source,
-                        debt_points_added=o.debt_points_added,
-                    ), customer_id=o.customer_id, cause=f"reverse:{d.purchase_ref(p.source, o.return_id, p.store_id)}",
-                        correlation_id=event.correlation_id, causation_id=cause, history=history)
-                else:
-                    out.tier_moved(o, cause=cause, correlation_id=event.correlation_id, history=history)
-            result.processed += 1
-        await uow.save(out.messages)
-    _batch_done("purchases", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
+    uow: UnitOfWork
+    out: Emitter
+    earned: set[tuple[str, str, str]]
+    lots_by_purchase: dict[tuple[str, str, str], d.Lot]
+
+
+def _earn(e: _Earning, event: Any, program: Program, version: int) -> list[Any]:
+    """A sale or a claim: earn, unless anonymous (until claimed) or already earned (a claim
+    of a sale credited to its customer already)."""
+    p = event.payload
+    if event.customer_id is None or _key(p) in e.earned:
+        return []
+    e.earned.add(_key(p))
+    return d.earn(e.uow.books[event.customer_id], e.uow.journal, program, version, purchase=p, now=e.uow.now,
+                  history=p.history)
+
+
+def _reverse(e: _Earning, event: Any, program: Program, version: int) -> list[Any]:
+    """A return: take back the points of the returned lines from the sale's lot (of the
+    return's own store), converted at the rate the sale earned at."""
+    p = event.payload
+    lot = e.lots_by_purchase.get((p.source, p.store_id, p.original_purchase_id or ""))
+    if lot is None:
+        return []  # the sale earned nothing here (anonymous, never claimed): nothing to take back
+    return d.reverse_return(e.uow.books[lot.customer_id], e.uow.journal, program, return_id=p.purchase_id, lot=lot,
+                            returned=_returned_lines(program, p, lot), now=e.uow.now, returned_at=p.occurred_at)
+
+
+# What each type on purchases.recorded does.
+PURCHASE_ACTIONS: dict[str, Callable[[_Earning, Any, Program, int], list[Any]]] = {
+    "PurchaseRecorded": _earn,
+    "PurchaseClaimed": _earn,
+    "ReturnRecorded": _reverse,
+}
+
+
+async def apply_purchases(ledger: Ledger, batch: Batch[Any]) -> None:
+    """Earn for sales and claims, reverse for returns: the batch's one transaction (the
+    pipeline claimed the inputs in the inbox and holds program_versions' lock). Imported
+    history under the analytics policy stops at the inbox."""
+    started = time.perf_counter()
+    conn, now = batch.conn, ledger.clock()
+    uow = UnitOfWork(conn, ledger, now)
+    out = Emitter(ledger, now)
+    applied: Tally[str] = Tally()
+    items = [item for item in batch.items if _earns(item.event)]
+    if len(items) < len(batch.items):
+        applied["history_analytics"] += len(batch.items) - len(items)
+    if not items:  # nothing but analytics history: the inbox claim was all there was to do
+        for event_type, n in applied.items():
+            uow.counted[metrics.EVENTS.labels(event_type, "applied")] += n
+        batch.after_commit(lambda: _batch_done("purchases", uow, batch, started=started))
+        return
+    events = [item.event for item in items]
+    sales = [e for e in events if e.type != "ReturnRecorded" and e.customer_id]
+    returns = [e for e in events if e.type == "ReturnRecorded"]
+    await uow.lock([e.customer_id for e in sales], create=True)
+    await uow.lock([e.customer_id for e in returns if e.customer_id])
+    # A purchase is (source, store_id, purchase_id): two stores of a chain, or a POS sale and
+    # an e-shop order, may share an id.
+    earned = await repo.purchases_with_lots(conn, keys=[_key(e.payload) for e in sales])
+    lots_by_purchase = await repo.lots_of_purchases(
+        conn, keys=[(e.payload.source, e.payload.store_id, e.payload.original_purchase_id) for e in returns
+                    if e.payload.original_purchase_id])
+    # A return is booked to the sale's customer; should the event name another, lock the
+    # sale's customer too and re-read the lots under that lock.
+    others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]
+    if others:
+        await uow.lock(others)
+        lots_by_purchase = await repo.lots_of_purchases(conn, keys=list(lots_by_purchase))
+    uow.attach_lots(list(lots_by_purchase.values()))
+    if sales and len(uow.program.tiers) > 1:
+        # The tier of each sale is the one its qualifying points reached at its own time.
+        window_days = max(ledger.programs.at(e.recorded_at).program.tier_window_days for e in sales)
+        since = min(e.payload.occurred_at for e in sales) - timedelta(days=window_days)
+        for cid, lots in (await repo.window_lots(conn, customer_ids=list(uow.books), since=since)).items():
+            uow.books[cid].window_lots = lots
+    if any(ledger.programs.at(e.recorded_at).program.daily_cap_points is not None for e in sales):
+        since = min(e.payload.occurred_at for e in sales) - timedelta(days=1)
+        for (cid, day), points in (await repo.earned_by_day(conn, customer_ids=list(uow.books), since=since)).items():
+            uow.books[cid].earned_by_day[day] = points
+
+    earning = _Earning(uow, out, earned, lots_by_purchase)
+    for item in items:
+        event = item.event
+        applied[event.type] += 1
+        p = event.payload
+        cause, history = str(event.event_id), p.history
+        rules = ledger.programs.at(event.recorded_at)
+        try:
+            outcomes = PURCHASE_ACTIONS[event.type](earning, event, rules.program, rules.version)
+        except d.LedgerError as exc:  # unknown currency, points out of range
+            batch.refuse(item, exc.reason, [{"loc": ["payload"], "msg": str(exc), "type": exc.reason}])
+            continue
+        for o in outcomes:
+            if isinstance(o, d.Earned):
+                lots_by_purchase[_key(p)] = o.lot
+                out.emit_points_earned(o, p, rules.version, correlation_id=event.correlation_id, causation_id=cause,
+                                       history=history)
+                if history:
+                    _settle_history_lot(uow, out, uow.books[o.customer_id], o.lot)
+            elif isinstance(o, d.Reversed):
+                if o.amount_points == 0:
+                    continue
+                out.emit(PointsReversed, PointsReversedPayload(
+                    amount_points=o.amount_points, balance=_balance(o.balance), return_id=o.return_id,
+                    original_purchase_id=o.lot.purchase_id or "", source=o.lot.purchase_source,
+                    debt_points_added=o.debt_points_added,
+                ), customer_id=o.customer_id, cause=f"reverse:{d.purchase_ref(p.source, o.return_id, p.store_id)}",
+                    correlation_id=event.correlation_id, causation_id=cause, history=history)
+            else:
+                out.tier_moved(o, cause=cause, correlation_id=event.correlation_id, history=history)
+    await uow.save([])
+    batch.publish(*out.messages)
     for event_type, n in applied.items():
-        metrics.EVENTS.labels(event_type, "applied").inc(n)
-    return result
+        uow.counted[metrics.EVENTS.labels(event_type, "applied")] += n
+    batch.after_commit(lambda: _batch_done("purchases", uow, batch, started=started))
 
 
 def _settle_history_lot(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, lot: d.Lot) -> None:
@@ -556,53 +492,36 @@ def _hold_expiry(ledger: Ledger, requested_timeout_s: int, now: datetime) -> dat
     return now + timedelta(seconds=min(timeout_s, s.max_hold_timeout_s))
 
 
-async def apply_rewards(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
-    """Holds, posts, voids and refunds for the redemption saga: one transaction per batch."""
+async def apply_rewards(ledger: Ledger, batch: Batch[Any]) -> None:
+    """Holds, posts, voids and refunds for the redemption saga: the batch's one transaction."""
     started = time.perf_counter()
-    await ledger.programs.ensure_loaded(conn)
-    now = ledger.clock()
-    items = [decode(r, _REWARDS_EVENT) for r in records]
-    result = BatchResult()
-    async with transaction(conn, opening=repo.APPLYING_INPUTS):
-        fresh, result.duplicates = await _claim(conn, REWARDS_CONSUMER, items)
-        uow = UnitOfWork(conn, ledger, now)
-        out = Emitter(ledger, now)
-        events = [i.event for i in fresh if i.event is not None and i.event.type not in _NO_POINTS]
-        await uow.lock([e.customer_id for e in events if e.customer_id])
-        # With the holds named, those of the requesting customers that timed out: a spend
-        # first voids them (_due_at).
-        holds = await repo.holds_by_id(
-            conn, redemption_ids=[e.payload.redemption_id for e in events],
-            timed_out_of=sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id}),
-            now=now)
-        await uow.lock([h.customer_id for h in holds.values()])
-        requesting = {e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id in uow.books}
-        requesting = sorted(requesting | _may_redeem_late(events, holds))
-        allocated = [uuid.UUID(lot_id) for h in holds.values() for lot_id in h.allocations]
-        if requesting or allocated:
-            uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
-        uow.attach_holds(list(holds.values()))
+    conn, now = batch.conn, ledger.clock()
+    uow = UnitOfWork(conn, ledger, now)
+    out = Emitter(ledger, now)
+    events = [e for e in batch.events if e.type not in _NO_POINTS]
+    await uow.lock([e.customer_id for e in events if e.customer_id])
+    # With the holds named, those of the requesting customers that timed out: a spend
+    # first voids them (_due_at).
+    holds = await repo.holds_by_id(
+        conn, redemption_ids=[e.payload.redemption_id for e in events],
+        timed_out_of=sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id}),
+        now=now)
+    await uow.lock([h.customer_id for h in holds.values()])
+    requesting = {e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id in uow.books}
+    requesting = sorted(requesting | _may_redeem_late(events, holds))
+    allocated = [uuid.UUID(lot_id) for h in holds.values() for lot_id in h.allocations]
+    if requesting or allocated:
+        uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
+    uow.attach_holds(list(holds.values()))
 
-        for item in fresh:
-            event = item.event
-            if event is None:
-                out.messages.append(_dead_letter(ledger, item, now))
-                result.dead_lettered += 1
-                continue
-            if event.type in _NO_POINTS:
-                metrics.EVENTS.labels(event.type, "ignored").inc()
-                continue
-            reason = _apply_redemption_event(uow, out, event)
-            if reason is not None:
-                item.reason = reason
-                item.errors = [{"loc": ["payload", "redemption_id"], "msg": reason, "type": reason}]
-                out.messages.append(_dead_letter(ledger, item, now))
-                result.dead_lettered += 1
-                continue
-            result.processed += 1
-        await uow.save(out.messages)
-    _batch_done("rewards", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
-    return result
+    for item in batch.items:
+        event = item.event
+        reason = REDEMPTION_ACTIONS[event.type](uow, out, event)
+        if reason is not None:
+            batch.refuse(item, reason, [{"loc": ["payload", "redemption_id"], "msg": reason, "type": reason}])
+    await uow.save([])
+    batch.publish(*out.messages)
+    batch.after_commit(lambda: _batch_done("rewards", uow, batch, started=started))
 
 
 def _may_redeem_late(events: Sequence[Any], holds: dict[uuid.UUID, d.Hold]) -> set[str]:
@@ -623,108 +542,113 @@ def _may_redeem_late(events: Sequence[Any], holds: dict[uuid.UUID, d.Hold]) -> s
     return customers
 
 
-def _apply_redemption_event(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
-    """Apply one saga step. Returns a dead-letter reason when the step cannot be applied."""
-    p = event.payload
-    rid, cause, corr = p.redemption_id, str(event.event_id), event.correlation_id
-    kw = dict(correlation_id=corr, causation_id=cause)
-    metrics.EVENTS.labels(event.type, "applied").inc()
-    if event.type == "RedemptionRequested":
-        book = uow.books.get(event.customer_id or "")
+def _saga_kw(event: Any) -> dict[str, Any]:
+    return dict(correlation_id=event.correlation_id, causation_id=str(event.event_id))
 
-        def reject(reason: str, balance: d.Balance | None) -> None:
-            metrics.HOLDS.labels(reason).inc()
-            empty = d.Balance(0, 0, 0, 0, uow.program.tiers[0].name, 0)
-            out.emit(PointsHoldRejected, PointsHoldRejectedPayload(
-                amount_points=p.cost_points, balance=_balance(balance or empty), redemption_id=rid, reason=reason,
-            ), customer_id=event.customer_id or "", cause=f"reject:{cause}", **kw)
 
-        if book is None:
-            reject("account_unknown", None)
-        elif rid in uow.holds:
-            # A re-sent request: its first answer is already on its way (outbox); not final.
-            reject("duplicate_redemption", book.balance())
-        else:
-            _due_at(uow, out, book, at=_spend_time(uow, event))
-            try:
-                h = d.hold(book, uow.journal, redemption_id=rid, amount_points=p.cost_points,
-                           expires_at=_hold_expiry(uow.ledger, p.hold_timeout_s, _spend_time(uow, event)))
-            except d.LedgerError as exc:
-                reject(exc.reason, book.balance())
-                return None
-            uow.holds[rid] = h
-            metrics.HOLDS.labels("held").inc()
-            out.emit(PointsHeld, PointsHeldPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
-                                                   redemption_id=rid, hold_expires_at=h.expires_at),
-                     customer_id=book.customer_id, cause=f"hold:{rid}", **kw)
-        return None
+def _request(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
+    """RedemptionRequested: hold the points, or answer why not (PointsHoldRejected)."""
+    p, rid = event.payload, event.payload.redemption_id
+    uow.counted[metrics.EVENTS.labels(event.type, "applied")] += 1
+    book = uow.books.get(event.customer_id or "")
 
-    h = uow.holds.get(rid)
-    if h is None:
-        # Nothing was held: the request was rejected (failure/cancel need nothing), unless
-        # the reward was given, which must not pass unnoticed.
-        return "fulfilled_without_hold" if event.type == "RedemptionFulfilled" else None
-    book = uow.books[h.customer_id]
-    if event.type == "RedemptionFulfilled":
-        if d.post_hold(book, uow.journal, h):
-            out.emit(PointsRedeemed, PointsRedeemedPayload(amount_points=h.amount_points,
-                                                           balance=_balance(book.balance()), redemption_id=rid),
-                     customer_id=book.customer_id, cause=f"post:{rid}", **kw)
+    def reject(reason: str, balance: d.Balance | None) -> None:
+        uow.counted[metrics.HOLDS.labels(reason)] += 1
+        empty = d.Balance(0, 0, 0, 0, uow.program.tiers[0].name, 0)
+        out.emit(PointsHoldRejected, PointsHoldRejectedPayload(
+            amount_points=p.cost_points, balance=_balance(balance or empty), redemption_id=rid, reason=reason,
+        ), customer_id=event.customer_id or "", cause=f"reject:{event.event_id}", **_saga_kw(event))
+
+    if book is None:
+        reject("account_unknown", None)
+    elif rid in uow.holds:
+        # A re-sent request: its first answer is already on its way (outbox); not final.
+        reject("duplicate_redemption", book.balance())
+    else:
+        _due_at(uow, out, book, at=_spend_time(uow, event))
+        try:
+            h = d.hold(book, uow.journal, redemption_id=rid, amount_points=p.cost_points,
+                       expires_at=_hold_expiry(uow.ledger, p.hold_timeout_s, _spend_time(uow, event)))
+        except d.LedgerError as exc:
+            reject(exc.reason, book.balance())
             return None
-        if h.state == "voided":  # a late redemption spends, like a new hold
-            _due_at(uow, out, book, at=_spend_time(uow, event))
-        if late := d.redeem_after_void(book, uow.journal, h):
-            # The reward was given after we voided the hold (we or the rewards' outbox lagged
-            # past the timeout): the points are taken now, the shortfall as debt.
-            uow.late_redemptions.append(late)
-            out.emit(PointsRedeemed, PointsRedeemedPayload(
-                amount_points=h.amount_points, balance=_balance(late.balance), redemption_id=rid,
-                after_hold_voided=True, debt_points_added=late.debt_points_added,
-            ), customer_id=book.customer_id, cause=f"post:{rid}", **kw)
-        return None
-    reason = p.reason
-    if d.void_hold(book, uow.journal, h):
-        out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
-                                                       redemption_id=rid, phase="void", reason=reason),
-                 customer_id=book.customer_id, cause=f"void:{rid}", **kw)
-    # The cancellation's own time, not this run's: a rebuild dates a refund lot the same way.
-    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.ledger.programs.at(event.recorded_at).program,
-                                          now=event.occurred_at):
-        # Cancelled after fulfilment (or a failure reported after posting): points go back.
-        out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
-                                                       redemption_id=rid, phase="refund", reason=reason),
-                 customer_id=book.customer_id, cause=f"refund:{rid}", **kw)
+        uow.holds[rid] = h
+        uow.counted[metrics.HOLDS.labels("held")] += 1
+        out.emit(PointsHeld, PointsHeldPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
+                                               redemption_id=rid, hold_expires_at=h.expires_at),
+                 customer_id=book.customer_id, cause=f"hold:{rid}", **_saga_kw(event))
     return None
 
 
-# ---- bad batches --------------------------------------------------------------------------
+def _fulfil(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
+    """RedemptionFulfilled: post the hold; if it was voided meanwhile, redeem late (debt for
+    what the balance no longer covers). Without any hold it is refused: a reward was given
+    for points never held, which must not pass unnoticed."""
+    rid = event.payload.redemption_id
+    uow.counted[metrics.EVENTS.labels(event.type, "applied")] += 1
+    h = uow.holds.get(rid)
+    if h is None:
+        return "fulfilled_without_hold"
+    book = uow.books[h.customer_id]
+    if d.post_hold(book, uow.journal, h):
+        out.emit(PointsRedeemed, PointsRedeemedPayload(amount_points=h.amount_points,
+                                                       balance=_balance(book.balance()), redemption_id=rid),
+                 customer_id=book.customer_id, cause=f"post:{rid}", **_saga_kw(event))
+        return None
+    if h.state == "voided":  # a late redemption spends, like a new hold
+        _due_at(uow, out, book, at=_spend_time(uow, event))
+    if late := d.redeem_after_void(book, uow.journal, h):
+        # The reward was given after we voided the hold (we or the rewards' outbox lagged
+        # past the timeout): the points are taken now, the shortfall as debt.
+        uow.late_redemptions.append(late)
+        out.emit(PointsRedeemed, PointsRedeemedPayload(
+            amount_points=h.amount_points, balance=_balance(late.balance), redemption_id=rid,
+            after_hold_voided=True, debt_points_added=late.debt_points_added,
+        ), customer_id=book.customer_id, cause=f"post:{rid}", **_saga_kw(event))
+    return None
 
-Apply = Callable[[asyncpg.Connection, Ledger, Sequence[Record]], Any]
-_ADAPTERS = {PURCHASES_CONSUMER: _PURCHASE_EVENT, REWARDS_CONSUMER: _REWARDS_EVENT,
-             ADJUSTMENTS_CONSUMER: _ADJUSTMENT_EVENT}
+
+def _release(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
+    """RedemptionFailed or RedemptionCancelled: void the hold, or refund the points when it
+    was posted already (cancelled after fulfilment, a failure reported after posting).
+    Nothing held (the request was rejected): nothing to do."""
+    p, rid = event.payload, event.payload.redemption_id
+    uow.counted[metrics.EVENTS.labels(event.type, "applied")] += 1
+    h = uow.holds.get(rid)
+    if h is None:
+        return None
+    book = uow.books[h.customer_id]
+    if d.void_hold(book, uow.journal, h):
+        out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
+                                                       redemption_id=rid, phase="void", reason=p.reason),
+                 customer_id=book.customer_id, cause=f"void:{rid}", **_saga_kw(event))
+    # The cancellation's own time, not this run's: a rebuild dates a refund lot the same way.
+    elif h.state == "posted" and d.refund(book, uow.journal, h, uow.ledger.programs.at(event.recorded_at).program,
+                                          now=event.occurred_at):
+        out.emit(PointsReleased, PointsReleasedPayload(amount_points=h.amount_points, balance=_balance(book.balance()),
+                                                       redemption_id=rid, phase="refund", reason=p.reason),
+                 customer_id=book.customer_id, cause=f"refund:{rid}", **_saga_kw(event))
+    return None
 
 
-async def apply_one_by_one(pool: asyncpg.Pool, ledger: Ledger, records: Sequence[Record], apply: Apply,
-                           consumer: str) -> BatchResult:
-    """After a batch failed its bounded retries: each record in its own transaction, and a
-    record that still fails goes to points.dlq with the error, so it never blocks the partition."""
-    total = BatchResult()
-    for record in records:
-        try:
-            async with pool.acquire() as conn:
-                r = await apply(conn, ledger, [record])
-            total.processed += r.processed
-            total.dead_lettered += r.dead_lettered
-        except Exception as exc:  # noqa: BLE001 - the reason travels with the dead letter
-            log.exception("record failed on its own; dead-lettering", extra={"offset": record.offset})
-            item = decode(record, _ADAPTERS[consumer])
-            item.reason = "processing_failed"
-            item.errors = [{"loc": [], "msg": f"{type(exc).__name__}: {exc}"[:2000], "type": "processing_failed"}]
-            async with pool.acquire() as conn, conn.transaction():
-                if await claim_new(conn, consumer=consumer, event_ids=[item.inbox_id]):
-                    await enqueue(conn, [_dead_letter(ledger, item, ledger.clock())])
-            total.dead_lettered += 1
-    return total
+def _ignore(uow: UnitOfWork, out: Emitter, event: Any) -> str | None:
+    """A shipment or a delivery moves no points."""
+    uow.counted[metrics.EVENTS.labels(event.type, "ignored")] += 1
+    return None
+
+
+# What each type on rewards.events does; a step returns a dead-letter reason when it cannot
+# be applied.
+REDEMPTION_ACTIONS: dict[str, Callable[[UnitOfWork, Emitter, Any], str | None]] = {
+    "RedemptionRequested": _request,
+    "RedemptionFulfilled": _fulfil,
+    "RedemptionFailed": _release,
+    "RedemptionCancelled": _release,
+    "RedemptionShipped": _ignore,
+    "RedemptionDelivered": _ignore,
+}
+assert set(REDEMPTION_ACTIONS) == _NO_POINTS | {"RedemptionRequested", "RedemptionFulfilled", "RedemptionFailed",
+                                                "RedemptionCancelled"}
 
 
 # ---- the scheduler ------------------------------------------------------------------------
@@ -954,51 +878,38 @@ async def adjust_points(
     return AdjustmentOutcome(True, adjustment_id, customer_id, amount_points, reason_code, actor, note, book.balance())
 
 
-async def apply_adjustments(conn: asyncpg.Connection, ledger: Ledger, records: Sequence[Record]) -> BatchResult:
+async def apply_adjustments(ledger: Ledger, batch: Batch[Any]) -> None:
     """ledger.adjustments: one transaction per batch. In normal operation every event is
     already in the inbox (the admin API applied it) and nothing happens; replayed into an
     empty database, each is applied as the API applied it. One the balance no longer covers
     (the streams were replayed in another order) is dead-lettered, never half-applied."""
     started = time.perf_counter()
-    await ledger.programs.ensure_loaded(conn)
-    now = ledger.clock()
-    items = [decode(r, _ADJUSTMENT_EVENT) for r in records]
-    result = BatchResult()
-    async with transaction(conn, opening=repo.APPLYING_INPUTS):
-        fresh, result.duplicates = await _claim(conn, ADJUSTMENTS_CONSUMER, items)
-        uow = UnitOfWork(conn, ledger, now)
-        out = Emitter(ledger, now)
-        events = [i.event for i in fresh if i.event is not None]
-        await uow.lock([e.customer_id for e in events], create=True)
-        # The audit row is the proof an adjustment was applied, whatever event id carried it.
-        applied = await repo.applied_adjustments(conn, adjustment_ids=[e.payload.adjustment_id for e in events])
-        to_apply = sorted({e.customer_id for e in events if e.payload.adjustment_id not in applied})
-        if to_apply:
-            uow.attach_lots(await repo.open_lots(conn, customer_ids=to_apply))
-            uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=to_apply, now=now))
-        for item in fresh:
-            event = item.event
-            if event is None:
-                out.messages.append(_dead_letter(ledger, item, now))
-                result.dead_lettered += 1
-                continue
-            if event.payload.adjustment_id in applied:
-                result.duplicates += 1
-                continue
-            try:
-                _apply_adjustment(uow, out, event)
-            except d.LedgerError as exc:  # the balance does not cover a debit; 0 or out-of-range points
-                item.reason, item.errors = exc.reason, [{"loc": ["payload", "amount_points"], "msg": str(exc),
-                                                         "type": exc.reason}]
-                out.messages.append(_dead_letter(ledger, item, now))
-                result.dead_lettered += 1
-                continue
-            applied.add(event.payload.adjustment_id)
-            metrics.EVENTS.labels(event.type, "applied").inc()
-            result.processed += 1
-        await uow.save(out.messages)
-    _batch_done("adjustments", uow, out, result, batch_size=len(records), fresh=fresh, started=started)
-    return result
+    conn, now = batch.conn, ledger.clock()
+    uow = UnitOfWork(conn, ledger, now)
+    out = Emitter(ledger, now)
+    events = batch.events
+    await uow.lock([e.customer_id for e in events], create=True)
+    # The audit row is the proof an adjustment was applied, whatever event id carried it.
+    applied = await repo.applied_adjustments(conn, adjustment_ids=[e.payload.adjustment_id for e in events])
+    to_apply = sorted({e.customer_id for e in events if e.payload.adjustment_id not in applied})
+    if to_apply:
+        uow.attach_lots(await repo.open_lots(conn, customer_ids=to_apply))
+        uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=to_apply, now=now))
+    for item in batch.items:
+        event = item.event
+        if event.payload.adjustment_id in applied:
+            continue
+        try:
+            _apply_adjustment(uow, out, event)
+        except d.LedgerError as exc:  # the balance does not cover a debit; 0 or out-of-range points
+            batch.refuse(item, exc.reason, [{"loc": ["payload", "amount_points"], "msg": str(exc),
+                                             "type": exc.reason}])
+            continue
+        applied.add(event.payload.adjustment_id)
+        uow.counted[metrics.EVENTS.labels(event.type, "applied")] += 1
+    await uow.save([])
+    batch.publish(*out.messages)
+    batch.after_commit(lambda: _batch_done("adjustments", uow, batch, started=started))
 
 
 # ---- read side ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from services.ledger import repository as repo
 from services.ledger.program import Program, load_program_file
+from shared.errors import TransientError
 from shared.events import derived_event_id, utcnow
 from shared.events.programs import PROGRAM_KEY, ProgramVersionPublished, ProgramVersionPublishedPayload
 from shared.outbox import OutboxMessage, enqueue
@@ -40,9 +41,9 @@ log = logging.getLogger(__name__)
 PRODUCER = "ledger"
 
 
-class ProgramHistoryUnavailable(ConnectionError):
+class ProgramHistoryUnavailable(TransientError):
     """ledger.programs could not be read: nothing is applied under a program that may not be
-    the one in force (a ConnectionError, so consumers retry the batch, never dead-letter it)."""
+    the one in force (transient: the pipeline retries the batch, never dead-letters it)."""
 
 
 class EffectiveInThePast(ValueError):

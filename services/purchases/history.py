@@ -5,7 +5,6 @@ Each input is yielded with the byte offset where the *next* input starts, so an 
 checkpoint after what the broker acknowledged and resume there."""
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field

@@ -1,6 +1,5 @@
 """Composition root of the purchases service: the only place that wires real adapters."""
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -8,7 +7,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from services.purchases.api import body_limit, create_router, validation_error_handler
-from services.purchases.handlers import register_handlers
+from services.purchases.handlers import declare_publishers, subscriptions
 from services.purchases.service import Clock, PurchaseRecorder
 from services.purchases.settings import PurchasesSettings
 from shared.events import utcnow
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "Front door for POS terminals and e-shops: validates, de-duplicates and records purchases and "
-    "returns from Kafka (purchases.raw), HTTP (per-store API key) and Shopify/WooCommerce webhooks, "
+    "returns from Kafka (purchases.raw; imported history from purchases.import), HTTP (per-store API key) and Shopify/WooCommerce webhooks, "
     "and publishes them on purchases.recorded; refusals go to purchases.dlq."
 )
 
@@ -36,23 +35,18 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
         topics=(PURCHASES_RAW, PURCHASES_IMPORT, PURCHASES_RECORDED, PURCHASES_DLQ),
     )
     recorder = PurchaseRecorder(settings=settings, clock=clock)
-    register_handlers(runtime.broker, settings=settings, recorder=recorder,
-                      pool_getter=lambda: runtime.pool, on_committed=lambda: runtime.relay.wake())
-    async def expire_parked_returns_forever() -> None:
-        interval_s = max(1.0, min(settings.return_park_s / 4, 30.0))
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                async with runtime.pool.acquire() as conn:
-                    if await recorder.expire_parked_returns(conn):
-                        runtime.relay.wake()
-            except Exception:
-                log.exception("expiring parked returns failed; will retry")
+    declare_publishers(runtime.broker, settings)
+    runtime.lane("ingest", bulk=True)
+    runtime.lane("import", bulk=True, max_records=settings.import_batch_max_records)
+    for subscription in subscriptions(settings, recorder):
+        runtime.subscribe(subscription)
 
-    async def start_background() -> None:
-        runtime.spawn(expire_parked_returns_forever(), "parked-returns")
+    async def expire_parked_returns() -> None:
+        async with runtime.pool.acquire() as conn:
+            if await recorder.expire_parked_returns(conn):
+                runtime.relay.wake()
 
-    runtime.on_start(start_background)
+    runtime.every(max(1.0, min(settings.return_park_s / 4, 30.0)), "parked-returns", expire_parked_returns)
     app = create_service_app(runtime, title="Loyalty purchases", description=DESCRIPTION,
                              body_limit=body_limit(settings.max_body_bytes))
     app.include_router(create_router(runtime, recorder, settings))

@@ -17,8 +17,13 @@ from services.purchases import domain, metrics, repository
 from services.purchases.domain import PurchaseIn, Rejection
 from services.purchases.settings import PurchasesSettings
 from shared.events import DeadLetter, derived_event_id, envelope, utcnow
-from shared.events.purchases import PurchaseClaimed, PurchaseClaimedPayload, purchase_event_json
+from shared.events.purchases import (
+    PurchaseClaimed,
+    PurchaseClaimedPayload,
+    purchase_event_json,
+)
 from shared.outbox import OutboxMessage, enqueue
+from shared.pipeline import Batch
 from shared.topics import PURCHASES_DLQ, PURCHASES_RECORDED
 
 PRODUCER = "purchases"
@@ -117,14 +122,46 @@ class PurchaseRecorder:
         self.dlq_topic = settings.topic(PURCHASES_DLQ)
 
     async def record(self, conn: asyncpg.Connection, items: Sequence[Inbound]) -> list[Outcome]:
-        """Validate, de-duplicate and record `items` in one transaction on `conn`. Returns
-        one outcome per item, in order. Raises on database errors (nothing is written)."""
+        """Validate, de-duplicate and record `items` in one transaction on `conn` (the HTTP
+        doors). Returns one outcome per item, in order. Raises on database errors (nothing is
+        written)."""
         started = time.perf_counter()
+        counted: list[Callable[[], None]] = []
+        async with conn.transaction():
+            outcomes, messages = await self.record_in(conn, items, counted)
+            await enqueue(conn, messages)
+        for count in counted:
+            count()
+        self._observe(items, outcomes, time.perf_counter() - started)
+        return outcomes
+
+    async def apply(self, batch: Batch[Inbound]) -> None:
+        """The Kafka door: a batch of purchases.raw inside the pipeline's transaction; what
+        is refused goes to purchases.dlq in it, counted once the batch committed."""
+        started = time.perf_counter()
+        counted: list[Callable[[], None]] = []
+        items = batch.events
+        outcomes, messages = await self.record_in(batch.conn, items, counted)
+        batch.publish(*messages)
+        elapsed_s = time.perf_counter() - started
+
+        def observe() -> None:
+            for count in counted:
+                count()
+            self._observe(items, outcomes, elapsed_s)
+
+        batch.after_commit(observe)
+
+    async def record_in(self, conn: asyncpg.Connection, items: Sequence[Inbound],
+                        counted: list[Callable[[], None]]) -> tuple[list[Outcome], list[OutboxMessage]]:
+        """The work of `record` inside a transaction already open on `conn`: the outcomes,
+        and the messages to enqueue (events and dead letters). Counters of returns parked
+        earlier are left in `counted`, for after the commit."""
         s = self._settings
         now = self.clock()
         outcomes: list[Outcome | None] = [None] * len(items)
         accepted: list[_Accepted] = []
-        first_seen: dict[tuple[str, str], _Accepted] = {}
+        first_seen: dict[tuple[str, str, str], _Accepted] = {}
 
         for i, item in enumerate(items):
             parsed = item.parsed
@@ -146,54 +183,50 @@ class PurchaseRecorder:
             accepted.append(candidate)
 
         messages: list[OutboxMessage] = []
-        async with conn.transaction():
-            known = await repository.find_hashes(conn, keys=[a.purchase.key for a in accepted])
-            sales, returns = [], []
-            for a in accepted:
-                if a.purchase.key in known:
-                    outcomes[a.index] = self._repeat(a, known[a.purchase.key])
-                elif a.purchase.type == "sale":
-                    sales.append(a)
-                else:
-                    returns.append(a)
+        known = await repository.find_hashes(conn, keys=[a.purchase.key for a in accepted])
+        sales, returns = [], []
+        for a in accepted:
+            if a.purchase.key in known:
+                outcomes[a.index] = self._repeat(a, known[a.purchase.key])
+            elif a.purchase.type == "sale":
+                sales.append(a)
+            else:
+                returns.append(a)
 
-            inserted = await repository.insert_purchases(conn, purchases=[
-                (a.purchase, a.purchase.customer_id, a.content_hash, a.item.door,
-                 purchase_event_id(*a.purchase.key), a.item.import_policy) for a in sales
-            ])
-            raced = [a for a in sales if a.purchase.key not in inserted]
-            if raced:  # another transaction recorded them between our look-up and insert
-                known = await repository.find_hashes(conn, keys=[a.purchase.key for a in raced])
-                for a in raced:
-                    outcomes[a.index] = self._repeat(a, known[a.purchase.key])
-            for a in sales:
-                if a.purchase.key in inserted:
-                    outcomes[a.index] = self._recorded(a, a.purchase.customer_id, now, messages)
+        inserted = await repository.insert_purchases(conn, purchases=[
+            (a.purchase, a.purchase.customer_id, a.content_hash, a.item.door,
+             purchase_event_id(*a.purchase.key), a.item.import_policy) for a in sales
+        ])
+        raced = [a for a in sales if a.purchase.key not in inserted]
+        if raced:  # another transaction recorded them between our look-up and insert
+            known = await repository.find_hashes(conn, keys=[a.purchase.key for a in raced])
+            for a in raced:
+                outcomes[a.index] = self._repeat(a, known[a.purchase.key])
+        for a in sales:
+            if a.purchase.key in inserted:
+                outcomes[a.index] = self._recorded(a, a.purchase.customer_id, now, messages)
 
-            # Returns one by one, in arrival order: each locks its sale, so concurrent
-            # partial returns of one sale can never together return more than was bought.
-            # Returns parked earlier for the sales just recorded go first.
-            for row in await repository.unpark_returns_for(conn, sales=sorted(inserted)):
-                unparked = self._unparked(row)
-                outcome = await self._record_return(conn, unparked, now, messages)
-                if outcome.status in ("rejected", "conflict"):
-                    messages.append(dead_letter(self.dlq_topic, unparked.item,
-                                                Rejection(outcome.reason or "rejected", outcome.errors)))
-                    metrics.REJECTED.labels(unparked.item.door, outcome.reason or "rejected").inc()
-                elif outcome.status == "recorded":
-                    metrics.RECORDED.labels(unparked.item.door, "return").inc()
-            for a in returns:
-                outcomes[a.index] = await self._record_return(conn, a, now, messages)
+        # Returns one by one, in arrival order: each locks its sale, so concurrent
+        # partial returns of one sale can never together return more than was bought.
+        # Returns parked earlier for the sales just recorded go first.
+        for row in await repository.unpark_returns_for(conn, sales=sorted(inserted)):
+            unparked = self._unparked(row)
+            outcome = await self._record_return(conn, unparked, now, messages)
+            if outcome.status in ("rejected", "conflict"):
+                messages.append(dead_letter(self.dlq_topic, unparked.item,
+                                            Rejection(outcome.reason or "rejected", outcome.errors)))
+                counted.append(metrics.REJECTED.labels(unparked.item.door, outcome.reason or "rejected").inc)
+            elif outcome.status == "recorded":
+                counted.append(metrics.RECORDED.labels(unparked.item.door, "return").inc)
+        for a in returns:
+            outcomes[a.index] = await self._record_return(conn, a, now, messages)
 
-            for i, item in enumerate(items):
-                outcome = outcomes[i]
-                assert outcome is not None
-                if outcome.status in ("rejected", "conflict") and item.dead_letter_on_reject:
-                    messages.append(dead_letter(self.dlq_topic, item, Rejection(outcome.reason or "rejected", outcome.errors)))
-            await enqueue(conn, messages)
-
-        self._observe(items, outcomes, time.perf_counter() - started)
-        return [o for o in outcomes if o is not None]
+        for i, item in enumerate(items):
+            outcome = outcomes[i]
+            assert outcome is not None
+            if outcome.status in ("rejected", "conflict") and item.dead_letter_on_reject:
+                messages.append(dead_letter(self.dlq_topic, item, Rejection(outcome.reason or "rejected", outcome.errors)))
+        return [o for o in outcomes if o is not None], messages
 
     def _repeat(self, a: _Accepted, recorded: tuple[bytes, uuid.UUID]) -> Outcome:
         recorded_hash, event_id = recorded
@@ -258,13 +291,15 @@ class PurchaseRecorder:
         async with conn.transaction():
             rows = await repository.unpark_expired(
                 conn, parked_before=self.clock() - timedelta(seconds=self._settings.return_park_s))
-            messages = []
+            messages, refused = [], []
             for row in rows:
                 a = self._unparked(row)
                 rejection = domain.check_return(a.purchase, None)
                 messages.append(dead_letter(self.dlq_topic, a.item, rejection))
-                metrics.REJECTED.labels(a.item.door, rejection.reason).inc()
+                refused.append((a.item.door, rejection.reason))
             await enqueue(conn, messages)
+        for door, reason in refused:
+            metrics.REJECTED.labels(door, reason).inc()
         return len(rows)
 
     @staticmethod
@@ -287,27 +322,6 @@ class PurchaseRecorder:
                 metrics.DUPLICATES.labels(door).inc(n)
             else:
                 metrics.REJECTED.labels(door, reason).inc(n)
-
-
-async def record_one_by_one(recorder: PurchaseRecorder, pool: asyncpg.Pool, items: Sequence[Inbound]) -> list[Outcome]:
-    """Fallback when a whole batch fails on a data error: record each item on its own; an
-    item that still fails is dead-lettered with the database's reason, so one bad input
-    never blocks a partition."""
-    outcomes = []
-    for item in items:
-        async with pool.acquire() as conn:
-            try:
-                outcomes.extend(await recorder.record(conn, [item]))
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, (asyncpg.exceptions.ConnectionFailureError, asyncpg.exceptions.CannotConnectNowError)):
-                    raise
-                rejection = Rejection("processing_error", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}",
-                                                            "type": "processing_error"}])
-                async with conn.transaction():
-                    await enqueue(conn, [dead_letter(recorder.dlq_topic, item, rejection)])
-                metrics.REJECTED.labels(item.door, rejection.reason).inc()
-                outcomes.append(Outcome("rejected", reason=rejection.reason, errors=rejection.errors))
-    return outcomes
 
 
 # ---- claims -------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ def settings(base_env) -> LedgerSettings:
 
 
 def purchases_partitions(app, topic: str) -> set[int]:
-    return {tp.partition for subscriber in app.state.runtime.broker.subscribers
-            if getattr(subscriber, "consumer", None) is not None
-            for tp in subscriber.consumer.assignment() if tp.topic == topic}
+    return {tp.partition for consumer in app.state.runtime.consumers
+            for tp in consumer.assignment() if tp.topic == topic}
 
 
 def partition_of(customer_id: str) -> int:

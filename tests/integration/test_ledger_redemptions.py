@@ -8,8 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.ledger.service import Record, apply_rewards, run_scheduler
+from services.ledger.service import run_scheduler
 from services.ledger.settings import LedgerSettings
+from shared.pipeline import Record
 from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 from tests.support.kafka import consume, produce, unique
 from tests.support.ledger import ADMIN, ledger_rows, ledger_settings, purchase_recorded, redemption, running_ledger
@@ -52,21 +53,13 @@ async def test_concurrent_transactions_on_one_customer_never_overdraw(settings, 
     customer, k, cost = unique("c-"), 23, 7
     async with running_ledger(settings) as (app, client):
         await credit(client, customer, k * cost)
-        ledger, pool = app.state.ledger, app.state.runtime.pool
+        runtime = app.state.runtime
+        [rewards_events] = [s for s in runtime.subscriptions if s.topic == settings.topic(REWARDS_EVENTS)]
         batches = [[Record(json.dumps(redemption("RedemptionRequested", customer, uuid.uuid4(), cost)).encode())
                      for _ in range(10)] for _ in range(50)]
-
-        async def apply(batch):
-            for attempt in range(20):  # a deadlock or serialization failure is retried, as NACK would
-                try:
-                    async with pool.acquire() as conn:
-                        return await apply_rewards(conn, ledger, batch)
-                except Exception:
-                    if attempt == 19:
-                        raise
-                    await asyncio.sleep(0.01)
-
-        await asyncio.gather(*(apply(b) for b in batches))
+        # the pipeline retries a deadlock or serialization failure; nothing may fail for good
+        reports = await asyncio.gather(*(runtime.pipeline.process(rewards_events, b) for b in batches))
+    assert sum(r.dead_lettered for r in reports) == 0
     holds = await ledger_rows(settings.database_url, "SELECT amount_points FROM holds WHERE customer_id = $1", customer)
     [account] = await ledger_rows(settings.database_url, "SELECT * FROM accounts WHERE account_id = $1",
                                   f"customer:{customer}:available")

@@ -324,3 +324,16 @@ def promtool() -> str:
 def test_promtool_accepts_config_rules_and_rule_tests(args):
     result = subprocess.run([promtool(), *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+SECRET_NAME = re.compile(r"(SECRET|API_KEY|PASSWORD)$")
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_no_secret_falls_back_to_a_well_known_value(service):
+    """A key or secret in compose is required (${VAR:?...}): with a default, a deployment
+    that forgot to set it would start with a key everybody can read in this repository."""
+    environment = SERVICES[service].get("environment") or {}
+    for name, value in environment.items():
+        if SECRET_NAME.search(name):
+            assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", str(value)), f"{service}: {name}={value}"

@@ -160,3 +160,21 @@ def test_a_refused_token_is_not_remembered_as_valid():
     forged = f"{header}.{b64({'sub': 'cust-2', 'iss': ISS, 'aud': AUD, 'exp': int(time.time()) + 60})}.{signature}"
     for _ in range(2):
         assert refused(forged, v) == "token signature invalid"
+
+
+def test_a_token_claiming_a_hundred_years_is_refused():
+    assert refused(token(ttl_s=100 * 365 * 86_400)) == "token lifetime exceeds 86400 s"
+
+
+def test_a_token_within_the_configured_lifetime_is_accepted_and_a_longer_one_refused():
+    v = verifier(max_lifetime_s=600)
+    assert v.customer_id(token(ttl_s=600)) == "cust-1"
+    assert refused(token(ttl_s=601), v) == "token lifetime exceeds 600 s"
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat"])
+def test_a_time_claim_given_as_a_string_is_refused(claim):
+    now = int(time.time())
+    claims = {"sub": "cust-1", "iss": ISS, "aud": AUD, "iat": now, "exp": now + 60}
+    claims[claim] = str(claims[claim])
+    assert refused(jwt.encode(claims, SECRET, algorithm="HS256")) == "token exp and iat must be numbers (NumericDate)"
