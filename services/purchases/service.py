@@ -202,9 +202,15 @@ class PurchaseRecorder:
             known = await repository.find_hashes(conn, keys=[a.purchase.key for a in raced])
             for a in raced:
                 outcomes[a.index] = self._repeat(a, known[a.purchase.key])
+        # Each message's place: the arrival index of its input. Events go out in the order
+        # their inputs came (a sale after a return in the batch stays after it), which
+        # imported history relies on: the ledger earns each purchase at its own time, with the
+        # returns made before it already applied.
+        arrival: list[int] = []
         for a in sales:
             if a.purchase.key in inserted:
                 outcomes[a.index] = self._recorded(a, a.purchase.customer_id, now, messages)
+                arrival += [a.index] * (len(messages) - len(arrival))
 
         # Returns one by one, in arrival order: each locks its sale, so concurrent
         # partial returns of one sale can never together return more than was bought.
@@ -218,8 +224,11 @@ class PurchaseRecorder:
                 counted.append(metrics.REJECTED.labels(unparked.item.door, outcome.reason or "rejected").inc)
             elif outcome.status == "recorded":
                 counted.append(metrics.RECORDED.labels(unparked.item.door, "return").inc)
+            arrival += [len(items)] * (len(messages) - len(arrival))  # after the sales that released them
         for a in returns:
             outcomes[a.index] = await self._record_return(conn, a, now, messages)
+            arrival += [a.index] * (len(messages) - len(arrival))
+        messages = [m for _, m in sorted(zip(arrival, messages), key=lambda x: x[0])]
 
         for i, item in enumerate(items):
             outcome = outcomes[i]
