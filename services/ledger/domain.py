@@ -552,6 +552,20 @@ def history_earns(history: bool, import_policy: str | None) -> bool:
     return import_policy == "as-earned"
 
 
+# The reason code of an opening balance: a customer's points brought over from the
+# retailer's old system with a history import (services/ledger/opening_balances.py).
+OPENING_BALANCE = "opening_balance"
+
+
+def is_opening_balance(reason_code: str) -> bool:
+    return reason_code == OPENING_BALANCE
+
+
+def opening_balance_id(customer_id: str) -> uuid.UUID:
+    """One opening balance per customer: importing the balances again changes nothing."""
+    return derived_event_id("ledger", OPENING_BALANCE, customer_id)
+
+
 def qualifying_at(book: CustomerBook, program: Program, at: datetime) -> int:
     """The customer's qualifying points in the tier window that ends at `at` (business
     time): from the lots in the book and the window lots loaded for it. What a purchase's

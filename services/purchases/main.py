@@ -37,7 +37,9 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
     recorder = PurchaseRecorder(settings=settings, clock=clock)
     declare_publishers(runtime.broker, settings)
     runtime.lane("ingest", bulk=True)
-    runtime.lane("import", bulk=True, max_records=settings.import_batch_max_records)
+    # Two consumers of the history: one batch is computed while the other waits for PostgreSQL.
+    runtime.lane("import", bulk=True, max_records=settings.import_batch_max_records,
+                 instances=settings.import_consumers)
     for subscription in subscriptions(settings, recorder):
         runtime.subscribe(subscription)
 

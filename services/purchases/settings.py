@@ -22,6 +22,7 @@ class PurchasesSettings(ServiceSettings):
     # purchases.import (history) is read in larger batches than the live doors: nobody waits
     # on it, and each batch costs the same few round trips whatever its size.
     import_batch_max_records: int = 5000
+    import_consumers: int = 2
     max_body_bytes: int = 1_000_000
     # E-shop webhooks: shared secrets (HMAC-SHA256) and the store id the orders are booked to.
     shopify_webhook_secret: str | None = None

@@ -178,3 +178,39 @@ async def test_a_retailer_streaming_to_purchases_import_without_a_policy_earns_n
     assert recorded["payload"]["history"] is True and recorded["payload"]["import_policy"] == "analytics"
     assert json.loads(json.dumps(recorded))["payload"]["occurred_at"].startswith("2024-03-01")
     assert events == []
+
+
+async def test_opening_balances_are_imported_once_with_their_reason_and_never_reminded_of(base_env, tmp_path,
+                                                                                           kafka_bootstrap):
+    from datetime import timedelta
+
+    import httpx
+
+    from services.ledger import opening_balances
+    from tests.support.ledger import ADMIN_KEY
+
+    l_settings = ledger_settings(base_env)
+    ann, ben = unique("ob-"), unique("ob-")
+    f = tmp_path / "balances.csv"
+    f.write_text(f"customer_id,points,reason\n{ann},1200,card system 2019-2025\n{ben},35,\n,10,\n")
+    args = opening_balances.parse_args([str(f), "--reason", "old cards", "--admin-key", ADMIN_KEY,
+                                        "--ledger-url", "http://ledger"])
+    async with running_ledger(l_settings) as (app, client):
+        transport = httpx.ASGITransport(app=app)
+        first, second = io.StringIO(), io.StringIO()
+        assert await opening_balances.run(args, out=first, transport=transport) == 1  # the row without a customer
+        assert await opening_balances.run(args, out=second, transport=transport) == 1
+        balance = (await client.get(f"/v1/customers/{ann}/balance", headers={"X-Admin-Key": ADMIN_KEY})).json()
+        run = await run_scheduler(app.state.runtime.pool, app.state.ledger,
+                                  now=datetime.now(timezone.utc) + timedelta(days=350))
+        app.state.runtime.relay.wake()
+        events = await consume(kafka_bootstrap, l_settings.topic(POINTS_EVENTS), count=2, timeout_s=30)
+    assert "2 applied, 0 applied before, 1 refused" in first.getvalue()
+    assert "0 applied, 2 applied before, 1 refused" in second.getvalue()
+    assert "customer_id is missing" in first.getvalue()
+    assert balance["available_points"] == 1200
+    assert run.reminders == 0
+    adjusted = {e["customer_id"]: e for e in events if e["type"] == "PointsAdjusted"}
+    assert set(adjusted) == {ann, ben} and all(e["payload"]["history"] for e in adjusted.values())
+    assert adjusted[ann]["payload"]["note"] == "card system 2019-2025" and adjusted[ben]["payload"]["note"] == "old cards"
+    assert adjusted[ann]["payload"]["reason_code"] == "opening_balance"
