@@ -36,6 +36,7 @@ class Row:
     next_offset: int
     data: dict[str, Any] | None
     refusal: Rejection | None = None
+    raw: bytes | None = None  # JSON lines: the line as read, sent as it is once it passed the checks
 
 
 def detect_format(path: str) -> Literal["jsonl", "csv"]:
@@ -61,7 +62,7 @@ def read_jsonl(f: BinaryIO, *, start_offset: int = 0, start_line: int = 1) -> It
             yield Row(line_no - 1, offset, None, Rejection("schema", [
                 {"loc": [], "msg": "a line must be a JSON object", "type": "object_type"}]))
             continue
-        yield Row(line_no - 1, offset, data)
+        yield Row(line_no - 1, offset, data, raw=text)
 
 
 class _Lines:

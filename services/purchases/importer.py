@@ -139,7 +139,8 @@ async def run_import(args: argparse.Namespace, settings: PurchasesSettings, *, o
                 if isinstance(result, Rejection):
                     refused_out.write(json.dumps(tally.refuse(row, result)) + "\n")
                 elif sender is not None:
-                    await sender.send(history.contract_json(result), result.customer_id or f"anonymous:{result.store_id}")
+                    value = row.raw if row.raw is not None else history.contract_json(result)
+                    await sender.send(value, result.customer_id or f"anonymous:{result.store_id}")
                     tally.sent += 1
                 else:
                     tally.sent += 1

@@ -120,3 +120,21 @@ def test_purchases_import_reads_the_policy_header_and_refuses_an_unknown_one():
     bad = inbound_from_record(record(body, [("import_policy", b"generous")]), door="import")
     assert isinstance(bad.parsed, Rejection) and bad.parsed.reason == "import_policy"
     assert inbound_from_record(record(body, [("import_policy", b"as-earned")])).import_policy is None  # live door
+
+
+def test_the_ledger_reads_analytics_history_with_a_minimal_decoder_and_everything_else_whole():
+    import uuid
+
+    from services.ledger.handlers import HistoryForAnalytics, decode_purchase_event
+    from shared.events.purchases import purchase_event_json
+
+    def event(history: bool, policy: str | None) -> bytes:
+        return purchase_event_json(event_type="PurchaseRecorded", event_id=str(uuid.uuid4()), recorded_at=T0,
+                                   producer="purchases", correlation_id="c", customer_id="c-1",
+                                   purchase=sale("10.00", at=T0), door="import", history=history, import_policy=policy)
+
+    analytics = decode_purchase_event(Record(value=event(True, "analytics")))
+    assert isinstance(analytics, HistoryForAnalytics) and analytics.payload.history and analytics.recorded_at == T0
+    for value in (event(True, "as-earned"), event(False, None)):
+        full = decode_purchase_event(Record(value=value))
+        assert full.type == "PurchaseRecorded" and full.payload.lines[0].unit_price == Decimal("10.00")
