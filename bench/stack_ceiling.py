@@ -6,8 +6,9 @@ Starts its own broker (and PostgreSQL, for the round-trip figures), produces --e
 purchases (the same payloads as `make bench`) to a topic of 4 partitions, then reads them
 back from offset 0 four ways, each to the end:
   1. aiokafka getmany, nothing else (the client's own ceiling);
-  2. a FastStream batch subscriber with the services' consumer options and decoder, and a
-     handler that does nothing (the framework every consumer runs in);
+  2. a FastStream batch subscriber with the options the services' consumers had when they
+     ran in FastStream, and a handler that does nothing (the framework, for comparison: the
+     services now consume with shared/consumer.py on aiokafka's public API);
   3. the same, the handler parsing and validating each record as the purchases service
      does (PurchaseIn.model_validate_json): the least work any consumer of purchases does;
 and, on one core with no I/O, the contract work every purchase costs on the earn path
@@ -41,7 +42,7 @@ from bench.harness import cpu_seconds, create_topics, infra, pg_processes, produ
 from services.ledger.handlers import PURCHASE_EVENT as _PURCHASE_EVENT
 from services.purchases.domain import PurchaseIn
 from shared.events.purchases import purchase_event_json
-from shared.kafka import consumer_options, create_broker, the_message
+from shared.kafka import create_broker
 from shared.settings import ServiceSettings
 
 TOPIC = "ceiling.purchases"
@@ -76,7 +77,7 @@ async def aiokafka_ceiling(bootstrap: str, events: int) -> float:
 
 
 async def faststream_ceiling(bootstrap: str, events: int, *, validate: bool) -> float:
-    """A batch subscriber built exactly as the services build theirs (shared.kafka)."""
+    """A batch subscriber with the options the services' FastStream subscribers had."""
     settings = ServiceSettings(kafka_bootstrap_servers=bootstrap, consumer_session_timeout_ms=6000,
                                consumer_heartbeat_interval_ms=1000,
                                consumer_group_prefix=f"ceiling-{uuid.uuid4().hex[:6]}")
@@ -84,9 +85,16 @@ async def faststream_ceiling(bootstrap: str, events: int, *, validate: bool) -> 
     state = {"n": 0, "first": 0.0}
     done = asyncio.Event()
 
+    async def the_message(message):  # the message itself as the body: the records, undecoded
+        return message
+
     @broker.subscriber(TOPIC, batch=True, ack_policy=AckPolicy.NACK_ON_ERROR, decoder=the_message,
-                       **consumer_options(settings, service="ceiling", purpose="validate" if validate else "noop",
-                                          bulk=True))
+                       group_id=settings.group_id("ceiling", "validate" if validate else "noop"),
+                       auto_offset_reset="earliest", session_timeout_ms=settings.consumer_session_timeout_ms,
+                       heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+                       max_records=settings.consumer_batch_max_records, batch_timeout_ms=500,
+                       fetch_max_wait_ms=settings.consumer_bulk_fetch_max_wait_ms,
+                       max_partition_fetch_bytes=8 * 1024 * 1024)
     async def handle(body) -> None:
         if not state["n"]:
             state["first"] = time.perf_counter()

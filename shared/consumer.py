@@ -128,7 +128,7 @@ class ConsumerLoop:
         return True
 
     async def _run(self) -> None:
-        backoff_s = 0.1
+        backoff_s = retry_s = 0.1
         while not self._stopping:
             try:
                 batches = await self.consumer.getmany(timeout_ms=self.lane.poll_timeout_ms,
@@ -148,6 +148,18 @@ class ConsumerLoop:
                     await self._apply(batches)
             except Stopping:
                 return  # abandoned uncommitted: read again by whoever comes next
+            except Exception:  # noqa: BLE001 - a bug below the pipeline's own handling
+                # Never go on past records not applied: read them again from their first
+                # offset, after a pause (the loop must not die, nor skip them).
+                log.exception("batch not applied; reading it again", extra={"group": self.group_id})
+                assigned = self.consumer.assignment()
+                for tp, records in batches.items():
+                    if records and tp in assigned:
+                        self.consumer.seek(tp, records[0].offset)
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, 5.0)
+                continue
+            retry_s = 0.1
             self._schedule_commit()
 
     async def _apply(self, batches: dict[TopicPartition, list[Any]]) -> None:
@@ -178,8 +190,8 @@ class ConsumerLoop:
         elif self._commit_timer is None or self._commit_timer.done():
             self._commit_timer = asyncio.get_running_loop().create_task(self._flush_later())
 
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(self._commit_interval_s)
+    async def _flush_later(self, delay_s: float | None = None) -> None:
+        await asyncio.sleep(self._commit_interval_s if delay_s is None else delay_s)
         await self._flush()
 
     async def _flush(self, partitions: Sequence[TopicPartition] | None = None) -> None:
@@ -195,9 +207,15 @@ class ConsumerLoop:
             return
         try:
             await self.consumer.commit(offsets)
-        except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in between: the records come again
-            log.warning("offset commit failed; those records will be read again",
-                        extra={"group": self.group_id, "error": repr(exc)})
+        except Exception as exc:  # noqa: BLE001 - e.g. a rebalance in between
+            log.warning("offset commit failed", extra={"group": self.group_id, "error": repr(exc)})
+            if partitions is None and not self._stopping:
+                # Tried again with the next commit (newer offsets of a later batch win): an
+                # idle partition would otherwise keep its old offset, and show lag, until a
+                # record came. A partition lost meanwhile is left to its new owner.
+                self._pending = offsets | self._pending
+                self._commit_timer = asyncio.get_running_loop().create_task(
+                    self._flush_later(max(self._commit_interval_s, 0.1)))
 
     async def partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Waiting for the batch in flight means the partitions' offsets are committed before

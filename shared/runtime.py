@@ -17,7 +17,7 @@ from faststream.kafka import KafkaBroker
 
 from shared.consumer import ConsumerLoop, Lane
 from shared.db import create_pool, migrate
-from shared.kafka import coalesce_commits, create_broker, create_producer
+from shared.kafka import create_broker, create_producer
 from shared.outbox import OutboxRelay
 from shared.periodic import every
 from shared.pipeline import Pipeline, Subscription
@@ -91,7 +91,7 @@ class ServiceRuntime:
         self._periodic.append((interval_s, name, job))
 
     def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
-        """Run after the database, outbox and broker are up (e.g. a scheduler)."""
+        """Run after the database, outbox and consumers are up (e.g. a loader)."""
         self._on_start.append(hook)
 
     def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -118,13 +118,10 @@ class ServiceRuntime:
             self.pool, self._producer, batch_size=s.outbox_batch_size, poll_interval_ms=s.outbox_poll_interval_ms
         )
         self.relay.start()
-        if self.subscriptions:
-            if any(not getattr(sub, "_described_only", False) for sub in self.broker.subscribers):
-                raise RuntimeError("a service consumes through the pipeline or through FastStream subscribers, not both")
-            await self._start_consumers()
-        else:  # FastStream subscribers of a service not moved onto the pipeline yet
-            await self.broker.start()
-            coalesce_commits(self.broker, s.consumer_commit_interval_ms)
+        if any(not getattr(sub, "_described_only", False) for sub in self.broker.subscribers):
+            # The broker only describes the topics (AsyncAPI): consuming is shared/consumer.py's.
+            raise RuntimeError("consume through runtime.subscribe, not FastStream subscribers")
+        await self._start_consumers()
         for hook in self._on_start:
             await hook()
         for interval_s, name, job in self._periodic:
@@ -152,8 +149,6 @@ class ServiceRuntime:
             await hook()
         await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
         self.consumers = []
-        if not self.subscriptions:
-            await self.broker.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self._producer is not None:
@@ -173,8 +168,9 @@ class ServiceRuntime:
         try:
             if self.consumers:
                 checks["broker"] = await self.consumers[0].ready()
-            else:
-                checks["broker"] = await self.broker.ping(timeout=2)
+            elif self._producer is not None and self.topics:  # a service that consumes nothing
+                await asyncio.wait_for(self._producer.partitions_for(self.settings.topic(self.topics[0])), timeout=2)
+                checks["broker"] = True
         except Exception:
             pass
         for name, check in self._readiness_checks.items():

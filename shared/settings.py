@@ -25,13 +25,6 @@ class ServiceSettings(BaseSettings):
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 3_000
     consumer_batch_max_records: int = Field(default=1000, ge=1)
-    # How long a batch subscriber's poll waits for records before it loops (shared/kafka.py
-    # _get_batch): a poll returns as soon as a fetch brings records, so this costs no
-    # latency; it only sets how often an idle subscriber wakes up. (FastStream itself also
-    # slept this long after an empty poll, which forced a few ms here: ~100 idle wake-ups a
-    # second per subscriber.)
-    consumer_batch_timeout_ms: int = Field(default=500, ge=1)
-    consumer_bulk_batch_timeout_ms: int = Field(default=500, ge=1)
     # How long the broker may hold an idle fetch. The embedded broker answers an idle fetch
     # only at this wait, so it bounds the latency of a quiet stream (aiokafka's default: 500).
     # Saga consumers (a customer waits on them) use consumer_fetch_max_wait_ms; bulk streams
@@ -41,7 +34,7 @@ class ServiceSettings(BaseSettings):
     consumer_fetch_max_wait_ms: int = 20
     consumer_bulk_fetch_max_wait_ms: int = 100
     # A consumer commits its offsets (always after the batch's transaction committed) at most
-    # once per this interval rather than once per batch (shared/kafka.py CoalescedCommits): an
+    # once per this interval rather than once per batch (shared/consumer.py ConsumerLoop): an
     # OffsetCommit costs both the service and the broker about as much as a fetch. After a
     # crash or a rebalance at most this much is read again; the inbox drops the repeats.
     # 0: commit every batch at once.

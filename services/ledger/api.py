@@ -3,7 +3,6 @@ admin API (X-Admin-Key): the program (versioned) and manual adjustments."""
 
 import json
 import logging
-import secrets
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -11,7 +10,16 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -21,9 +29,15 @@ from services.ledger import metrics
 from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import Ledger, adjust_points, balance_of, simulate
-from services.ledger.versions import EffectiveInThePast, ProgramHistoryUnavailable, ProgramStore
-from shared.events.purchases import PurchaseLine, PurchasePayload
+from services.ledger.versions import (
+    EffectiveInThePast,
+    ProgramHistoryUnavailable,
+    ProgramStore,
+)
+from shared.admin import AdminKeyRefused, admin_key_dependency
+from shared.admin import check_admin_key as check_admin_key_against
 from shared.auth import InvalidToken
+from shared.events.purchases import PurchaseLine, PurchasePayload
 from shared.limits import BodyLimit, ExplainedBodyRoute
 from shared.runtime import ServiceRuntime
 
@@ -243,21 +257,23 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     Conn = Annotated[asyncpg.Connection, Depends(connection)]
 
-    def check_admin_key(x_admin_key: str) -> None:
-        """A given X-Admin-Key must be the configured one: 401, counted, otherwise."""
-        expected = ledger.settings.admin_api_key
-        if not expected or not secrets.compare_digest(x_admin_key.encode(), expected.encode()):
-            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
-            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
+    def admin_refused(refused: AdminKeyRefused) -> Exception:
+        metrics.HTTP_REFUSALS.labels(refused.reason).inc()
+        if refused.status == 503:
+            return HTTPException(503, detail=refused.msg)
+        return HTTPException(401, detail="missing or wrong X-Admin-Key header")
 
-    async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
-        if not ledger.settings.admin_api_key:
-            metrics.HTTP_REFUSALS.labels("admin_api_disabled").inc()
-            raise HTTPException(503, detail="the admin API is disabled: LEDGER_ADMIN_API_KEY is not set")
-        if x_admin_key is None:
-            metrics.HTTP_REFUSALS.labels("missing_admin_key").inc()
-            raise HTTPException(401, detail="missing or wrong X-Admin-Key header")
-        check_admin_key(x_admin_key)
+    admin = admin_key_dependency(lambda: ledger.settings.admin_api_key, setting="LEDGER_ADMIN_API_KEY",
+                                 refusal=admin_refused)
+
+    def check_admin_key(x_admin_key: str) -> None:
+        """A given X-Admin-Key (a customer read's other credential) must be the configured
+        one: 401, counted, otherwise; also when none is configured."""
+        try:
+            check_admin_key_against(x_admin_key, ledger.settings.admin_api_key, setting="LEDGER_ADMIN_API_KEY")
+        except AdminKeyRefused:
+            metrics.HTTP_REFUSALS.labels("invalid_admin_key").inc()
+            raise HTTPException(401, detail="missing or wrong X-Admin-Key header") from None
 
     verifier = ledger.settings.token_verifier() if ledger.settings.jwt_configured() else None
 

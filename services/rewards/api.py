@@ -2,26 +2,26 @@
 token's subject) and the admin API for the catalog (X-Admin-Key)."""
 
 import base64
-import hmac
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Literal
 
+import pycountry
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.security import HTTPBearer
-import pycountry
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.rewards import domain, metrics, service
 from services.rewards.domain import Redemption, Reward
 from services.rewards.service import RewardsContext
 from services.rewards.token import InvalidToken, TokenVerifier
 from shared import logging as shared_logging
+from shared.admin import AdminKeyRefused, admin_key_dependency
 
 # Domain errors and the status a client sees for them.
 _STATUS = {
@@ -442,13 +442,15 @@ class CustomerBearer(HTTPBearer):
 def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRouter]:
     customer_bearer = CustomerBearer(verifier)
 
-    async def admin(x_admin_key: Annotated[str | None, Header()] = None) -> None:
-        expected = ctx.settings.admin_api_key
-        if expected is None:
-            raise ApiError(503, "admin_api_disabled", "REWARDS_ADMIN_API_KEY is not set")
-        if x_admin_key is None or not hmac.compare_digest(x_admin_key.encode(), expected.get_secret_value().encode()):
-            metrics.AUTH_REFUSALS.labels("missing_admin_key" if x_admin_key is None else "invalid_admin_key").inc()
-            raise ApiError(401, "invalid_admin_key", "a valid X-Admin-Key header is required")
+    def admin_refused(refused: AdminKeyRefused) -> Exception:
+        # This API's own bodies: one 401 for a missing or a wrong key (counted apart).
+        if refused.status == 503:
+            return ApiError(503, "admin_api_disabled", "REWARDS_ADMIN_API_KEY is not set")
+        metrics.AUTH_REFUSALS.labels(refused.reason).inc()
+        return ApiError(401, "invalid_admin_key", "a valid X-Admin-Key header is required")
+
+    admin = admin_key_dependency(lambda: ctx.settings.admin_api_key, setting="REWARDS_ADMIN_API_KEY",
+                                 refusal=admin_refused)
 
     Customer = Annotated[str, Depends(customer_bearer)]
 

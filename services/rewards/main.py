@@ -1,5 +1,5 @@
 """Composition root of the rewards service: builds the runtime, the use-case context, the
-Kafka handlers and the HTTP app. Nothing connects before the app's lifespan starts."""
+subscriptions, the periodic jobs and the HTTP app. Nothing connects before the app's lifespan starts."""
 
 from pathlib import Path
 
@@ -7,13 +7,11 @@ from fastapi import FastAPI
 
 from services.rewards import service
 from services.rewards.api import create_routers, install_error_handlers
-from services.rewards.handlers import register_handlers
+from services.rewards.handlers import declare_publishers, subscriptions
 from services.rewards.service import RewardsContext
 from services.rewards.settings import RewardsSettings
-from shared.events.rewards import RedemptionRequested
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
-from shared.topics import REWARDS_DLQ, REWARDS_EVENTS
 
 SERVICE = "rewards"
 DESCRIPTION = (
@@ -40,40 +38,17 @@ def create_app(settings: RewardsSettings | None = None) -> FastAPI:
             runtime.relay.wake()
 
     ctx = RewardsContext(settings=settings, pool_getter=pool, wake_relay=wake_relay)
-    register_handlers(runtime.broker, ctx)
-    # Declared for the AsyncAPI document only: events are published by the outbox relay.
-    runtime.broker.publisher(
-        settings.topic(REWARDS_EVENTS), title="rewards.events", schema=RedemptionRequested,
-        description="The redemption saga, keyed by customer_id: RedemptionRequested, RedemptionFulfilled, "
-        "RedemptionFailed, RedemptionCancelled; then, for physical rewards, RedemptionShipped and "
-        "RedemptionDelivered (shared/events/rewards.py).",
-    )
-    runtime.broker.publisher(settings.topic(REWARDS_DLQ), title="rewards.dlq",
-                             description="points.events records this service could not process (DeadLetter)")
-
-    async def start_loops() -> None:
-        runtime.spawn(
-            service.run_periodically("recovery", settings.recovery_interval_s,
-                                     lambda: service.recover_unanswered(ctx)),
-            name="rewards-recovery",
-        )
-        runtime.spawn(
-            service.run_periodically("outcome-poll", settings.saga_poll_interval_ms / 1000,
-                                     lambda: ctx.waiters.poll_once(ctx.pool)),
-            name="rewards-outcome-poll",
-        )
-        runtime.spawn(
-            service.run_periodically("stock-metrics", settings.metrics_sample_interval_s,
-                                     lambda: service.sample_stock_levels(ctx)),
-            name="rewards-stock-metrics",
-        )
-        runtime.spawn(
-            service.run_periodically("shipment-metrics", settings.metrics_sample_interval_s,
-                                     lambda: service.sample_shipment_queue(ctx)),
-            name="rewards-shipment-metrics",
-        )
-
-    runtime.on_start(start_loops)
+    declare_publishers(runtime.broker, ctx)
+    runtime.lane("points-events")  # a latency lane: a customer waits on the saga
+    for subscription in subscriptions(ctx):
+        runtime.subscribe(subscription)
+    runtime.every(settings.recovery_interval_s, "rewards-recovery", lambda: service.recover_unanswered(ctx))
+    runtime.every(settings.saga_poll_interval_ms / 1000, "rewards-outcome-poll",
+                  lambda: ctx.waiters.poll_once(ctx.pool))
+    runtime.every(settings.metrics_sample_interval_s, "rewards-stock-metrics",
+                  lambda: service.sample_stock_levels(ctx))
+    runtime.every(settings.metrics_sample_interval_s, "rewards-shipment-metrics",
+                  lambda: service.sample_shipment_queue(ctx))
 
     app = create_service_app(runtime, title="rewards", description=DESCRIPTION)
     app.state.rewards = ctx

@@ -18,7 +18,8 @@ from services.rewards import domain, metrics
 from services.rewards.domain import Redemption, Reward
 from services.rewards.repository import QueueEntry, RewardsRepository, StandingRow
 from services.rewards.settings import RewardsSettings
-from shared.events import DeadLetter, derived_event_id, envelope, utcnow
+from shared.db import transaction
+from shared.events import derived_event_id, envelope, utcnow
 from shared.events.points import (
     POINTS_EVENT_TYPES,
     PointsHeld,
@@ -40,9 +41,8 @@ from shared.events.rewards import (
     RedemptionShipped,
     RedemptionShippedPayload,
 )
-from shared.inbox import claim_new
-from shared.db import transaction
 from shared.outbox import OutboxMessage, enqueue
+from shared.pipeline import Batch, Record, Refused, dead_letter_message, json_errors
 from shared.topics import REWARDS_DLQ, REWARDS_EVENTS
 
 log = logging.getLogger(__name__)
@@ -564,69 +564,38 @@ _POINTS_EVENT: TypeAdapter[Any] = TypeAdapter(
 _KNOWN_POINTS_TYPES = frozenset(cls.model_fields["type"].default for cls in POINTS_EVENT_TYPES)
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """What the consumer hands over: the bytes and where they came from."""
-
-    value: bytes | None
-    key: bytes | None = None
-    topic: str | None = None
-    partition: int | None = None
-    offset: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    record: RawRecord
-    event: Any | None = None  # a points.events model, or None for a type we do not use
-    error: str | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-
-# Failures that say nothing about the records: never a reason to dead-letter them.
-_DATABASE_AWAY = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-                  asyncpg.TooManyConnectionsError, ConnectionError, OSError)
-
-
-def decode_points_record(record: RawRecord) -> Decoded:
-    """Parse one record. Bad input is reported (for the dead-letter topic), never raised."""
+def decode_points_record(record: Record) -> Any | None:
+    """One points.events record: the event, None for a type this service has no use for
+    (forward compatible), or Refused with why it can never be read."""
     try:
-        data = json.loads(record.value or b"")
+        data = json.loads(record.value)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return Decoded(record, error="invalid_json", errors=[{"msg": str(exc)}])
+        raise Refused("invalid_json", [{"msg": str(exc)}]) from None
     if not isinstance(data, dict):
-        return Decoded(record, error="not_an_object")
+        raise Refused("not_an_object")
     if not isinstance(data.get("type"), str):
-        return Decoded(record, error="invalid_event", errors=[{"msg": "type must be a string"}])
+        raise Refused("invalid_event", [{"msg": "type must be a string"}])
     if data.get("type") not in _KNOWN_POINTS_TYPES:
-        return Decoded(record)  # another type on the stream: nothing for us (forward compatible)
+        return None
     try:
-        return Decoded(record, event=_POINTS_EVENT.validate_python(data))
-    except (ValueError, TypeError, RecursionError) as exc:  # ValidationError is a ValueError
-        if not isinstance(exc, ValidationError):
-            return Decoded(record, error="invalid_event", errors=[{"msg": f"{type(exc).__name__}: {exc}"}])
-        return Decoded(record, error="invalid_event",
-                       errors=json.loads(exc.json(include_url=False, include_input=False)))
+        return _POINTS_EVENT.validate_python(data)
+    except ValidationError as exc:
+        raise Refused("invalid_event", json_errors(exc)) from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise Refused("invalid_event", [{"msg": f"{type(exc).__name__}: {exc}"}]) from None
 
 
-def _dead_letter(ctx: RewardsContext, d: Decoded, *, reason: str, now: datetime) -> OutboxMessage:
-    r = d.record
-    letter = DeadLetter(
-        dead_letter_id=derived_event_id(PRODUCER, "dead-letter", str(r.topic), str(r.partition), str(r.offset)),
-        door="points.events consumer",
-        reason=reason,
-        errors=d.errors,
-        original=(r.value or b"").decode("utf-8", errors="replace"),
-        original_key=r.key.decode("utf-8", errors="replace") if r.key else None,
-        original_topic=r.topic,
-        original_partition=r.partition,
-        original_offset=r.offset,
-        producer=PRODUCER,
-        recorded_at=now,
-    )
-    key = letter.original_key
-    return OutboxMessage(topic=ctx.topic(REWARDS_DLQ), key=key, value=letter.model_dump_json().encode(),
-                         headers={"type": "DeadLetter", "reason": reason})
+def points_dead_letter(ctx: RewardsContext, record: Record, reason: str, errors: list[dict[str, Any]],
+                       now: datetime) -> OutboxMessage:
+    """rewards.dlq's shape: a record that failed on its own says why in its reason."""
+    if reason == "processing_failed" and errors:
+        reason = f"processing_failed: {errors[0].get('msg', '')}"[:500]
+    return dead_letter_message(record, topic=ctx.topic(REWARDS_DLQ), door="points.events consumer",
+                               producer=PRODUCER, reason=reason, errors=errors, now=now, consumer=PRODUCER)
+
+
+def count_dead_letter(reason: str) -> None:
+    metrics.POINTS_EVENTS_DEAD_LETTERED.labels(reason).inc()
 
 
 @dataclass
@@ -634,61 +603,6 @@ class BatchOutcome:
     """What a committed batch changed, for the waiters and the metrics."""
 
     finished: list[Redemption] = field(default_factory=list)
-    dead_letter_reasons: list[str] = field(default_factory=list)
-    applied: int = 0
-
-    @property
-    def dead_lettered(self) -> int:
-        return len(self.dead_letter_reasons)
-
-
-async def apply_points_records(ctx: RewardsContext, records: Sequence[RawRecord]) -> BatchOutcome:
-    """Apply a batch of points.events in one transaction; after bounded retries of the whole
-    batch, fall back to one record at a time so that one poisonous record goes to the
-    dead-letter topic instead of blocking the partition."""
-    decoded = [decode_points_record(r) for r in records]
-    attempts = ctx.settings.max_delivery_attempts
-    last_error: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            outcome = await _apply_decoded(ctx, decoded)
-            _after_commit(ctx, outcome)
-            return outcome
-        except _DATABASE_AWAY:
-            raise  # the database is away: let the broker redeliver, nothing is wrong with the batch
-        except Exception as exc:  # noqa: BLE001 - any failure of the batch is retried, then isolated
-            last_error = exc
-            log.warning("points.events batch failed; retrying", extra={"attempt": attempt + 1, "error": repr(exc)})
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-    log.error("points.events batch keeps failing; isolating records", extra={"error": repr(last_error)})
-    total = BatchOutcome()
-    for d in decoded:
-        outcome = await _apply_one_or_dead_letter(ctx, d, attempts=attempts)
-        _after_commit(ctx, outcome)
-        total.finished += outcome.finished
-        total.dead_letter_reasons += outcome.dead_letter_reasons
-        total.applied += outcome.applied
-    return total
-
-
-async def _apply_one_or_dead_letter(ctx: RewardsContext, d: Decoded, *, attempts: int) -> BatchOutcome:
-    error: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            return await _apply_decoded(ctx, [d])
-        except _DATABASE_AWAY:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-    reason = f"processing_failed: {type(error).__name__}: {error}"[:500]
-    now = ctx.now()
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        if d.event is not None:
-            # Claimed so that a redelivery does not apply it after all.
-            await claim_new(conn, consumer=POINTS_CONSUMER, event_ids=[d.event.event_id])
-        await enqueue(conn, [_dead_letter(ctx, d, reason=reason, now=now)])
-    return BatchOutcome(dead_letter_reasons=["processing_failed"])
 
 
 def _after_commit(ctx: RewardsContext, outcome: BatchOutcome) -> None:
@@ -696,11 +610,7 @@ def _after_commit(ctx: RewardsContext, outcome: BatchOutcome) -> None:
     for r in outcome.finished:
         metrics.record_outcome(r.status, _reason_label(r.failure_reason))
         metrics.REDEMPTION_LATENCY.labels(r.status).observe(max((now - r.requested_at).total_seconds(), 0.0))
-    for reason in outcome.dead_letter_reasons:
-        metrics.POINTS_EVENTS_DEAD_LETTERED.labels(reason).inc()
     ctx.waiters.finish(outcome.finished)
-    if outcome.finished or outcome.dead_lettered:
-        ctx.wake_relay()
 
 
 def _reason_label(reason: str | None) -> str | None:
@@ -709,34 +619,28 @@ def _reason_label(reason: str | None) -> str | None:
     return reason if reason in KNOWN_REASONS else "other"
 
 
-async def _apply_decoded(ctx: RewardsContext, decoded: Sequence[Decoded]) -> BatchOutcome:
+async def apply_points_events(ctx: RewardsContext, batch: Batch[Any]) -> None:
+    """The ledger's answers and balances, in the batch's one transaction: the standing
+    projection, then each saga answer decided in order and the reservations they call for."""
     now = ctx.now()
-    outcome = BatchOutcome()
-    messages: list[OutboxMessage] = []
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        repo = RewardsRepository(conn)
-        for d in decoded:
-            if d.error is not None:
-                messages.append(_dead_letter(ctx, d, reason=d.error, now=now))
-                outcome.dead_letter_reasons.append(d.error)
-        events = [d.event for d in decoded if d.event is not None]
-        new_ids = await claim_new(conn, consumer=POINTS_CONSUMER, event_ids=[e.event_id for e in events])
-        fresh = []
-        for e in events:  # also drops a duplicate inside the batch
-            if e.event_id in new_ids:
-                new_ids.discard(e.event_id)
-                fresh.append(e)
-        saga = [e for e in fresh if isinstance(e, (PointsHeld, PointsHoldRejected, PointsRedeemed, PointsReleased))]
-        locked = await repo.lock_answered(redemption_ids=[e.payload.redemption_id for e in saga],
-                                          standings=_latest_standings(fresh))
-        answers = _LedgerAnswers(ctx, repo, locked, now=now)
-        for event in saga:
-            await answers.apply(event)
-        await answers.reserve_held()
-        await repo.save_and_enqueue(redemptions=answers.changed(), messages=messages + answers.messages)
-        outcome.finished = answers.finished()
-        outcome.applied = len(fresh)
-    return outcome
+    repo = RewardsRepository(batch.conn)
+    events = batch.events
+    saga = [e for e in events if type(e) in LEDGER_ANSWERS]
+    locked = await repo.lock_answered(redemption_ids=[e.payload.redemption_id for e in saga],
+                                      standings=_latest_standings(events))
+    answers = _LedgerAnswers(ctx, repo, locked, now=now)
+    for event in saga:
+        await answers.apply(event)
+    await answers.reserve_held()
+    await repo.save_and_enqueue(redemptions=answers.changed(), messages=answers.messages)
+    outcome = BatchOutcome(finished=answers.finished())
+
+    def done() -> None:
+        _after_commit(ctx, outcome)
+        if answers.messages:  # written with the redemptions, not through batch.publish
+            ctx.wake_relay()
+
+    batch.after_commit(done)
 
 
 def _latest_standings(events: Sequence[Any]) -> list[StandingRow]:
@@ -777,7 +681,7 @@ class _LedgerAnswers:
         self.initial = {rid: r for rid, (r, _) in locked.items()}
         self.current = dict(self.initial)
         self.messages: list[OutboxMessage] = []
-        self._held: dict[uuid.UUID, _Held] = {}
+        self._held_now: dict[uuid.UUID, _Held] = {}
         self._rewards: dict[str, Reward | None] = {reward.reward_id: reward for _, reward in locked.values()}
 
     async def apply(self, event: Any) -> None:
@@ -787,38 +691,44 @@ class _LedgerAnswers:
             # database never committed: nothing to fulfil, and nothing we could void it for.
             log.warning("ledger answer for an unknown redemption", extra={"redemption_id": str(rid), "type": event.type})
             return
-        if rid in self._held:
+        if rid in self._held_now:
             await self.reserve_held()  # a second answer for it in this batch: decided on its outcome
         self._decide(self.current[rid], event)
 
     def _decide(self, r: Redemption, event: Any) -> None:
-        cause = str(event.event_id)
-        if isinstance(event, PointsHeld):
-            hold_expires_at = event.payload.hold_expires_at
-            decision, reason = domain.on_points_held(r, hold_expires_at=hold_expires_at, now=self.now,
-                                                     margin_s=self.ctx.settings.hold_safety_margin_s)
-            if decision == "reserve":
-                self._held[r.redemption_id] = _Held(r, hold_expires_at, cause)
-            elif decision == "refuse":
-                assert reason is not None
-                if r.status == "requested":
-                    self._set(domain.fail(r, reason=reason, ledger_status="held", now=self.now,
-                                          hold_expires_at=hold_expires_at))
-                self.messages.append(_failed_event(self.ctx, r, reason=reason, now=self.now, cause=cause))
-        elif isinstance(event, PointsHoldRejected):
-            if domain.on_hold_rejected(r, reason=event.payload.reason):
-                self._set(domain.fail(r, reason=str(event.payload.reason), ledger_status="rejected", now=self.now))
-        elif isinstance(event, PointsRedeemed):
-            self._set(replace(r, ledger_status="redeemed"))
-        elif isinstance(event, PointsReleased):
-            if r.status == "fulfilled" and event.payload.phase == "void":
-                # The ledger voided a hold we fulfilled (it expired first). Our
-                # RedemptionFulfilled still reaches the ledger, which then takes the points
-                # anyway (debt for what the balance no longer covers) and answers
-                # PointsRedeemed, which sets ledger_status to redeemed below.
-                log.warning("ledger voided the hold of a fulfilled redemption; it redeems late",
-                            extra={"redemption_id": str(r.redemption_id)})
-            self._set(replace(r, ledger_status="released"))
+        LEDGER_ANSWERS[type(event)](self, r, event)
+
+    def _held(self, r: Redemption, event: PointsHeld) -> None:
+        """Points held: reserve (with the other holds of the batch), or refuse when the hold
+        leaves too little time or the redemption is already decided."""
+        hold_expires_at = event.payload.hold_expires_at
+        decision, reason = domain.on_points_held(r, hold_expires_at=hold_expires_at, now=self.now,
+                                                 margin_s=self.ctx.settings.hold_safety_margin_s)
+        if decision == "reserve":
+            self._held_now[r.redemption_id] = _Held(r, hold_expires_at, str(event.event_id))
+        elif decision == "refuse":
+            assert reason is not None
+            if r.status == "requested":
+                self._set(domain.fail(r, reason=reason, ledger_status="held", now=self.now,
+                                      hold_expires_at=hold_expires_at))
+            self.messages.append(_failed_event(self.ctx, r, reason=reason, now=self.now, cause=str(event.event_id)))
+
+    def _rejected(self, r: Redemption, event: PointsHoldRejected) -> None:
+        if domain.on_hold_rejected(r, reason=event.payload.reason):
+            self._set(domain.fail(r, reason=str(event.payload.reason), ledger_status="rejected", now=self.now))
+
+    def _redeemed(self, r: Redemption, event: PointsRedeemed) -> None:
+        self._set(replace(r, ledger_status="redeemed"))
+
+    def _released(self, r: Redemption, event: PointsReleased) -> None:
+        if r.status == "fulfilled" and event.payload.phase == "void":
+            # The ledger voided a hold we fulfilled (it expired first). Our
+            # RedemptionFulfilled still reaches the ledger, which then takes the points
+            # anyway (debt for what the balance no longer covers) and answers
+            # PointsRedeemed, which sets ledger_status to redeemed.
+            log.warning("ledger voided the hold of a fulfilled redemption; it redeems late",
+                        extra={"redemption_id": str(r.redemption_id)})
+        self._set(replace(r, ledger_status="released"))
 
     def _set(self, r: Redemption) -> None:
         self.current[r.redemption_id] = r
@@ -827,10 +737,10 @@ class _LedgerAnswers:
         """Reserve stock and code for the held redemptions: fulfil, or fail so the hold is
         voided. In the same transaction as the inbox claim of the PointsHeld: a crash before
         the commit leaves them requested and the PointsHeld redelivered."""
-        if not self._held:
+        if not self._held_now:
             return
-        held = list(self._held.values())
-        self._held.clear()
+        held = list(self._held_now.values())
+        self._held_now.clear()
         for h, code, failure in await _reserve_all(self.repo, held, now=self.now, rewards=self._rewards):
             r, cause = h.redemption, h.cause
             if failure is not None:
@@ -848,6 +758,16 @@ class _LedgerAnswers:
         """The redemptions this batch took out of flight (their waiters get the answer)."""
         return [r for rid, r in self.current.items()
                 if self.initial[rid].status in domain.IN_FLIGHT and r.status not in domain.IN_FLIGHT]
+
+
+# What each of the ledger's answers does to its redemption; every other points.events type
+# only updates the customer's standing (its balance).
+LEDGER_ANSWERS: dict[type, Callable[[_LedgerAnswers, Redemption, Any], None]] = {
+    PointsHeld: _LedgerAnswers._held,
+    PointsHoldRejected: _LedgerAnswers._rejected,
+    PointsRedeemed: _LedgerAnswers._redeemed,
+    PointsReleased: _LedgerAnswers._released,
+}
 
 
 async def _reserve_all(repo: RewardsRepository, held: Sequence[_Held], *, now: datetime,
@@ -944,15 +864,3 @@ async def recover_unanswered(ctx: RewardsContext, *, limit: int = 500) -> Recove
     if resent or finished:
         log.info("recovered unanswered redemptions", extra={"resent": resent, "given_up": len(finished)})
     return RecoveryReport(resent=resent, given_up=len(finished))
-
-
-async def run_periodically(name: str, interval_s: float, step: Callable[[], Any]) -> None:
-    """A background loop that survives a failed round (logged, retried next round)."""
-    while True:
-        try:
-            await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the next round retries; the error is logged
-            log.exception("background round failed", extra={"loop": name})
-        await asyncio.sleep(interval_s)
