@@ -206,11 +206,14 @@ class PurchaseRecorder:
         # their inputs came (a sale after a return in the batch stays after it), which
         # imported history relies on: the ledger earns each purchase at its own time, with the
         # returns made before it already applied.
-        arrival: list[int] = []
+        # A return never goes before its own sale, should it have come first in the batch.
+        arrival: list[float] = []
+        sale_arrival: dict[tuple[str, str, str], int] = {}
         for a in sales:
             if a.purchase.key in inserted:
                 outcomes[a.index] = self._recorded(a, a.purchase.customer_id, now, messages)
                 arrival += [a.index] * (len(messages) - len(arrival))
+                sale_arrival[a.purchase.key] = a.index
 
         # Returns one by one, in arrival order: each locks its sale, so concurrent
         # partial returns of one sale can never together return more than was bought.
@@ -227,7 +230,9 @@ class PurchaseRecorder:
             arrival += [len(items)] * (len(messages) - len(arrival))  # after the sales that released them
         for a in returns:
             outcomes[a.index] = await self._record_return(conn, a, now, messages)
-            arrival += [a.index] * (len(messages) - len(arrival))
+            r = a.purchase
+            after_sale = sale_arrival.get((r.source, r.store_id, r.original_purchase_id or ""), -1) + 0.5
+            arrival += [max(a.index, after_sale)] * (len(messages) - len(arrival))
         messages = [m for _, m in sorted(zip(arrival, messages), key=lambda x: x[0])]
 
         for i, item in enumerate(items):
