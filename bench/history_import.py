@@ -88,10 +88,14 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     with infra(durable=True) as env:
         await create_topics(env.bootstrap, list(ALL_TOPICS), PARTITIONS)
         services = {
-            "purchases": Service(env, "purchases", {"TOPIC_PARTITIONS": str(PARTITIONS)}).start(),
             "ledger": Service(env, "ledger", {"TOPIC_PARTITIONS": str(PARTITIONS), "ADMIN_API_KEY": "bench",
                                               "SCHEDULER_INTERVAL_S": "3600"}).start(),
         }
+        # Scaling out, as in production: more instances join the purchases group.
+        for i in range(args.purchases_instances):
+            name = "purchases" if i == 0 else f"purchases-{i + 1}"
+            services[name] = Service(env, "purchases", {"TOPIC_PARTITIONS": str(PARTITIONS),
+                                                        "IMPORT_CONSUMERS": str(args.import_consumers)}).start()
         for s in services.values():
             await s.wait_ready()
         for i, policy in enumerate(args.policies.split(",")):
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.history_import", description=__doc__.split("\n\n")[0])
     p.add_argument("--purchases", type=int, default=100_000, help="history size per policy (sales and returns)")
     p.add_argument("--policies", default="analytics,as-earned")
+    p.add_argument("--purchases-instances", type=int, default=1, help="purchases service processes")
+    p.add_argument("--import-consumers", type=int, default=2, help="consumers of purchases.import per process")
     args = p.parse_args(argv)
     results = asyncio.run(main_async(args))
     print(f"{'policy':<10} {'purchases':>9} {'seconds':>8} {'purchases/s':>11}  stages (s)  CPU per purchase (us)")
