@@ -37,6 +37,7 @@ class Row:
     data: dict[str, Any] | None
     refusal: Rejection | None = None
     raw: bytes | None = None  # JSON lines: the line as read, sent as it is once it passed the checks
+    next_line: int = 0  # the line number at next_offset (for a resumed import's line numbers)
 
 
 def detect_format(path: str) -> Literal["jsonl", "csv"]:
@@ -56,13 +57,13 @@ def read_jsonl(f: BinaryIO, *, start_offset: int = 0, start_line: int = 1) -> It
             data = json.loads(text)
         except (ValueError, RecursionError):
             yield Row(line_no - 1, offset, None, Rejection("malformed_json", [
-                {"loc": [], "msg": "line is not valid JSON", "type": "json_invalid"}]))
+                {"loc": [], "msg": "line is not valid JSON", "type": "json_invalid"}]), next_line=line_no)
             continue
         if not isinstance(data, dict):
             yield Row(line_no - 1, offset, None, Rejection("schema", [
-                {"loc": [], "msg": "a line must be a JSON object", "type": "object_type"}]))
+                {"loc": [], "msg": "a line must be a JSON object", "type": "object_type"}]), next_line=line_no)
             continue
-        yield Row(line_no - 1, offset, data, raw=text)
+        yield Row(line_no - 1, offset, data, raw=text, next_line=line_no)
 
 
 class _Lines:
@@ -105,7 +106,7 @@ def read_csv(f: BinaryIO, *, start_offset: int = 0, start_line: int = 1) -> Iter
     line_base = start_line if start_offset > header_end else 2
     reader = csv.reader(src)
     group: list[tuple[int, dict[str, str]]] = []
-    group_end = src.offset
+    group_end, group_end_line = src.offset, line_base
     while True:
         line_no = line_base + src.lines
         cells = next(reader, None)
@@ -113,35 +114,37 @@ def read_csv(f: BinaryIO, *, start_offset: int = 0, start_line: int = 1) -> Iter
         if row is not None and not any(row.values()):
             continue
         if group and (row is None or _key(row) != _key(group[0][1])):
-            yield _purchase_of(group, group_end)
+            yield _purchase_of(group, group_end, group_end_line)
             group = []
         if row is None:
             return
         if len(cells) != len(header):
             yield Row(line_no, src.offset, None, Rejection("schema", [
-                {"loc": [], "msg": f"row has {len(cells)} cells, the header {len(header)}", "type": "csv_row"}]))
+                {"loc": [], "msg": f"row has {len(cells)} cells, the header {len(header)}", "type": "csv_row"}]),
+                next_line=line_base + src.lines)
             continue
         group.append((line_no, row))
-        group_end = src.offset
+        group_end, group_end_line = src.offset, line_base + src.lines
 
 
 def _key(row: dict[str, str]) -> tuple[str, str, str]:
     return (row.get("source", ""), row.get("store_id", ""), row.get("purchase_id", ""))
 
 
-def _purchase_of(group: list[tuple[int, dict[str, str]]], next_offset: int) -> Row:
+def _purchase_of(group: list[tuple[int, dict[str, str]]], next_offset: int, next_line: int) -> Row:
     line_no, first = group[0]
     for other_line, other in group[1:]:
         differing = [c for c in PURCHASE_COLUMNS if (other.get(c) or "") != (first.get(c) or "")]
         if differing:
             return Row(line_no, next_offset, None, Rejection("csv_inconsistent", [
                 {"loc": differing, "type": "csv_inconsistent",
-                 "msg": f"line {other_line} differs from line {line_no} in {', '.join(differing)}"}]))
+                 "msg": f"line {other_line} differs from line {line_no} in {', '.join(differing)}"}]),
+                       next_line=next_line)
     data: dict[str, Any] = {c: (first.get(c) or None) for c in PURCHASE_COLUMNS}
     data["lines"] = [{"line_id": r.get("line_id", ""), "sku": r.get("sku", ""), "category": r.get("category", ""),
                       "quantity": _int(r.get("quantity", "")), "unit_price": r.get("unit_price", ""),
                       "discount": r.get("discount") or "0"} for _, r in group]
-    return Row(line_no, next_offset, data)
+    return Row(line_no, next_offset, data, next_line=next_line)
 
 
 def _int(text: str) -> int | str:

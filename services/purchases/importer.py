@@ -125,6 +125,10 @@ async def run_import(args: argparse.Namespace, settings: PurchasesSettings, *, o
     resumed = state is not None
     state = state or Checkpoint(str(path.resolve()), head, args.policy)
     tally = history.Tally(sent=state.sent, refused=dict(state.refused))
+    if resumed and refused_path.exists():
+        # Rows refused after the checkpoint are read and refused again: keep only those before.
+        kept = [x for x in refused_path.read_text().splitlines() if x and json.loads(x)["line"] < state.next_line]
+        refused_path.write_text("".join(x + "\n" for x in kept))
     sender = None if args.dry_run else _Sender(settings, args.policy)
     try:
         if sender is not None:
@@ -175,7 +179,7 @@ async def _checkpoint(sender: _Sender | None, state: Checkpoint, tally: history.
     if dry_run:
         return
     refused_out.flush()
-    state.next_offset, state.next_line = row.next_offset, row.line + 1
+    state.next_offset, state.next_line = row.next_offset, row.next_line
     state.sent, state.refused = tally.sent, dict(tally.refused)
     state.save(path)
 

@@ -42,9 +42,10 @@ def test_csv_rows_of_one_purchase_make_one_purchase_and_the_store_separates_rece
 def test_csv_resumes_at_a_purchase_boundary():
     data = CSV.encode()
     rows = list(history.read_csv(io.BytesIO(data)))
-    again = list(history.read_csv(io.BytesIO(data), start_offset=rows[0].next_offset, start_line=rows[0].line + 2))
+    assert [r.next_line for r in rows] == [4, 5, 6]
+    again = list(history.read_csv(io.BytesIO(data), start_offset=rows[0].next_offset, start_line=rows[0].next_line))
     assert [r.data for r in again] == [r.data for r in rows[1:]]
-    assert again[0].line == 4
+    assert [r.line for r in again] == [4, 5]
 
 
 def test_csv_purchase_columns_must_agree_across_its_rows():
@@ -102,3 +103,23 @@ def test_policy_is_required_and_checked():
             assert exc.code == 2
         else:
             raise AssertionError(f"{argv} accepted")
+
+
+def test_a_resumed_import_goes_on_after_the_checkpoint_and_keeps_the_refusals_before_it(tmp_path):
+    f = tmp_path / "h.jsonl"
+    lines = [json.dumps(sale(f"p{i}", total="1.00" if i in (1, 3) else "25.00")) for i in range(4)]
+    f.write_text("\n".join(lines) + "\n")
+    first_two = len(lines[0]) + len(lines[1]) + 2
+    # As an interrupted run leaves them: two rows done (one refused), and a refusal past the checkpoint.
+    importer.Checkpoint(str(f), importer.head_sha256(f), "analytics", next_offset=first_two, next_line=3, sent=1,
+                        refused={"total_mismatch": 1}).save(tmp_path / "h.jsonl.checkpoint.json")
+    (tmp_path / "h.jsonl.refused.jsonl").write_text(json.dumps({"line": 2, "reason": "total_mismatch"}) + "\n"
+                                                    + json.dumps({"line": 4, "reason": "total_mismatch"}) + "\n")
+    rows = list(history.read_jsonl(io.BytesIO(f.read_bytes()), start_offset=first_two, start_line=3))
+    assert [r.line for r in rows] == [3, 4] and rows[0].data["purchase_id"] == "p2"
+    args = importer.parse_args([str(f), "--policy", "analytics", "--resume", "--dry-run", "--no-progress"])
+    out = io.StringIO()
+    assert asyncio.run(importer.run_import(args, PurchasesSettings(), out=out)) == 1
+    assert "2 purchases checked (policy analytics); 2 refused" in out.getvalue()
+    refused = [json.loads(x)["line"] for x in (tmp_path / "h.jsonl.refused.jsonl").read_text().splitlines()]
+    assert refused == [2, 4]
