@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) -m deploy.local.stack
 
-.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench chaos clean import import-balances bench-import
+.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench chaos reset clean import import-balances bench-import
 
 help:
 	@echo "make run    start everything, play demo traffic with a live summary; Ctrl-C stops it all"
 	@echo "make up     start broker, PostgreSQL and every service in the background (idempotent)"
-	@echo "make down   stop everything make up started"
+	@echo "make down   stop everything make up started (PostgreSQL's data stays; the broker keeps nothing)"
+	@echo "make status what runs"
+	@echo "make reset  make down, then remove PostgreSQL's data and .run/ (ports, partitions, local secrets, logs)"
+	@echo "make clean  make reset, then remove .venv"
 	@echo "make test   the whole test suite against its own broker and PostgreSQL"
 	@echo "make bench  end-to-end load benchmark, prints figures (BENCH_SIZE=quick for a short run)"
 	@echo "make chaos  fault injection under load, checked against a reference model (CHAOS_SIZE=quick for a short run)"
@@ -38,6 +41,7 @@ run: venv
 test: venv
 	$(PY) -m deploy.local.ensure_postgres
 	$(PY) -m deploy.local.ensure_promtool
+	$(PY) -m deploy.local.ensure_chromium
 	$(PY) -m pytest -q
 
 test-unit: venv
@@ -55,8 +59,11 @@ bench: venv
 	$(PY) -m deploy.local.ensure_postgres
 	$(PY) -m bench.e2e --size $(BENCH_SIZE)
 
-clean: down
-	rm -rf .run $(VENV)
+reset:
+	@if [ -x $(PY) ]; then $(STACK) reset; else rm -rf .run; fi
+
+clean: reset
+	rm -rf $(VENV)
 
 # CHAOS_SIZE=quick for a short run (tests/e2e/test_chaos.py runs it in make test); full streams 100,000 purchases.
 CHAOS_SIZE ?= full

@@ -98,7 +98,7 @@ class HttpPool:
 
 
 async def fire(pool: HttpPool, tokens: list[str], *, rate: float, seconds: float, label: str,
-               results: list[tuple[float, int, str]]) -> float:
+               results: list[tuple[float, int, str]], reward_id: str = "bench-voucher") -> float:
     """Open-loop: request i starts at t0 + i/rate. Returns the achieved request rate."""
     total = int(rate * seconds)
     loop = asyncio.get_running_loop()
@@ -109,7 +109,7 @@ async def fire(pool: HttpPool, tokens: list[str], *, rate: float, seconds: float
         headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}", "Idempotency-Key": str(uuid.uuid4())}
         redemption_id = None
         try:
-            code, body = await pool.post("/v1/redemptions", {"reward_id": "bench-voucher"}, headers)
+            code, body = await pool.post("/v1/redemptions", {"reward_id": reward_id}, headers)
             status, redemption_id = body.get("status", str(code)), body.get("redemption_id")
         except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
             status, code = type(exc).__name__, 0

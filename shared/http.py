@@ -1,5 +1,6 @@
 """The ASGI app skeleton every service uses: lifespan, /healthz, /readyz, /metrics,
-/asyncapi.json next to FastAPI's own /openapi.json, and a request body size limit."""
+/asyncapi.json next to FastAPI's own /openapi.json, /docs (Swagger UI) served with its
+assets, and a request body size limit."""
 
 import gc
 from collections.abc import AsyncIterator
@@ -7,11 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from faststream.specification import AsyncAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, BodySizeLimit
 from shared.runtime import ServiceRuntime
+
+DOCS_ASSETS_URL = "/docs-assets"
 
 
 def create_service_app(runtime: ServiceRuntime, *, title: str, description: str, version: str = "0.1.0",
@@ -26,7 +30,11 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
         finally:
             await runtime.stop()
 
-    app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
+    # FastAPI's own /docs loads Swagger UI from a CDN: a blank page offline and on most
+    # locked-down servers. fastapi-offline ships the same assets in its wheel and serves them.
+    # No /redoc: ReDoc's page still fetches its logo from its CDN.
+    app = FastAPIOffline(title=title, description=description, version=version, lifespan=lifespan,
+                         static_url=DOCS_ASSETS_URL, redoc_url=None)
     app.state.runtime = runtime
     app.add_middleware(BodySizeLimit, limit=body_limit or BodyLimit(
         getattr(runtime.settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)))
@@ -37,7 +45,9 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"],
-             summary="Readiness: broker connected, database reachable, and the service's own checks")
+             summary="Readiness: broker connected, database reachable, and the service's own checks",
+             responses={200: {"description": "Ready: every check is true"},
+                        503: {"description": "Not ready: `checks` says which check is false"}})
     async def readyz() -> JSONResponse:
         checks = await runtime.readiness()
         ready = all(checks.values())
@@ -46,6 +56,16 @@ def create_service_app(runtime: ServiceRuntime, *, title: str, description: str,
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    if hasattr(runtime.settings, "admin_api_key"):
+        # Every service with an admin key serves its dead letters (list, show, replay).
+        from shared.deadletters import DeadLetterApiError, DeadLetterDesk, dead_letter_error_handler, dead_letter_router
+
+        prefix = runtime.settings.model_config.get("env_prefix", "")
+        app.include_router(dead_letter_router(
+            DeadLetterDesk(runtime, door_topics=runtime.dead_letter_doors),
+            admin_key=lambda: runtime.settings.admin_api_key, setting=f"{prefix}ADMIN_API_KEY"))
+        app.add_exception_handler(DeadLetterApiError, dead_letter_error_handler)
 
     @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI document of the topics")
     async def asyncapi_doc() -> JSONResponse:

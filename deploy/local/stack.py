@@ -1,37 +1,54 @@
-"""The local stack: `up`, `down`, `status`, `run` (see the Makefile).
+"""The local stack: `up`, `down`, `status`, `run`, `reset` (see the Makefile).
 
 Starts in the background the embedded broker, a project-local PostgreSQL cluster, creates
 the topics, applies migrations, starts every service under services/ that has a
 __main__.py, provisions local credentials and writes `.run/endpoints.env`. Idempotent:
-what already runs is kept. `down` stops everything `up` started.
+what already runs is kept. `down` stops everything `up` started; PostgreSQL's data stays
+(under the system temp folder) until `reset`, while the broker keeps nothing (memory only).
 """
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import secrets
-import signal
+import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from deploy.local.infra import (
-    PgCluster, free_port, pg_data_root, pid_alive, port_open, start_broker, stop_process_group, wait_for_port,
+    PgCluster,
+    free_port,
+    pg_data_root,
+    pid_alive,
+    port_open,
+    start_broker,
+    stop_process_group,
 )
+from deploy.local.startup import ready as _ready
+from deploy.local.startup import wait_until_ready
+from deploy.local.supervise import StopSignals, survive_lost_output
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / ".run"
 STATE = RUN / "state.json"
 ENDPOINTS = RUN / "endpoints.env"
 DATABASE = "loyalty"
-# Well-known local ports; a busy one is replaced by a free one (written to endpoints.env).
+# Well-known local ports; a busy one is replaced by the one used last time, else by a free
+# one (written to endpoints.env).
 DEFAULT_PORTS = {"broker": 19092, "postgres": 15432, "purchases": 8101, "ledger": 8102, "rewards": 8103,
                  "engagement": 8104, "churn": 8105}
 DEMO_STORES = ("store-001", "store-002", "store-003")
+DEFAULT_PARTITIONS = 4
+# Consumer group timing for the local stack: each group join takes about half the session
+# timeout on the embedded broker, and a service joins its groups one after another (the
+# ledger has four: 4 x 5 s with the library's 10 s). Shorter here, as in the tests; a
+# consumer that stalls longer than this on a loaded laptop only costs a rebalance.
+LOCAL_CONSUMER_TIMING = {"CONSUMER_SESSION_TIMEOUT_MS": "4000", "CONSUMER_HEARTBEAT_INTERVAL_MS": "1000"}
 
 
 def discover_services() -> list[str]:
@@ -53,7 +70,28 @@ def save_state(state: dict) -> None:
 
 
 def cluster(state: dict) -> PgCluster:
-    return PgCluster(datadir=Path(state["pg_datadir"]), port=state["ports"]["postgres"], log_path=RUN / "logs" / "postgres.log")
+    # The server's log sits next to its data, in a folder the `postgres` user can reach: as
+    # root the server runs as that user, who cannot enter a clone under a mode-700 folder
+    # (root's home, a mktemp -d folder). .run/logs/postgres.log links to it.
+    datadir = Path(state["pg_datadir"])
+    return PgCluster(datadir=datadir, port=state.get("ports", {}).get("postgres", DEFAULT_PORTS["postgres"]),
+                     log_path=datadir.with_name(datadir.name + ".log"))
+
+
+def _link_pg_log(pg: PgCluster) -> None:
+    link = RUN / "logs" / "postgres.log"
+    if link.is_symlink() and link.resolve() == pg.log_path:
+        return
+    link.unlink(missing_ok=True)
+    link.symlink_to(pg.log_path)
+
+
+def _pick_port(name: str, ports: dict) -> int:
+    """The well-known port, else the one this service had last time, else a free one."""
+    for preferred in (DEFAULT_PORTS.get(name), ports.get(name)):
+        if preferred and free_port(preferred) == preferred:
+            return preferred
+    return free_port()
 
 
 def _pid_from(path: Path) -> int | None:
@@ -82,6 +120,7 @@ def service_env(name: str, state: dict) -> dict[str, str]:
         f"{prefix}_HTTP_HOST": "127.0.0.1",
         f"{prefix}_HTTP_PORT": str(ports[name]),
         f"{prefix}_TOPIC_PARTITIONS": str(state["partitions"]),
+        **{f"{prefix}_{k}": v for k, v in LOCAL_CONSUMER_TIMING.items()},
         # Every service learns the others' local secrets it needs; unknown ones are ignored.
         "PURCHASES_SHOPIFY_WEBHOOK_SECRET": creds["shopify_webhook_secret"],
         "PURCHASES_WOOCOMMERCE_WEBHOOK_SECRET": creds["woocommerce_webhook_secret"],
@@ -95,51 +134,60 @@ def service_env(name: str, state: dict) -> dict[str, str]:
     return env
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
-
-
-def up(partitions: int) -> dict:
+def up(partitions: int | None = None, stop: StopSignals | None = None) -> dict:
+    """`partitions`: for the topics when the broker starts (None: DEFAULT_PARTITIONS). A
+    running broker keeps its topics: the embedded broker cannot add partitions. `stop`:
+    defers a stop request while a process starts, until its pid file is written."""
+    started_s = time.monotonic()
+    guard = stop.deferred if stop else contextlib.nullcontext
     RUN.mkdir(exist_ok=True)
     (RUN / "logs").mkdir(exist_ok=True)
     (RUN / "pids").mkdir(exist_ok=True)
     state = load_state()
-    state.setdefault("partitions", partitions)
     ports = state.setdefault("ports", {})
     _secrets(state)
     checkout = hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
     state.setdefault("pg_datadir", str(pg_data_root() / f"loyalty-pg-{os.getuid()}-{checkout}"))
+    save_state(state)  # before anything starts: `down` and `reset` find whatever this run creates
 
     # broker
     broker_pid = _pid_from(RUN / "pids" / "broker.pid")
-    if broker_pid and pid_alive(broker_pid) and port_open(ports.get("broker", 0)):
-        print(f"broker     running (pid {broker_pid})")
+    fresh_broker = not (broker_pid and pid_alive(broker_pid) and port_open(ports.get("broker", 0)))
+    if not fresh_broker:
+        print(f"broker     running (pid {broker_pid}, topics with {state['partitions']} partitions)")
+        if partitions and partitions != state["partitions"]:
+            print(f"           TOPIC_PARTITIONS={partitions} is for a broker that starts empty; this one keeps "
+                  f"{state['partitions']}: make down && TOPIC_PARTITIONS={partitions} make up")
     else:
-        ports["broker"] = free_port(DEFAULT_PORTS["broker"])
-        proc = start_broker(ports["broker"], log_path=RUN / "logs" / "broker.log")
-        (RUN / "pids" / "broker.pid").write_text(str(proc.pid))
+        state["partitions"] = partitions or DEFAULT_PARTITIONS
+        ports["broker"] = _pick_port("broker", ports)
+        with guard():
+            proc = start_broker(ports["broker"], log_path=RUN / "logs" / "broker.log",
+                                pid_file=RUN / "pids" / "broker.pid")
         print(f"broker     started on 127.0.0.1:{ports['broker']} (pid {proc.pid})")
         # A new broker is empty: topics and offsets are gone, so running services must restart.
         for name in discover_services():
             _stop_service(name)
 
     # PostgreSQL
-    ports.setdefault("postgres", free_port(DEFAULT_PORTS["postgres"]))
+    ports.setdefault("postgres", DEFAULT_PORTS["postgres"])
     pg = cluster(state)
-    if pg.initialised() and pg.running():
+    kept_data = pg.initialised()
+    if kept_data and pg.running():
         print(f"postgres   running on 127.0.0.1:{ports['postgres']}")
     else:
-        if not pg.initialised():
+        if not kept_data:
+            print("postgres   creating a cluster ...")
             pg.init()
-        if port_open(ports["postgres"]):
-            ports["postgres"] = free_port()
-            pg = cluster(state)
-        pg.start(durable=True)
+        ports["postgres"] = _pick_port("postgres", ports)
+        pg = cluster(state)
+        with guard():
+            pg.start(durable=True)
         print(f"postgres   started on 127.0.0.1:{ports['postgres']} (data {pg.datadir})")
+    _link_pg_log(pg)
+    if fresh_broker and kept_data:
+        print("           the broker starts empty, but the database keeps the state of earlier runs "
+              "(make reset starts both from nothing)")
     pg.create_database(DATABASE)
     save_state(state)
 
@@ -147,34 +195,29 @@ def up(partitions: int) -> dict:
     asyncio.run(_prepare(state))
 
     # services
+    log_offsets: dict[str, int] = {}  # where this start's log lines begin
     for name in discover_services():
         pid = _pid_from(RUN / "pids" / f"{name}.pid")
         if pid and pid_alive(pid):
             print(f"{name:<10} running on http://127.0.0.1:{ports[name]} (pid {pid})")
             continue
-        ports[name] = free_port(DEFAULT_PORTS.get(name))
+        ports[name] = _pick_port(name, ports)
         log = open(RUN / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            cwd=ROOT, env={**os.environ, **service_env(name, state)},
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        (RUN / "pids" / f"{name}.pid").write_text(str(proc.pid))
+        log_offsets[name] = log.seek(0, os.SEEK_END)
+        with guard():
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                cwd=ROOT, env={**os.environ, **service_env(name, state)},
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            (RUN / "pids" / f"{name}.pid").write_text(str(proc.pid))
         save_state(state)
         print(f"{name:<10} starting on http://127.0.0.1:{ports[name]} (pid {proc.pid})")
-    for name in discover_services():
-        pid = _pid_from(RUN / "pids" / f"{name}.pid")
-        deadline = time.monotonic() + 60
-        while not _ready(ports[name]):
-            if not pid or not pid_alive(pid):
-                raise SystemExit(f"{name} exited; see {RUN / 'logs' / (name + '.log')}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name} not ready after 60s; see {RUN / 'logs' / (name + '.log')}")
-            time.sleep(0.2)
+    wait_until_ready({name: ports[name] for name in discover_services()}, RUN / "logs", RUN / "pids", log_offsets)
     asyncio.run(_provision(state))
     save_state(state)
     write_endpoints(state)
-    print(f"\nendpoints written to {ENDPOINTS}:\n")
+    print(f"\nready in {time.monotonic() - started_s:.0f}s; endpoints written to {ENDPOINTS}:\n")
     print(ENDPOINTS.read_text())
     return state
 
@@ -250,6 +293,7 @@ def down() -> None:
 
 
 def status() -> int:
+    """What runs; 0 whatever it finds (use --check for an exit status)."""
     state = load_state()
     if not state:
         print("not started (make up)")
@@ -266,43 +310,62 @@ def status() -> int:
     return 0 if ok and pg_up else 1
 
 
-def run(partitions: int, rate: float) -> int:
-    """up, then the demo traffic generator until Ctrl-C or SIGTERM, then down."""
-    stop = {"flag": False}
+def reset() -> None:
+    """down, then forget everything: PostgreSQL's data, the state (ports, partitions,
+    local secrets) and the logs. The next `up` starts from nothing, like the first."""
+    down()
+    state = load_state()
+    if state.get("pg_datadir"):
+        pg = cluster(state)
+        shutil.rmtree(pg.datadir, ignore_errors=True)
+        pg.log_path.unlink(missing_ok=True)
+        print(f"postgres   data removed ({pg.datadir})")
+    shutil.rmtree(RUN, ignore_errors=True)
+    print(f"state      removed ({RUN})")
 
-    def on_signal(signum, frame):
-        stop["flag"] = True
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+def run(partitions: int | None, rate: float) -> int:
+    """up, then the demo traffic generator until Ctrl-C, SIGTERM or SIGHUP (the terminal
+    closing), then down. Output that can no longer be written (a killed `tee`, a closed
+    terminal) is dropped: the clean-up runs all the same."""
+    survive_lost_output()
+    stop = StopSignals()
+    stop.install()
     try:
-        up(partitions)
+        up(partitions, stop)
         from deploy.local import demo
 
         asyncio.run(demo.main(ENDPOINTS, rate=rate))
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("\nstopping ...")
+        stop.ignore()
+        print("\nstopping ...", flush=True)
         down()
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "run"])
-    parser.add_argument("--partitions", type=int, default=int(os.environ.get("TOPIC_PARTITIONS", "4")))
+    parser.add_argument("command", choices=["up", "down", "status", "run", "reset"])
+    given = os.environ.get("TOPIC_PARTITIONS")
+    parser.add_argument("--partitions", type=int, default=int(given) if given else None,
+                        help=f"partitions per topic when the broker starts (default {DEFAULT_PARTITIONS})")
+    parser.add_argument("--check", action="store_true", help="status: exit 1 unless everything runs")
     parser.add_argument("--rate", type=float, default=float(os.environ.get("DEMO_RATE", "200")),
                         help="demo purchases per second (make run)")
     args = parser.parse_args()
+    # Progress as it happens, also through a pipe (`make run | tee run.log`).
+    sys.stdout.reconfigure(line_buffering=True)
     if args.command == "up":
         up(args.partitions)
     elif args.command == "down":
         down()
     elif args.command == "status":
-        return status()
+        code = status()
+        return code if args.check else 0
+    elif args.command == "reset":
+        reset()
     else:
         return run(args.partitions, args.rate)
     return 0

@@ -27,8 +27,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from services.ledger import domain as d
 from services.ledger import metrics
 from services.ledger import repository as repo
+from services.ledger.adjustments import adjust_points
 from services.ledger.program import Program
-from services.ledger.service import Ledger, adjust_points, balance_of, simulate
+from services.ledger.queries import balance_of, simulate
+from services.ledger.service import Ledger
 from services.ledger.versions import (
     EffectiveInThePast,
     ProgramHistoryUnavailable,

@@ -13,9 +13,15 @@ from pydantic import Field, TypeAdapter
 
 from services.ledger import domain as d
 from services.ledger import repository as repo
+from services.ledger.adjustments import apply_adjustments
+from services.ledger.earning import apply_purchases
+from services.ledger.redemptions import apply_rewards
 from services.ledger.service import (
-    ADJUSTMENTS_CONSUMER, PURCHASES_CONSUMER, REWARDS_CONSUMER, Ledger, apply_adjustments, apply_purchases,
-    apply_rewards, count_dead_letter,
+    ADJUSTMENTS_CONSUMER,
+    PURCHASES_CONSUMER,
+    REWARDS_CONSUMER,
+    Ledger,
+    count_dead_letter,
 )
 from services.ledger.settings import LedgerSettings
 from shared.events import DeadLetter
@@ -24,12 +30,21 @@ from shared.events.points import POINTS_EVENT_TYPES
 from shared.events.programs import ProgramVersionPublished
 from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
 from shared.events.rewards import (
-    RedemptionCancelled, RedemptionDelivered, RedemptionFailed, RedemptionFulfilled, RedemptionRequested,
+    RedemptionCancelled,
+    RedemptionDelivered,
+    RedemptionFailed,
+    RedemptionFulfilled,
+    RedemptionRequested,
     RedemptionShipped,
 )
 from shared.pipeline import Record, Subscription, pydantic_decoder
 from shared.topics import (
-    LEDGER_ADJUSTMENTS, LEDGER_PROGRAMS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS,
+    LEDGER_ADJUSTMENTS,
+    LEDGER_PROGRAMS,
+    POINTS_DLQ,
+    POINTS_EVENTS,
+    PURCHASES_RECORDED,
+    REWARDS_EVENTS,
 )
 
 PurchaseEvent = Union[PurchaseRecorded, ReturnRecorded, PurchaseClaimed]

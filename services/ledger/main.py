@@ -9,14 +9,21 @@ from fastapi import FastAPI
 
 from services.ledger.api import body_limit, create_router
 from services.ledger.handlers import declare_publishers, subscriptions
-from services.ledger.service import Clock, Ledger, make_clock, refresh_gauges, run_scheduler
+from services.ledger.queries import refresh_gauges
+from services.ledger.scheduler import run_scheduler
+from services.ledger.service import Clock, Ledger, make_clock
 from services.ledger.settings import LedgerSettings
 from services.ledger.versions import ProgramHistoryUnavailable, ProgramStore
 from shared.http import create_service_app
 from shared.kafka import read_topic
 from shared.runtime import ServiceRuntime
 from shared.topics import (
-    LEDGER_ADJUSTMENTS, LEDGER_PROGRAMS, POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS,
+    LEDGER_ADJUSTMENTS,
+    LEDGER_PROGRAMS,
+    POINTS_DLQ,
+    POINTS_EVENTS,
+    PURCHASES_RECORDED,
+    REWARDS_EVENTS,
 )
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,11 @@ from services.ledger import repository as repo
 from services.ledger.program import Program, load_program_file
 from shared.errors import TransientError
 from shared.events import derived_event_id, utcnow
-from shared.events.programs import PROGRAM_KEY, ProgramVersionPublished, ProgramVersionPublishedPayload
+from shared.events.programs import (
+    PROGRAM_KEY,
+    ProgramVersionPublished,
+    ProgramVersionPublishedPayload,
+)
 from shared.outbox import OutboxMessage, enqueue
 
 log = logging.getLogger(__name__)

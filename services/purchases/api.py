@@ -46,10 +46,47 @@ class ClaimIn(BaseModel):
 
 
 class ClaimOut(BaseModel):
-    status: str
+    status: str = Field(description="claimed | already_claimed (this customer claimed it before)")
     purchase_id: str
     customer_id: str
     event_id: str
+
+
+class ProblemOut(BaseModel):
+    """A refusal: why (`reason`), in words (`message`), and field-level errors if any."""
+    status: Literal["rejected"] = "rejected"
+    reason: str
+    message: str
+    errors: list[dict[str, Any]] = []
+
+
+class KeyRefusalDetail(BaseModel):
+    reason: Literal["missing_api_key", "invalid_api_key"]
+    message: str
+
+
+class KeyRefusal(BaseModel):
+    detail: KeyRefusalDetail
+
+
+# What every door may answer besides its own outcomes: the statuses below are produced by
+# the code (the tests check each against this document: tests/hostile/test_purchases_statuses.py).
+KEY_REFUSED = {401: {"model": KeyRefusal, "description": "Missing or invalid X-API-Key"}}
+TOO_LARGE = {413: {"model": ProblemOut, "description": "body_too_large: the body exceeds max_body_bytes"}}
+REFUSED = {422: {"model": ProblemOut, "description": "The request does not match the contract (field-level errors)"}}
+WEBHOOK_STATUSES = {
+    200: {"model": OutcomeOut, "description": "duplicate (already recorded), ignored (nothing to record for this "
+                                             "topic or order status) or ping (WooCommerce's test delivery)"},
+    201: {"model": OutcomeOut, "description": "recorded"},
+    202: {"model": OutcomeOut, "description": "parked: a refund whose sale has not arrived yet; recorded when it does"},
+    401: {"model": ProblemOut, "description": "bad_signature (missing or invalid HMAC) or stale_webhook (the signed "
+                                              "payload is older than webhook_max_age_s: a replay)"},
+    409: {"model": OutcomeOut, "description": "conflict: same order id, different content"},
+    **TOO_LARGE,
+    422: {"model": ProblemOut, "description": "rejected or unmappable_webhook: signed but unusable (dead-lettered) "
+                                              "or not a valid purchase once mapped"},
+    503: {"model": ProblemOut, "description": "not_configured: this shop's webhook secret is not set"},
+}
 
 
 def problem_body(reason: str, message: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -98,8 +135,11 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
     @router.post("/v1/purchases", tags=["purchases"], summary="Record one purchase (sale or return)",
                  response_model=OutcomeOut, status_code=201,
                  responses={200: {"model": OutcomeOut, "description": "Already recorded (identical resend)"},
-                            401: {"description": "Missing or invalid API key"},
+                            **KEY_REFUSED,
+                            403: {"model": ProblemOut, "description": "store_mismatch: the purchase's store_id "
+                                                                      "is not the API key's store"},
                             409: {"model": OutcomeOut, "description": "Same purchase id, different content"},
+                            **TOO_LARGE,
                             422: {"model": OutcomeOut, "description": "Invalid purchase, field-level errors"}})
     async def post_purchase(purchase: PurchaseIn, store_id: Annotated[str, Depends(store_from_key)],
                             x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
@@ -111,7 +151,13 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
         return JSONResponse(outcome.as_json(), status_code=STATUS_CODES[outcome.status])
 
     @router.post("/v1/purchases/batch", tags=["purchases"], response_model=BatchOut,
-                 summary="Record up to max_batch_items purchases; one result per item, in order")
+                 summary="Record up to max_batch_items purchases; one result per item, in order",
+                 description="200 whatever each item's outcome: `results` has one outcome per item (recorded, "
+                             "duplicate, conflict, rejected with errors, parked), `summary` counts them.",
+                 responses={**KEY_REFUSED,
+                            413: {"model": ProblemOut, "description": "batch_too_large (more than max_batch_items) "
+                                                                      "or body_too_large"},
+                            **REFUSED})
     async def post_batch(batch: BatchIn, store_id: Annotated[str, Depends(store_from_key)],
                          x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
         if len(batch.purchases) > settings.max_batch_items:
@@ -126,7 +172,14 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
 
     @router.post("/v1/purchases/{purchase_id}/claim", tags=["purchases"], response_model=ClaimOut,
                  summary="A customer claims an anonymous sale of this store (within the claim window)",
-                 responses={201: {"model": ClaimOut}, 404: {}, 409: {}, 422: {}})
+                 responses={200: {"model": ClaimOut, "description": "already_claimed by this customer"},
+                            201: {"model": ClaimOut, "description": "claimed: PurchaseClaimed published"},
+                            **KEY_REFUSED,
+                            404: {"model": ProblemOut, "description": "unknown_purchase: no such sale at this store"},
+                            409: {"model": ProblemOut, "description": "already_claimed by another customer"},
+                            **TOO_LARGE,
+                            422: {"model": ProblemOut, "description": "claim_window_closed, fully_returned, or an "
+                                                                      "invalid body"}})
     async def post_claim(purchase_id: Annotated[domain.Ident, Path()], claim: ClaimIn, store_id: Annotated[str, Depends(store_from_key)],
                          x_correlation_id: Annotated[str | None, Header()] = None) -> JSONResponse:
         try:
@@ -156,6 +209,10 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
         max_age_s = settings.webhook_max_age_s
         try:
             payload = json.loads(body)
+            if door == "shopify" and isinstance(payload, dict) and payload.get("test") is True:
+                # Shopify's "send test notification": a sample order nobody bought.
+                metrics.WEBHOOK_TESTS.labels(door).inc()
+                return JSONResponse({"status": "test_notification", "message": "acknowledged; nothing recorded"})
             stamp = webhooks.webhook_timestamp(payload, door)
             if utcnow() - stamp > timedelta(seconds=max_age_s):
                 metrics.REJECTED.labels(door, "stale_webhook").inc()
@@ -171,7 +228,7 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
         [outcome] = await record([item])
         return JSONResponse(outcome.as_json(), status_code=STATUS_CODES[outcome.status])
 
-    @router.post("/v1/webhooks/shopify", tags=["webhooks"],
+    @router.post("/v1/webhooks/shopify", tags=["webhooks"], responses=WEBHOOK_STATUSES,
                  summary="Shopify webhooks: orders/paid and refunds/create (X-Shopify-Hmac-Sha256)")
     async def shopify(request: Request,
                       x_shopify_hmac_sha256: Annotated[str | None, Header()] = None,
@@ -187,7 +244,7 @@ def create_router(runtime: ServiceRuntime, recorder: PurchaseRecorder, settings:
             signed=webhooks.verify_shopify_hmac(settings.shopify_webhook_secret, body, x_shopify_hmac_sha256),
             map_payload=lambda payload: mapper(payload, store_id=settings.shopify_store_id) if mapper else None)
 
-    @router.post("/v1/webhooks/woocommerce", tags=["webhooks"],
+    @router.post("/v1/webhooks/woocommerce", tags=["webhooks"], responses=WEBHOOK_STATUSES,
                  summary="WooCommerce order webhooks (X-WC-Webhook-Signature)")
     async def woocommerce(request: Request,
                           x_wc_webhook_signature: Annotated[str | None, Header()] = None,

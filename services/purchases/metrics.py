@@ -16,3 +16,5 @@ PROCESSING_SECONDS = Histogram(
     "purchases_batch_processing_seconds", "Time to validate, record and enqueue one batch", ["door"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+WEBHOOK_TESTS = Counter("purchases_webhook_test_notifications_total",
+                        "E-shop test notifications acknowledged and not recorded", ["door"])

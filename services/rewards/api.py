@@ -16,7 +16,8 @@ from fastapi.security import HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.rewards import domain, metrics, service
+from services.rewards import catalog as rewards_catalog
+from services.rewards import domain, metrics, redemptions, shipping
 from services.rewards.domain import Redemption, Reward
 from services.rewards.service import RewardsContext
 from services.rewards.token import InvalidToken, TokenVerifier
@@ -459,7 +460,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
     @customer.get("/rewards", response_model=CatalogOut, summary="The rewards available to me",
                   responses=_responses(401))
     async def my_catalog(customer_id: Customer) -> CatalogOut:
-        catalog = await service.catalog_for(ctx, customer_id)
+        catalog = await rewards_catalog.catalog_for(ctx, customer_id)
         return CatalogOut(
             customer_id=customer_id, available_points=catalog.standing.available_points, tier=catalog.standing.tier,
             rewards=[
@@ -489,12 +490,12 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
     ) -> RedemptionOut:
         correlation_id = x_correlation_id or str(uuid.uuid4())
         shared_logging.correlation_id.set(correlation_id)
-        result = await service.request_redemption(
+        result = await redemptions.request_redemption(
             ctx, customer_id=customer_id, reward_id=body.reward_id, idempotency_key=idempotency_key,
             correlation_id=correlation_id,
             delivery_address=body.delivery_address.model_dump(exclude_none=True) if body.delivery_address else None,
         )
-        redemption = await service.wait_for_outcome(ctx, result.redemption)
+        redemption = await redemptions.wait_for_outcome(ctx, result.redemption)
         out = RedemptionOut.of(redemption)
         response.status_code = 202 if redemption.status in domain.IN_FLIGHT else 200
         response.headers["Location"] = out.status_url
@@ -506,13 +507,13 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
                   responses=_responses(401, 404, 422))
     async def my_redemption(redemption_id: uuid.UUID, customer_id: Customer) -> RedemptionOut:
         return RedemptionOut.of(
-            await service.get_customer_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
+            await redemptions.get_customer_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
         )
 
     async def redemption_page(customer_id: str, limit: int, cursor: str | None, before: datetime | None):
         """One page of a customer's redemptions, its next_cursor and its next_before."""
         after, whole_requested_at = _list_start(cursor, before)
-        page = await service.list_customer_redemptions(ctx, customer_id=customer_id, after=after, limit=limit,
+        page = await redemptions.list_customer_redemptions(ctx, customer_id=customer_id, after=after, limit=limit,
                                                        whole_requested_at=whole_requested_at)
         if not page.more:
             return page.redemptions, None, None
@@ -546,7 +547,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
                    responses=_responses(401, 404, 409, 422))
     async def cancel(redemption_id: uuid.UUID, customer_id: Customer) -> RedemptionOut:
         return RedemptionOut.of(
-            await service.cancel_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
+            await redemptions.cancel_redemption(ctx, customer_id=customer_id, redemption_id=redemption_id)
         )
 
     admin_router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)],
@@ -555,27 +556,27 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
     @admin_router.post("/rewards", response_model=RewardOut, status_code=201, summary="Add a reward",
                        responses=_responses(400))
     async def create(body: RewardIn) -> RewardOut:
-        return RewardOut.of(await service.create_reward(ctx, body.to_domain()))
+        return RewardOut.of(await rewards_catalog.create_reward(ctx, body.to_domain()))
 
     @admin_router.get("/rewards", response_model=list[RewardOut], summary="The whole catalog")
     async def catalog(active_only: bool = False) -> list[RewardOut]:
-        return [RewardOut.of(r) for r in await service.list_rewards(ctx, active_only=active_only)]
+        return [RewardOut.of(r) for r in await rewards_catalog.list_rewards(ctx, active_only=active_only)]
 
     @admin_router.get("/rewards/{reward_id}", response_model=RewardOut, responses=_responses(404))
     async def one(reward_id: RewardIdPath) -> RewardOut:
-        return RewardOut.of(await service.get_reward(ctx, reward_id))
+        return RewardOut.of(await rewards_catalog.get_reward(ctx, reward_id))
 
     @admin_router.patch("/rewards/{reward_id}", response_model=RewardOut, summary="Change a reward",
                         responses=_responses(400, 404))
     async def patch(reward_id: RewardIdPath, body: RewardPatch) -> RewardOut:
-        return RewardOut.of(await service.update_reward(ctx, reward_id, body.changes()))
+        return RewardOut.of(await rewards_catalog.update_reward(ctx, reward_id, body.changes()))
 
     @admin_router.post("/rewards/{reward_id}/coupons", response_model=CouponUploadOut,
                        summary="Upload coupon codes to a coupon reward's pool (duplicates are skipped)",
                        responses=_responses(400, 404))
     async def upload(reward_id: RewardIdPath, body: CouponUploadIn) -> CouponUploadOut:
         codes = list(dict.fromkeys(body.codes))
-        added, reward = await service.upload_coupon_codes(ctx, reward_id, codes)
+        added, reward = await rewards_catalog.upload_coupon_codes(ctx, reward_id, codes)
         return CouponUploadOut(reward_id=reward_id, added=added, already_in_pool=len(body.codes) - added,
                                coupons_available=reward.coupons_available or 0)
 
@@ -589,7 +590,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         cursor: Annotated[str | None, Query(max_length=200)] = None,
     ) -> FulfilmentQueueOut:
         after = _parse_cursor(cursor) if cursor is not None else None
-        entries = await service.shipment_queue(ctx, state=state, after=after, limit=limit + 1)
+        entries = await shipping.shipment_queue(ctx, state=state, after=after, limit=limit + 1)
         more, entries = len(entries) > limit, entries[:limit]  # one more read: no empty last page
         return FulfilmentQueueOut(
             state=state,
@@ -607,7 +608,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         "redemption that is not a fulfilled physical reward.",
     )
     async def ship(redemption_id: uuid.UUID, body: ShipmentIn) -> AdminRedemptionOut:
-        result = await service.ship_redemption(ctx, redemption_id=redemption_id, shipment=body.to_domain())
+        result = await shipping.ship_redemption(ctx, redemption_id=redemption_id, shipment=body.to_domain())
         return AdminRedemptionOut.of(result.redemption)
 
     @admin_router.post(
@@ -617,7 +618,7 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
         "(reason `not_shipped`, `not_physical`, `not_fulfilled`) otherwise.",
     )
     async def deliver(redemption_id: uuid.UUID, body: DeliveryIn) -> AdminRedemptionOut:
-        result = await service.deliver_redemption(ctx, redemption_id=redemption_id, delivered_at=body.delivered_at,
+        result = await shipping.deliver_redemption(ctx, redemption_id=redemption_id, delivered_at=body.delivered_at,
                                                   actor=body.actor)
         return AdminRedemptionOut.of(result.redemption)
 
@@ -636,6 +637,6 @@ def create_routers(ctx: RewardsContext, verifier: TokenVerifier) -> list[APIRout
     @admin_router.get("/redemptions/{redemption_id}", response_model=AdminRedemptionOut,
                       responses=_responses(404), summary="One redemption, whoever's it is (support)")
     async def any_redemption(redemption_id: uuid.UUID) -> AdminRedemptionOut:
-        return AdminRedemptionOut.of(await service.get_redemption(ctx, redemption_id=redemption_id))
+        return AdminRedemptionOut.of(await shipping.get_redemption(ctx, redemption_id=redemption_id))
 
     return [customer, admin_router]

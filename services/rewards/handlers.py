@@ -6,9 +6,13 @@ from typing import Union
 
 from faststream.kafka import KafkaBroker
 
-from services.rewards.service import (
-    POINTS_CONSUMER, RewardsContext, apply_points_events, count_dead_letter, decode_points_record, points_dead_letter,
+from services.rewards.consuming import (
+    apply_points_events,
+    count_dead_letter,
+    decode_points_record,
+    points_dead_letter,
 )
+from services.rewards.service import POINTS_CONSUMER, RewardsContext
 from shared.events import DeadLetter
 from shared.events.points import POINTS_EVENT_TYPES
 from shared.events.rewards import REWARDS_EVENT_TYPES

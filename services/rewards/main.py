@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.rewards import service
+from services.rewards import catalog, redemptions, shipping
 from services.rewards.api import create_routers, install_error_handlers
 from services.rewards.handlers import declare_publishers, subscriptions
 from services.rewards.service import RewardsContext
@@ -42,13 +42,13 @@ def create_app(settings: RewardsSettings | None = None) -> FastAPI:
     runtime.lane("points-events")  # a latency lane: a customer waits on the saga
     for subscription in subscriptions(ctx):
         runtime.subscribe(subscription)
-    runtime.every(settings.recovery_interval_s, "rewards-recovery", lambda: service.recover_unanswered(ctx))
+    runtime.every(settings.recovery_interval_s, "rewards-recovery", lambda: redemptions.recover_unanswered(ctx))
     runtime.every(settings.saga_poll_interval_ms / 1000, "rewards-outcome-poll",
                   lambda: ctx.waiters.poll_once(ctx.pool))
     runtime.every(settings.metrics_sample_interval_s, "rewards-stock-metrics",
-                  lambda: service.sample_stock_levels(ctx))
+                  lambda: catalog.sample_stock_levels(ctx))
     runtime.every(settings.metrics_sample_interval_s, "rewards-shipment-metrics",
-                  lambda: service.sample_shipment_queue(ctx))
+                  lambda: shipping.sample_shipment_queue(ctx))
 
     app = create_service_app(runtime, title="rewards", description=DESCRIPTION)
     app.state.rewards = ctx

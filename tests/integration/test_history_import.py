@@ -14,7 +14,7 @@ import pytest
 
 from bench.history_data import HistorySpec, generate_history, write_jsonl
 from bench.reference import expected_history
-from services.ledger.service import run_scheduler
+from services.ledger.scheduler import run_scheduler
 from services.purchases import importer
 from shared.topics import POINTS_EVENTS, PURCHASES_RAW, PURCHASES_RECORDED
 from tests.support.kafka import consume, produce, unique

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from services.ledger.service import run_scheduler
+from services.ledger.scheduler import run_scheduler
 from services.ledger.settings import LedgerSettings
 from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 from tests.support.kafka import consume, produce, unique

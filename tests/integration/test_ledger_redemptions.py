@@ -8,12 +8,19 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.ledger.service import run_scheduler
+from services.ledger.scheduler import run_scheduler
 from services.ledger.settings import LedgerSettings
 from shared.pipeline import Record
 from shared.topics import POINTS_DLQ, POINTS_EVENTS, PURCHASES_RECORDED, REWARDS_EVENTS
 from tests.support.kafka import consume, produce, unique
-from tests.support.ledger import ADMIN, ledger_rows, ledger_settings, purchase_recorded, redemption, running_ledger
+from tests.support.ledger import (
+    ADMIN,
+    ledger_rows,
+    ledger_settings,
+    purchase_recorded,
+    redemption,
+    running_ledger,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -6,11 +6,18 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.ledger.service import refresh_gauges, run_scheduler
+from services.ledger.queries import refresh_gauges
+from services.ledger.scheduler import run_scheduler
 from services.ledger.settings import LedgerSettings
 from shared.topics import LEDGER_PROGRAMS, POINTS_EVENTS, PURCHASES_RECORDED
 from tests.support.kafka import consume, produce, unique
-from tests.support.ledger import ADMIN, ledger_rows, ledger_settings, purchase_recorded, running_ledger
+from tests.support.ledger import (
+    ADMIN,
+    ledger_rows,
+    ledger_settings,
+    purchase_recorded,
+    running_ledger,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -159,3 +159,17 @@ async def test_an_eshop_order_sent_by_webhook_and_by_http_is_recorded_once(base_
     assert by_webhook.status_code == 201
     assert by_http.status_code == 200 and by_http.json()["status"] == "duplicate"
     assert len(await rows(settings.database_url)) == 1
+
+
+async def test_a_shopify_test_notification_is_acknowledged_counted_and_not_recorded(base_env):
+    settings = purchases_settings(base_env)
+    sample = {**fresh_shopify_order(9_000_099), "test": True}
+    async with running_purchases(settings) as (_, client):
+        before = await metric_total(client, "purchases_webhook_test_notifications_total", door="shopify")
+        answer = await post_shopify(client, "orders/paid", sample)
+        real = await post_shopify(client, "orders/paid", {**fresh_shopify_order(9_000_098), "test": False})
+        after = await metric_total(client, "purchases_webhook_test_notifications_total", door="shopify")
+    assert answer.status_code == 200 and answer.json()["status"] == "test_notification"
+    assert real.status_code == 201
+    assert after - before == 1
+    assert [r["purchase_id"] for r in await rows(settings.database_url)] == ["9000098"]

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from services.rewards import service
+from services.rewards import consuming, redemptions, service
 from shared.events import utcnow
 from shared.topics import POINTS_EVENTS, REWARDS_DLQ, REWARDS_EVENTS
 from tests.support.kafka import consume, produce, unique
@@ -378,7 +378,7 @@ async def test_an_unanswered_request_is_given_up_after_a_hold_lifetime_and_any_h
 
         async def given_up():
             # the service's own recovery loop may hold the row for a moment (SKIP LOCKED)
-            await service.recover_unanswered(later)
+            await redemptions.recover_unanswered(later)
             body = (await client.get(response.headers["Location"], headers=headers)).json()
             return body if body["status"] != "requested" else None
 
@@ -487,14 +487,14 @@ async def test_a_ledger_answer_that_keeps_failing_is_dead_lettered_and_does_not_
     poison = await add_reward(client, cost_points=10)
     fine = await add_reward(client, cost_points=10)
     (victim, victim_h), (other, other_h) = await funded_customers(client, ledger, settings, 10, count=2)
-    real_reserve = service._reserve_for_reward
+    real_reserve = consuming._reserve_for_reward
 
     async def broken_for_poison(repo, reward, held, **kw):
         if reward.reward_id == poison["reward_id"]:
             raise RuntimeError("reservation exploded")
         return await real_reserve(repo, reward, held, **kw)
 
-    monkeypatch.setattr(service, "_reserve_for_reward", broken_for_poison)
+    monkeypatch.setattr(consuming, "_reserve_for_reward", broken_for_poison)
     stuck, served = await asyncio.gather(redeem(client, victim_h, poison["reward_id"]),
                                          redeem(client, other_h, fine["reward_id"]))
 
@@ -509,7 +509,7 @@ async def test_a_ledger_answer_that_keeps_failing_is_dead_lettered_and_does_not_
         return [d for d in letters if stuck.json()["redemption_id"] in d["original"]]
 
     dead = await eventually(dead_lettered, timeout_s=20)
-    monkeypatch.setattr(service, "_reserve_for_reward", real_reserve)
+    monkeypatch.setattr(consuming, "_reserve_for_reward", real_reserve)
     assert len(dead) == 1 and dead[0]["reason"].startswith("processing_failed: RuntimeError: reservation exploded")
     assert dead[0]["original_key"] == victim
     # The dead-lettered hold is not lost: the redemption is still open, and the recovery ends
@@ -521,7 +521,7 @@ async def test_a_ledger_answer_that_keeps_failing_is_dead_lettered_and_does_not_
                                    now=lambda: utcnow() + timedelta(seconds=settings.hold_timeout_s + 1))
 
     async def given_up():
-        await service.recover_unanswered(later)
+        await redemptions.recover_unanswered(later)
         return (await client.get(stuck.headers["Location"], headers=victim_h)).json()["status"] == "failed"
 
     await eventually(given_up)

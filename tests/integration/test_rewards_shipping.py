@@ -9,11 +9,18 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from services.rewards import service
+from services.rewards import shipping
 from shared.topics import POINTS_DLQ, POINTS_EVENTS, REWARDS_EVENTS
 from tests.support import ledger as ledger_support
 from tests.support.kafka import consume, unique
-from tests.support.rewards import ADMIN, bearer, eventually, outcome, rewards_settings, running_rewards
+from tests.support.rewards import (
+    ADMIN,
+    bearer,
+    eventually,
+    outcome,
+    rewards_settings,
+    running_rewards,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -116,7 +123,7 @@ async def test_a_physical_reward_is_queued_shipped_once_tracked_and_no_longer_ca
     assert (entry["customer_id"], entry["reward_id"], entry["reward_name"]) == (customer, reward["reward_id"],
                                                                                 "Travel mug")
     assert entry["delivery_address"] == ADDRESS_OUT and entry["requested_at"] and entry["fulfilled_at"]
-    await service.sample_shipment_queue(app.state.rewards)
+    await shipping.sample_shipment_queue(app.state.rewards)
     awaiting_before = await gauge(client, "rewards_awaiting_shipment")
     assert awaiting_before >= 1
     shipped_before = await gauge(client, 'rewards_shipments_total{event="shipped"}')
@@ -134,7 +141,7 @@ async def test_a_physical_reward_is_queued_shipped_once_tracked_and_no_longer_ca
     assert other.status_code == 409 and other.json()["error"] == "already_shipped", other.text
     assert rid not in {q["redemption_id"] for q in await queue(client)}
     assert rid in {q["redemption_id"] for q in await queue(client, "shipped")}
-    await service.sample_shipment_queue(app.state.rewards)
+    await shipping.sample_shipment_queue(app.state.rewards)
     assert await gauge(client, "rewards_awaiting_shipment") == awaiting_before - 1
     assert await gauge(client, 'rewards_shipments_total{event="shipped"}') == shipped_before + 1
 

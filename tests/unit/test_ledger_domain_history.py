@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from services.ledger import domain as d
 from services.ledger.program import Program
-from services.ledger.service import _returned_lines
+from services.ledger.earning import _returned_lines
 from services.purchases.handlers import inbound_from_record
 from services.purchases.domain import Rejection
 from shared.events.purchases import PurchaseLine, PurchasePayload

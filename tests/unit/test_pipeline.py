@@ -4,13 +4,22 @@ and metrics and callbacks counted after the commit only."""
 
 import json
 import uuid
+from dataclasses import replace
 from typing import Literal
 
 import asyncpg
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
-from shared.pipeline import Batch, Pipeline, Record, Refused, Subscription, pydantic_decoder
+from shared.outbox import OutboxMessage
+from shared.pipeline import (
+    Batch,
+    Pipeline,
+    Record,
+    Refused,
+    Subscription,
+    pydantic_decoder,
+)
 from tests.support.fakes import FakePool
 
 
@@ -171,6 +180,36 @@ async def test_an_event_of_another_type_is_skipped_when_the_decoder_knows_its_ty
                    (("type", b"Pong"),))
     report = await pipeline(pool).process(sub, [other, record(1)])
     assert report.skipped == 1 and apply.committed == [1] and dead_letters(pool) == []
+
+
+async def test_the_service_counts_its_dead_letters_after_the_commit_only_and_may_shape_them():
+    """on_dead_letter sees each dead letter of the attempt that committed (one, though the
+    record failed every attempt before), dead_letter builds it in the service's own shape."""
+    pool, apply = FakePool(), Recorder()
+    apply.poison = {2}
+    counted: list[str] = []
+
+    def shaped(rec, reason, errors, now):
+        return OutboxMessage("t.pings.dlq", rec.key_text(), json.dumps({"reason": f"{reason}!"}).encode(), {})
+
+    sub = replace(subscription(apply), on_dead_letter=counted.append, dead_letter=shaped)
+    report = await pipeline(pool).process(sub, [record(1), record(2, offset=1), record(raw=b"{", offset=2)])
+    assert counted == ["processing_failed", "malformed_json"]  # in the order of the one-by-one pass
+    assert sorted(d["reason"] for d in dead_letters(pool)) == ["malformed_json!", "processing_failed!"]
+    assert report.dead_lettered == 2 and apply.committed == [1]
+
+
+async def test_a_batch_tells_how_many_records_were_read_duplicates_included():
+    pool, seen = FakePool(), []
+
+    async def apply(batch: Batch[Ping]) -> None:
+        seen.append((batch.read, len(batch.items)))
+
+    sub = Subscription(topic="t.pings", consumer="test.pings", decode=pydantic_decoder(TypeAdapter(Ping)),
+                       apply=apply, dead_letter_topic="t.pings.dlq", door="pings consumer")
+    same = uuid.uuid4()
+    await pipeline(pool).process(sub, [record(1, event_id=same), record(1, event_id=same), record(2)])
+    assert seen == [(3, 2)]
 
 
 def test_a_refusal_carries_a_reason_and_its_errors():
