@@ -55,7 +55,8 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
                 break
             after = chunk[-1]
             async with conn.transaction():
-                await _schedule_chunk(conn, ledger, chunk, now, run)
+                uow = await _schedule_chunk(conn, ledger, chunk, now, run)
+            uow.count_postings()  # once committed
     if run.customers:  # a ledger at rest writes nothing
         async with pool.acquire() as conn:
             await repo.set_scheduler_mark(conn, name="aged_out_until", value=aged_out_until)
@@ -64,7 +65,7 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
 
 
 async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[str], now: datetime,
-                          run: SchedulerRun) -> None:
+                          run: SchedulerRun) -> UnitOfWork:
     uow = UnitOfWork(conn, ledger, now)
     out = Emitter(ledger, now)
     await uow.lock(chunk)
@@ -100,4 +101,4 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
             run.tier_changes += 1
             out.tier_moved(moved_tier, cause=f"window:{cid}:{today.isoformat()}:{moved_tier.to_tier}")
     await uow.save(out.messages)
-    uow.count_postings()
+    return uow
