@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) -m deploy.local.stack
 
-.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench chaos reset clean
+.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench chaos reset clean import import-balances bench-import
 
 help:
 	@echo "make run    start everything, play demo traffic with a live summary; Ctrl-C stops it all"
@@ -16,6 +16,8 @@ help:
 	@echo "make test   the whole test suite against its own broker and PostgreSQL"
 	@echo "make bench  end-to-end load benchmark, prints figures (BENCH_SIZE=quick for a short run)"
 	@echo "make chaos  fault injection under load, checked against a reference model (CHAOS_SIZE=quick for a short run)"
+	@echo "make import FILE=history.jsonl|.csv [POLICY=analytics|as-earned]  import purchase history (resumable)"
+	@echo "make import-balances FILE=balances.csv [REASON=...]  opening balances with a history import"
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,3 +70,25 @@ CHAOS_SIZE ?= full
 chaos: venv
 	$(PY) -m deploy.local.ensure_postgres
 	$(PY) -m bench.chaos --size $(CHAOS_SIZE)
+
+# History import (services/purchases/importer.py): POLICY=analytics (default: history earns
+# nothing) or as-earned. Resumes from FILE.checkpoint.json when an earlier run was cut short;
+# running it again changes nothing. Reads the stack's endpoints from .run/endpoints.env (make up).
+POLICY ?= analytics
+ENDPOINTS_ENV := .run/endpoints.env
+import: venv
+	@test -n "$(FILE)" || { echo "usage: make import FILE=history.jsonl [POLICY=analytics|as-earned]"; exit 2; }
+	@set -a; [ -f $(ENDPOINTS_ENV) ] && . ./$(ENDPOINTS_ENV); set +a; \
+	PURCHASES_KAFKA_BOOTSTRAP_SERVERS=$${PURCHASES_KAFKA_BOOTSTRAP_SERVERS:-$${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:9092}} \
+	$(PY) -m services.purchases.importer "$(FILE)" --policy $(POLICY) --resume
+
+import-balances: venv
+	@test -n "$(FILE)" || { echo "usage: make import-balances FILE=balances.csv [REASON='why']"; exit 2; }
+	@set -a; [ -f $(ENDPOINTS_ENV) ] && . ./$(ENDPOINTS_ENV); set +a; \
+	$(PY) -m services.ledger.opening_balances "$(FILE)" $(if $(REASON),--reason "$(REASON)")
+
+# IMPORT_SIZE purchases per policy (default 100,000).
+IMPORT_SIZE ?= 100000
+bench-import: venv
+	$(PY) -m deploy.local.ensure_postgres
+	$(PY) -m bench.history_import --purchases $(IMPORT_SIZE)

@@ -14,6 +14,7 @@ cancelled redemption gives its points back to the lots they came from.
 """
 
 from collections import defaultdict
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 
@@ -180,3 +181,92 @@ def expected_state(sales: list[Sale], returns: list[Return], fundings: list[Fund
         assert c.qualifying_points < SILVER_THRESHOLD_POINTS, f"{cid} would leave Bronze: the generator is wrong"
     return Expected(dict(customers), purchase_lots, adjustment_lots, earn_points, reversal_points_by_sale,
                     sale_of_return, outcome, hold_state)
+
+
+# ---- imported history, policy as-earned ---------------------------------------------------
+# The default program again, now with its tiers (Bronze x1.0, Silver x1.25 from 1,000
+# qualifying points, Gold x1.5 from 5,000, over 365 days), maturity (14 days) and expiry (365
+# days after maturity), each taken at the purchase's own time: what a history imported with
+# POLICY=as-earned must leave in the ledger. Purchases in the inbound contract (dicts), in
+# time order.
+
+HISTORY_TIERS = ((0, "Bronze", Decimal("1.0")), (1000, "Silver", Decimal("1.25")), (5000, "Gold", Decimal("1.5")))
+
+
+def _tier(points: int) -> tuple[str, Decimal]:
+    name, multiplier = HISTORY_TIERS[0][1:]
+    for threshold, n, m in HISTORY_TIERS:
+        if points >= threshold:
+            name, multiplier = n, m
+    return name, multiplier
+
+
+@dataclass
+class HistoryLot:
+    customer_id: str
+    occurred_at: datetime
+    multiplier: Decimal
+    net_by_line: dict[str, Decimal]
+    earned: int
+    returned: dict[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def reversed(self) -> int:
+        kept = sum((max(net - self.returned.get(line_id, Decimal(0)), Decimal(0))
+                    for line_id, net in self.net_by_line.items()), Decimal(0))
+        return self.earned - min(floor_points(kept * self.multiplier), self.earned)
+
+
+@dataclass
+class HistoryCustomer:
+    available_points: int = 0
+    pending_points: int = 0
+    expired_points: int = 0
+    qualifying_points: int = 0
+    tier: str = "Bronze"
+
+
+def _net(line: dict) -> Decimal:
+    return max(Decimal(line["unit_price"]) * int(line["quantity"]) - Decimal(line["discount"]), Decimal(0))
+
+
+def expected_history(purchases: list[dict], *, now: datetime) -> tuple[dict[str, HistoryCustomer],
+                                                                        dict[tuple[str, str, str], HistoryLot]]:
+    window, pending, expiry = timedelta(days=365), timedelta(days=14), timedelta(days=365)
+    lots: dict[tuple[str, str, str], HistoryLot] = {}
+    by_customer: dict[str, list[HistoryLot]] = defaultdict(list)
+    for p in purchases:
+        t = datetime.fromisoformat(p["occurred_at"])
+        if p["type"] == "sale":
+            cid = p["customer_id"]
+            if cid is None:
+                continue  # anonymous: earns nothing
+            qualifying = sum(x.earned - x.reversed for x in by_customer[cid] if t - window < x.occurred_at <= t)
+            _, multiplier = _tier(qualifying)
+            nets = {line["line_id"]: _net(line) for line in p["lines"]}
+            lot = HistoryLot(cid, t, multiplier, nets, floor_points(sum(nets.values(), Decimal(0)) * multiplier))
+            lots[(p["source"], p["store_id"], p["purchase_id"])] = lot
+            by_customer[cid].append(lot)
+        else:
+            lot = lots.get((p["source"], p["store_id"], p["original_purchase_id"]))
+            if lot is None:
+                continue
+            for line in p["lines"]:
+                bought = lot.net_by_line[line["line_id"]]
+                lot.returned[line["line_id"]] = min(lot.returned.get(line["line_id"], Decimal(0)) + _net(line), bought)
+    customers: dict[str, HistoryCustomer] = {}
+    for cid, own in by_customer.items():
+        c = customers[cid] = HistoryCustomer()
+        for lot in own:
+            points = lot.earned - lot.reversed
+            matures_at = lot.occurred_at + pending
+            if matures_at + expiry <= now:
+                c.expired_points += points
+            elif matures_at <= now:
+                c.available_points += points
+            else:
+                c.pending_points += points
+            if lot.occurred_at > now - window:
+                c.qualifying_points += points
+        c.tier = _tier(c.qualifying_points)[0]
+    return customers, lots

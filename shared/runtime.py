@@ -66,14 +66,16 @@ class ServiceRuntime:
             self.relay.wake()
 
     def lane(self, name: str, *, bulk: bool = False, fetch_max_wait_ms: int | None = None,
-             instances: int = 1) -> Lane:
+             instances: int = 1, max_records: int | None = None) -> Lane:
         """Declare a lane: the subscriptions in it share one consumer (per instance) and one
         group, `<prefix>.<service>.<lane>`. A `bulk` lane (nobody waits on it) takes the longer
-        fetch wait of the settings, a latency lane the short one."""
+        fetch wait of the settings, a latency lane the short one. `max_records` bounds a batch
+        (default consumer_batch_max_records): larger for a stream nobody waits on (history)."""
         s = self.settings
         wait = fetch_max_wait_ms if fetch_max_wait_ms is not None else (
             s.consumer_bulk_fetch_max_wait_ms if bulk else s.consumer_fetch_max_wait_ms)
-        lane = Lane(name, fetch_max_wait_ms=wait, instances=instances, max_records=s.consumer_batch_max_records)
+        lane = Lane(name, fetch_max_wait_ms=wait, instances=instances,
+                    max_records=max_records or s.consumer_batch_max_records)
         self.lanes[name] = lane
         return lane
 

@@ -75,13 +75,18 @@ def _apply_adjustment(uow: UnitOfWork, out: Emitter, event: AdjustmentRecorded) 
     InsufficientPoints."""
     p = event.payload
     book = uow.books[p.customer_id]
+    # An opening balance brought over from the retailer's old system is history: its event
+    # says so and its lot is never reminded of (no message is ever sent because of history).
+    history = d.is_opening_balance(p.reason_code)
     due_at(uow, out, book, at=spend_time(uow, event))
-    d.adjust(book, uow.journal, uow.ledger.programs.at(event.recorded_at).program, adjustment_id=p.adjustment_id,
-             amount_points=p.amount_points, now=p.occurred_at)
+    lot = d.adjust(book, uow.journal, uow.ledger.programs.at(event.recorded_at).program,
+                   adjustment_id=p.adjustment_id, amount_points=p.amount_points, now=p.occurred_at)
+    if lot is not None and history:
+        lot.history = True
     out.emit(PointsAdjusted, PointsAdjustedPayload(amount_points=p.amount_points, balance=balance_after(book.balance()),
                                                    reason_code=p.reason_code, actor=p.actor, note=p.note),
              customer_id=p.customer_id, cause=f"adjust:{p.adjustment_id}", correlation_id=event.correlation_id,
-             causation_id=str(event.event_id))
+             causation_id=str(event.event_id), history=history)
     uow.adjustments.append(d.Adjustment(p.adjustment_id, p.customer_id, p.amount_points, p.reason_code, p.actor,
                                         p.note, p.occurred_at))
 

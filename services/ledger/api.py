@@ -121,7 +121,10 @@ class AdjustmentIn(BaseModel):
     customer_id: CustomerId
     amount_points: int = Field(ge=-d.MAX_POINTS_PER_POSTING, le=d.MAX_POINTS_PER_POSTING,
                                description="Positive credits, negative debits; never 0")
-    reason_code: Literal["goodwill", "correction", "service_recovery", "fraud", "migration", "other"]
+    # opening_balance: points brought over from an old system with a history import; its
+    # PointsAdjusted says history=true and its lot is never reminded of.
+    reason_code: Literal["goodwill", "correction", "service_recovery", "fraud", "migration", "opening_balance",
+                         "other"]
     actor: str = Field(min_length=1, max_length=200, pattern=NO_NUL, description="Who made the adjustment (audited)")
     note: str | None = Field(None, max_length=2000, pattern=NO_NUL)
 

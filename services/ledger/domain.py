@@ -238,19 +238,31 @@ class Lot:
     return_ids: list[str] = field(default_factory=list)
     breakdown: list[dict[str, str | int]] = field(default_factory=list)
     reminded_on: date | None = None
-    # The purchase's channel (pos | eshop): with purchase_id, what names the purchase.
-    # None on adjustments, and on lots written before channels were kept.
+    # The purchase's channel (pos | eshop) and store: with purchase_id, what names the
+    # purchase (chain stores number receipts independently). None on adjustments, and on lots
+    # written before channels (migration 0003) or stores (0007) were kept.
     purchase_source: str | None = None
+    purchase_store: str | None = None
+    # The rate the sale was converted at (1 unit of its currency in program currency): its
+    # returns convert at the same rate, whatever the rate when they arrive. None on lots
+    # written before it was kept (their returns convert at the program's current rate).
+    currency_rate: Decimal | None = None
+    # Earned by imported history (policy as-earned): its events carry history=true and no
+    # expiry reminder is ever sent for it.
+    history: bool = False
     is_new: bool = False
     changed: bool = False
 
 
-def purchase_ref(source: str, purchase_id: str) -> str:
-    """A purchase's name inside derived ids: its channel and its id, since a POS sale and an
-    e-shop order may carry the same id. Joined with derived_event_id's own separator (\x1f),
-    so it is the same as passing the two as separate parts, and no id derived from a purchase
-    id alone (lots written before channels were kept) can ever equal it. Never shown."""
-    return f"{source}\x1f{purchase_id}"
+def purchase_ref(source: str, purchase_id: str, store_id: str | None = None) -> str:
+    """A purchase's name inside derived ids: its channel, its store and its id, since a POS
+    sale and an e-shop order, or two stores of a chain, may carry the same id. Joined with
+    derived_event_id's own separator (\x1f), so it is the same as passing them as separate
+    parts, and no id derived from fewer parts (lots written before channels or stores were
+    kept, store None) can ever equal it. Never shown."""
+    if store_id is None:
+        return f"{source}\x1f{purchase_id}"
+    return f"{source}\x1f{store_id}\x1f{purchase_id}"
 
 
 @dataclass(slots=True)
@@ -290,6 +302,9 @@ class CustomerBook:
     lots: dict[uuid.UUID, Lot] = field(default_factory=dict)
     holds: dict[uuid.UUID, Hold] = field(default_factory=dict)
     earned_by_day: dict[date, int] = field(default_factory=dict)
+    # Qualifying lots not loaded whole, as (occurred_at, points net of returns): what the
+    # tier at a purchase's own time is computed from (qualifying_at). Lots in `lots` win.
+    window_lots: dict[uuid.UUID, tuple[datetime, int]] = field(default_factory=dict)
     changed: bool = False
 
     @classmethod
@@ -350,6 +365,7 @@ class Earning:
     tier: str
     tier_multiplier: Decimal
     breakdown: list[dict[str, str | int]]
+    rate: Decimal = Decimal(1)  # 1 unit of the purchase's currency in the program currency
 
 
 def line_net_amount(line: PurchaseLine) -> Decimal:
@@ -423,7 +439,7 @@ def calculate_earning(
             add(f"daily cap {program.daily_cap_points}", Decimal(-capped))
             points = room
     breakdown: list[dict[str, str | int]] = [{"rule": r, "points": format(p.normalize(), "f")} for r, p in contributions.items()]
-    return Earning(points, exact, lines, bonus, capped, tier.name, tier.multiplier, breakdown)
+    return Earning(points, exact, lines, bonus, capped, tier.name, tier.multiplier, breakdown, rate)
 
 
 def returned_points_after(lot: Lot) -> int:
@@ -525,6 +541,51 @@ def _retier(book: CustomerBook, program: Program) -> TierMoved | None:
     return TierMoved(book.customer_id, old, new_tier, book.qualifying_points, book.balance())
 
 
+def history_earns(history: bool, import_policy: str | None) -> bool:
+    """What a purchase of imported history earns, by the policy it was imported under:
+    `analytics` nothing (the purchases are there for the analytics only: no lot, no
+    transfer, no event); `as-earned` as if earned at the time (tier, multipliers, maturity
+    and expiry from the purchase's own time, what would have expired recorded as expired).
+    A history purchase without a policy earns nothing. Live purchases always earn."""
+    if not history:
+        return True
+    return import_policy == "as-earned"
+
+
+# The reason code of an opening balance: a customer's points brought over from the
+# retailer's old system with a history import (services/ledger/opening_balances.py).
+OPENING_BALANCE = "opening_balance"
+
+
+def is_opening_balance(reason_code: str) -> bool:
+    return reason_code == OPENING_BALANCE
+
+
+def opening_balance_id(customer_id: str) -> uuid.UUID:
+    """One opening balance per customer: importing the balances again changes nothing."""
+    return derived_event_id("ledger", OPENING_BALANCE, customer_id)
+
+
+def qualifying_at(book: CustomerBook, program: Program, at: datetime) -> int:
+    """The customer's qualifying points in the tier window that ends at `at` (business
+    time): from the lots in the book and the window lots loaded for it. What a purchase's
+    tier is computed from, so that its earning depends on the purchase's own time, never on
+    when the ledger applies it (a rebuild months later, imported history)."""
+    start = at - timedelta(days=program.tier_window_days)
+    seen = dict(book.window_lots)
+    for lot in book.lots.values():
+        if lot.qualifying:
+            seen[lot.lot_id] = (lot.occurred_at, lot.earned_points - lot.reversed_points)
+    return sum(points for occurred_at, points in seen.values() if start < occurred_at <= at)
+
+
+def tier_at(book: CustomerBook, program: Program, at: datetime) -> Tier:
+    """The tier a purchase made at `at` earns with: the one its qualifying points then reach."""
+    if len(program.tiers) == 1:
+        return program.tiers[0]
+    return program.tier_for(qualifying_at(book, program, at))
+
+
 def earn(
     book: CustomerBook,
     journal: Journal,
@@ -533,26 +594,33 @@ def earn(
     *,
     purchase: PurchasePayload,
     now: datetime,
+    history: bool = False,
 ) -> list[Earned | TierMoved]:
     """Credit a sale as a new lot: pending inside the return window, then available.
-    Raises UnknownCurrency. The caller makes sure the purchase has no lot yet."""
+    Tier, multipliers, maturity and expiry come from the purchase's own time; `now` (the
+    ledger's clock) only says whether the return window has closed yet and what counts for
+    the customer's current tier. Raises UnknownCurrency. The caller makes sure the purchase
+    has no lot yet."""
     capped = program.daily_cap_points is not None  # the per-day tally is kept only for a cap
     day = utc_day(purchase.occurred_at) if capped else None
     earning = calculate_earning(
         program, purchase,
-        tier=program.tier_named(book.tier),
+        tier=tier_at(book, program, purchase.occurred_at),
         first_purchase=not book.has_purchased,
         earned_today_points=book.earned_by_day.get(day, 0) if capped else 0,
     )
     matures_at = purchase.occurred_at + timedelta(days=program.pending_days)
     pending = matures_at > now
-    ref = purchase_ref(purchase.source, purchase.purchase_id)
+    ref = purchase_ref(purchase.source, purchase.purchase_id, purchase.store_id)
     lot = Lot(
         lot_id=derived_event_id("ledger", "lot", ref),
         customer_id=book.customer_id,
         source="purchase",
         purchase_id=purchase.purchase_id,
         purchase_source=purchase.source,
+        purchase_store=purchase.store_id,
+        currency_rate=earning.rate,
+        history=history,
         occurred_at=purchase.occurred_at,
         amount_points=earning.points,
         remaining_points=earning.points,
@@ -602,10 +670,15 @@ def reverse_return(
     lot: Lot,
     returned: list[tuple[str, str, Decimal]],
     now: datetime,
+    returned_at: datetime | None = None,
 ) -> list[Reversed | TierMoved]:
     """Take back the points of the returned lines from the purchase's lot. What the lot no
     longer has (spent, held, expired) becomes debt: the reversal is always recorded in
-    full, and later earnings pay the debt first."""
+    full, and later earnings pay the debt first. A return made (`returned_at`, its business
+    time) before the lot expired, but applied after the expiry ran (imported history, whose
+    lots are settled at once; a rebuild), takes back expired points first: had it been
+    applied in time, those points would have been reversed rather than expired, and the
+    customer owes nothing for them."""
     if return_id in lot.return_ids:
         return []
     entitled_before = lot.earned_points - lot.reversed_points
@@ -618,6 +691,15 @@ def reverse_return(
     source = book.pending if lot.pending else book.available
     taken = min(amount, lot.remaining_points)
     shortfall = amount - taken
+    unexpired = 0
+    if shortfall and lot.expired_points and returned_at is not None and returned_at < lot.expires_at:
+        unexpired = min(shortfall, lot.expired_points)
+        journal.post(Transfer(
+            derived_event_id("ledger", "reverse_expired", return_id, str(lot.lot_id)), EXPIRY, ISSUANCE, unexpired,
+            Code.REVERSE, book.customer_id, return_id, lot_id=lot.lot_id, rule_version=lot.rule_version,
+        ))
+        lot.expired_points -= unexpired
+        shortfall -= unexpired
     if taken:
         journal.post(Transfer(
             derived_event_id("ledger", "reverse", return_id, str(lot.lot_id)), source.account_id, ISSUANCE, taken,
@@ -681,8 +763,11 @@ def expire(book: CustomerBook, journal: Journal, lot: Lot, *, now: datetime) -> 
     amount = lot.remaining_points
     # The id includes what the lot had expired before: a refund may put points back on an
     # expired lot, and their expiry is a new transfer, while a re-run of the same expiry is not.
+    # A return may take expired points back (reverse_return), lowering expired_points; the
+    # reversed points (which only grow) then keep the id new.
+    expired_before = str(lot.expired_points) if not lot.reversed_points else f"{lot.expired_points}/{lot.reversed_points}"
     journal.post(Transfer(
-        derived_event_id("ledger", "expire", str(lot.lot_id), str(lot.expired_points)), book.available.account_id,
+        derived_event_id("ledger", "expire", str(lot.lot_id), expired_before), book.available.account_id,
         EXPIRY, amount, Code.EXPIRE, book.customer_id, str(lot.lot_id), lot_id=lot.lot_id,
     ))
     lot.remaining_points = 0

@@ -215,7 +215,7 @@ _LOT_COLUMNS = (
     "lot_id", "customer_id", "source", "purchase_id", "occurred_at", "amount_points", "remaining_points",
     "held_points", "expired_points", "pending", "matures_at", "expires_at", "rule_version", "qualifying",
     "earned_points", "reversed_points", "bonus_points", "tier_multiplier", "lines", "breakdown", "return_ids",
-    "reminded_on", "purchase_source",
+    "reminded_on", "purchase_source", "purchase_store", "currency_rate", "history",
 )
 _SELECT_LOTS = f"SELECT {', '.join(_LOT_COLUMNS)} FROM lots"
 
@@ -229,30 +229,50 @@ def _lot(r: asyncpg.Record) -> Lot:
         earned_points=r["earned_points"], reversed_points=r["reversed_points"], bonus_points=r["bonus_points"],
         tier_multiplier=r["tier_multiplier"], lines=[LineEarning.from_json(x) for x in json.loads(r["lines"])],
         return_ids=list(r["return_ids"]), reminded_on=r["reminded_on"], purchase_source=r["purchase_source"],
+        purchase_store=r["purchase_store"], currency_rate=r["currency_rate"], history=r["history"],
     )
 
 
-async def lots_of_purchases(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Lot]:
-    """The lots of these purchases, by (source, purchase_id)."""
+PurchaseKey = tuple[str, str, str]  # (source, store_id, purchase_id), as the purchases service keys it
+
+
+def _match(key: PurchaseKey, found: dict[tuple[str | None, str | None, str], Any]) -> Any:
+    """A lot written before stores (store None) answers for any store of its channel, one
+    written before channels were kept (both None) for any purchase of that id."""
+    source, store, pid = key
+    return found.get((source, store, pid)) or found.get((source, None, pid)) or found.get((None, None, pid))
+
+
+async def lots_of_purchases(conn: asyncpg.Connection, *, keys: Sequence[PurchaseKey]) -> dict[PurchaseKey, Lot]:
+    """The lots of these purchases, by (source, store_id, purchase_id)."""
     if not keys:
         return {}
-    rows = await conn.fetch(_SELECT_LOTS + " WHERE purchase_id = ANY($1::text[])", list({pid for _, pid in keys}))
-    by_key: dict[tuple[str | None, str], Lot] = {}
-    for r in rows:
-        lot = _lot(r)
-        by_key[(lot.purchase_source, lot.purchase_id or "")] = lot
-    # A lot written before channels were kept (None) answers for either channel.
-    return {key: lot for key in set(keys) if (lot := by_key.get(key) or by_key.get((None, key[1]))) is not None}
+    rows = await conn.fetch(_SELECT_LOTS + " WHERE purchase_id = ANY($1::text[])", list({k[2] for k in keys}))
+    by_key = {(lot.purchase_source, lot.purchase_store, lot.purchase_id or ""): lot for lot in map(_lot, rows)}
+    return {key: lot for key in set(keys) if (lot := _match(key, by_key)) is not None}
 
 
-async def purchases_with_lots(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these purchases, by (source, purchase_id), already earned (cheap: no lot bodies)."""
+async def purchases_with_lots(conn: asyncpg.Connection, *, keys: Sequence[PurchaseKey]) -> set[PurchaseKey]:
+    """Which of these purchases already earned (cheap: no lot bodies)."""
     if not keys:
         return set()
-    rows = await conn.fetch("SELECT purchase_id, purchase_source FROM lots WHERE purchase_id = ANY($1::text[])",
-                            list({pid for _, pid in keys}))
-    found = {(r["purchase_source"], r["purchase_id"]) for r in rows}
-    return {(source, pid) for source, pid in keys if (source, pid) in found or (None, pid) in found}
+    rows = await conn.fetch("SELECT purchase_id, purchase_source, purchase_store FROM lots"
+                            " WHERE purchase_id = ANY($1::text[])", list({k[2] for k in keys}))
+    found = {(r["purchase_source"], r["purchase_store"], r["purchase_id"]): True for r in rows}
+    return {key for key in keys if _match(key, found)}
+
+
+async def window_lots(conn: asyncpg.Connection, *, customer_ids: Sequence[str],
+                      since: datetime) -> dict[str, dict[uuid.UUID, tuple[datetime, int]]]:
+    """The customers' qualifying lots dated after `since`, as (occurred_at, points net of
+    returns): what the tier at a purchase's own time is computed from."""
+    rows = await conn.fetch(
+        "SELECT customer_id, lot_id, occurred_at, earned_points - reversed_points AS points FROM lots"
+        " WHERE customer_id = ANY($1::text[]) AND qualifying AND occurred_at > $2", list(customer_ids), since)
+    out: dict[str, dict[uuid.UUID, tuple[datetime, int]]] = defaultdict(dict)
+    for r in rows:
+        out[r["customer_id"]][r["lot_id"]] = (r["occurred_at"], int(r["points"]))
+    return out
 
 
 async def open_lots(
@@ -292,7 +312,7 @@ async def insert_lots(conn: asyncpg.Connection, *, lots: Sequence[Lot]) -> None:
                   x.remaining_points, x.held_points, x.expired_points, x.pending, x.matures_at, x.expires_at,
                   x.rule_version, x.qualifying, x.earned_points, x.reversed_points, x.bonus_points,
                   x.tier_multiplier, _lines_json(x), json.dumps(x.breakdown), x.return_ids,
-                  x.reminded_on, x.purchase_source) for x in lots],
+                  x.reminded_on, x.purchase_source, x.purchase_store, x.currency_rate, x.history) for x in lots],
         columns=_LOT_COLUMNS,
     )
 
@@ -475,7 +495,7 @@ SELECT customer_id FROM (
     SELECT customer_id FROM lots WHERE pending AND matures_at <= $1
     UNION SELECT customer_id FROM lots WHERE remaining_points > 0 AND NOT pending AND expires_at <= $1
     UNION SELECT customer_id FROM lots WHERE remaining_points > 0 AND NOT pending AND expires_at <= $2
-                                              AND reminded_on IS NULL
+                                              AND reminded_on IS NULL AND NOT history
     UNION SELECT customer_id FROM holds WHERE state = 'held' AND expires_at <= $1
     UNION SELECT customer_id FROM lots WHERE qualifying AND occurred_at > $3 AND occurred_at <= $4
 ) due

@@ -85,7 +85,8 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
         lots = sorted(book.lots.values(), key=lambda x: (x.expires_at, str(x.lot_id)))
         reminders: dict[date, int] = {}
         for lot in lots:
-            if (not lot.pending and lot.remaining_points > 0 and lot.reminded_on is None
+            # Never a reminder for imported history: no message is ever sent because of it.
+            if (not lot.pending and lot.remaining_points > 0 and lot.reminded_on is None and not lot.history
                     and lot.expires_at <= remind_until):
                 day = lot.expires_at.astimezone(timezone.utc).date()
                 reminders[day] = reminders.get(day, 0) + lot.remaining_points

@@ -120,8 +120,11 @@ class Emitter:
         self.messages: list[OutboxMessage] = []
 
     def emit(self, cls: type[Envelope[Any]], payload: BaseModel, *, customer_id: str, cause: str,
-             correlation_id: str | None = None, causation_id: str | None = None) -> None:
+             correlation_id: str | None = None, causation_id: str | None = None, history: bool = False) -> None:
+        """`history`: caused by imported history; consumers (engagement) never message for it."""
         event_id = derived_event_id("ledger", cls.__name__, cause)
+        if history:
+            payload = payload.model_copy(update={"history": True})
         # model_construct: every field is built here from validated data; skipping validation
         # halves the cost of an event on the hot path. The payloads are validated models.
         event = cls.model_construct(event_id=event_id, occurred_at=self._now, recorded_at=self._now,
@@ -132,12 +135,13 @@ class Emitter:
                                            {"type": cls.__name__, "correlation_id": event.correlation_id}))
 
     def emit_points_earned(self, o: d.Earned, p: PurchasePayload, rule_version: int, *,
-                           correlation_id: str | None, causation_id: str | None) -> None:
+                           correlation_id: str | None, causation_id: str | None, history: bool = False) -> None:
         """The hot path's emit: PointsEarned written from a template, several times cheaper
         than building and serialising the pydantic model. Every string from outside goes
         through the C JSON string encoder; the result validates as the contract's model
         (tests/unit/test_ledger_events.py holds it to that, hostile strings included)."""
-        event_id = str(derived_event_id("ledger", "PointsEarned", f"earn:{d.purchase_ref(p.source, p.purchase_id)}"))
+        event_id = str(derived_event_id("ledger", "PointsEarned",
+                                        f"earn:{d.purchase_ref(p.source, p.purchase_id, p.store_id)}"))
         if self._now_iso is None:
             self._now_iso = json_str(self._now.isoformat())
         now, lot, e, b = self._now_iso, o.lot, o.earning, o.balance
@@ -155,16 +159,18 @@ class Emitter:
             f'"pending":{"true" if lot.pending else "false"},'
             f'"matures_at":{json_str(lot.matures_at.isoformat()) if lot.pending else "null"},'
             f'"expires_at":{json_str(lot.expires_at.isoformat())},"tier_multiplier":{json_str(str(e.tier_multiplier))},'
-            f'"breakdown":{_dumps(e.breakdown)}}}}}'
+            f'"breakdown":{_dumps(e.breakdown)},"history":{"true" if history else "false"}}}}}'
         )
         self.messages.append(OutboxMessage(self._topic, o.customer_id, value.encode(),
                                            {"type": "PointsEarned", "correlation_id": correlation_id}))
 
-    def tier_moved(self, moved: d.TierMoved, *, cause: str, correlation_id: str | None = None) -> None:
+    def tier_moved(self, moved: d.TierMoved, *, cause: str, correlation_id: str | None = None,
+                   history: bool = False) -> None:
         self.emit(TierChanged, TierChangedPayload(from_tier=moved.from_tier, to_tier=moved.to_tier,
                                                   qualifying_points=moved.qualifying_points,
                                                   balance=balance_after(moved.balance)),
-                  customer_id=moved.customer_id, cause=f"tier:{cause}", correlation_id=correlation_id)
+                  customer_id=moved.customer_id, cause=f"tier:{cause}", correlation_id=correlation_id,
+                  history=history)
 
 
 # ASCII-only output: lone surrogates or control characters in an id cannot break the JSON.
@@ -322,18 +328,19 @@ def due_at(uow: UnitOfWork, out: Emitter, book: d.CustomerBook, *, at: datetime)
             out.emit(PointsMatured, PointsMaturedPayload(amount_points=moved, balance=balance_after(book.balance()),
                                                          purchase_id=lot.purchase_id or str(lot.lot_id),
                                                          source=lot.purchase_source),
-                     customer_id=book.customer_id, cause=f"mature:{lot.lot_id}")
-    expired_lots, expired, first_transfer = [], 0, len(uow.journal.transfers)
+                     customer_id=book.customer_id, cause=f"mature:{lot.lot_id}", history=lot.history)
+    expired_lots, expired, first_transfer, all_history = [], 0, len(uow.journal.transfers), True
     for lot in lots:
         points = d.expire(book, uow.journal, lot, now=at)
         if points:
             expired_lots.append(str(lot.lot_id))
             expired += points
+            all_history = all_history and lot.history
     if expired:
         cause = ",".join(str(t.transfer_id) for t in uow.journal.transfers[first_transfer:])
         out.emit(PointsExpired, PointsExpiredPayload(amount_points=expired, balance=balance_after(book.balance()),
                                                      lot_ids=expired_lots), customer_id=book.customer_id,
-                 cause=f"expire:{cause}")
+                 cause=f"expire:{cause}", history=all_history)
     return voided, matured, expired
 
 

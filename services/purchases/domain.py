@@ -1,7 +1,6 @@
 """Purchase validation rules and the inbound contract. Pure: no I/O."""
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -89,8 +88,10 @@ class PurchaseIn(BaseModel):
         return self
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.source, self.purchase_id)
+    def key(self) -> tuple[str, str, str]:
+        """A purchase's identity: its channel, its store (an e-shop's store is the shop) and
+        its id. Chain stores number receipts independently, so the store is part of it."""
+        return (self.source, self.store_id, self.purchase_id)
 
     def content_hash(self) -> bytes:
         """Same purchase, same hash, whatever the JSON spelling ("12.5" vs "12.50", key
@@ -149,8 +150,9 @@ def parse_purchase(raw: bytes | str | dict[str, Any]) -> PurchaseIn | Rejection:
         return Rejection("schema", [{"loc": [], "msg": f"{type(exc).__name__}: {exc}", "type": "invalid"}])
 
 
-def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_age_days: int) -> Rejection | None:
-    """Checks that need no recorded state: currency, total, timestamp."""
+def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_age_days: int | None) -> Rejection | None:
+    """Checks that need no recorded state: currency, total, timestamp. `max_age_days` None:
+    no age limit (imported history), future dates are refused all the same."""
     if p.currency not in KNOWN_CURRENCIES:
         return Rejection("unknown_currency", [{"loc": ["currency"], "msg": f"{p.currency} is not an ISO 4217 code",
                                                "type": "unknown_currency"}])
@@ -163,7 +165,7 @@ def check_purchase(p: PurchaseIn, *, now: datetime, max_clock_skew_s: int, max_a
         return Rejection("timestamp_future", [{"loc": ["occurred_at"], "msg": f"occurred_at is in the future "
                                                f"(more than {max_clock_skew_s}s ahead of {now.isoformat()})",
                                                "type": "timestamp_future"}])
-    if p.occurred_at < now - timedelta(days=max_age_days):
+    if max_age_days is not None and p.occurred_at < now - timedelta(days=max_age_days):
         return Rejection("timestamp_too_old", [{"loc": ["occurred_at"], "msg": f"occurred_at is more than "
                                                 f"{max_age_days} days old", "type": "timestamp_too_old"}])
     return None
@@ -183,6 +185,7 @@ class RecordedSale:
     returned: dict[str, int]
     # line_id -> (unit_price, discount) as sold: a return cannot claim back more than was paid.
     prices: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+    store_id: str = ""
 
 
 def check_return(r: PurchaseIn, sale: RecordedSale | None) -> Rejection | None:
@@ -190,7 +193,8 @@ def check_return(r: PurchaseIn, sale: RecordedSale | None) -> Rejection | None:
     counting earlier (partial) returns."""
     if sale is None or sale.type != "sale":
         return Rejection("unknown_original", [{"loc": ["original_purchase_id"],
-                                               "msg": f"no recorded {r.source} sale {r.original_purchase_id}",
+                                               "msg": f"no recorded {r.source} sale {r.original_purchase_id} "
+                                                      f"at store {r.store_id}",
                                                "type": "unknown_original"}])
     if r.currency != sale.currency:
         return Rejection("currency_mismatch", [{"loc": ["currency"], "msg": f"the sale was in {sale.currency}",

@@ -13,13 +13,13 @@ from services.purchases.settings import PurchasesSettings
 from shared.events import utcnow
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
-from shared.topics import PURCHASES_DLQ, PURCHASES_RAW, PURCHASES_RECORDED
+from shared.topics import PURCHASES_DLQ, PURCHASES_IMPORT, PURCHASES_RAW, PURCHASES_RECORDED
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "Front door for POS terminals and e-shops: validates, de-duplicates and records purchases and "
-    "returns from Kafka (purchases.raw), HTTP (per-store API key) and Shopify/WooCommerce webhooks, "
+    "returns from Kafka (purchases.raw; imported history from purchases.import), HTTP (per-store API key) and Shopify/WooCommerce webhooks, "
     "and publishes them on purchases.recorded; refusals go to purchases.dlq."
 )
 
@@ -32,11 +32,14 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
         schema="purchases",
         migrations_dir=Path(__file__).parent / "migrations",
         description=DESCRIPTION,
-        topics=(PURCHASES_RAW, PURCHASES_RECORDED, PURCHASES_DLQ),
+        topics=(PURCHASES_RAW, PURCHASES_IMPORT, PURCHASES_RECORDED, PURCHASES_DLQ),
     )
     recorder = PurchaseRecorder(settings=settings, clock=clock)
     declare_publishers(runtime.broker, settings)
     runtime.lane("ingest", bulk=True)
+    # Two consumers of the history: one batch is computed while the other waits for PostgreSQL.
+    runtime.lane("import", bulk=True, max_records=settings.import_batch_max_records,
+                 instances=settings.import_consumers)
     for subscription in subscriptions(settings, recorder):
         runtime.subscribe(subscription)
 

@@ -15,31 +15,33 @@ from services.purchases.domain import PurchaseIn, RecordedSale
 from shared.events.purchases import lines_json
 
 _FIND_HASHES = """
-SELECT p.source, p.purchase_id, p.content_hash
+SELECT p.source, p.store_id, p.purchase_id, p.content_hash, p.event_id
 FROM purchases p
-JOIN unnest($1::text[], $2::text[]) AS k(source, purchase_id) USING (source, purchase_id)
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(source, store_id, purchase_id)
+  USING (source, store_id, purchase_id)
 """
 
 _INSERT_MANY = """
 INSERT INTO purchases (source, purchase_id, type, original_purchase_id, store_id, customer_id, occurred_at,
-                       currency, total, lines, content_hash, door, event_id)
+                       currency, total, lines, content_hash, door, event_id, history, import_policy)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
-                     $8::text[], $9::numeric[], $10::jsonb[], $11::bytea[], $12::text[], $13::uuid[])
-ON CONFLICT (source, purchase_id) DO NOTHING
-RETURNING source, purchase_id
+                     $8::text[], $9::numeric[], $10::jsonb[], $11::bytea[], $12::text[], $13::uuid[], $14::boolean[],
+                     $15::text[])
+ON CONFLICT (source, store_id, purchase_id) DO NOTHING
+RETURNING source, store_id, purchase_id
 """
 
 _LOCK_SALE = """
 SELECT source, purchase_id, type, customer_id, currency, occurred_at, lines, returned, store_id, total, door,
        claimed_at
-FROM purchases WHERE source = $1 AND purchase_id = $2
+FROM purchases WHERE source = $1 AND store_id = $2 AND purchase_id = $3
 FOR UPDATE
 """
 
-_SET_RETURNED = "UPDATE purchases SET returned = $3::jsonb WHERE source = $1 AND purchase_id = $2"
+_SET_RETURNED = "UPDATE purchases SET returned = $4::jsonb WHERE source = $1 AND store_id = $2 AND purchase_id = $3"
 
 _SET_CLAIMED = """
-UPDATE purchases SET customer_id = $3, claimed_at = $4 WHERE source = $1 AND purchase_id = $2
+UPDATE purchases SET customer_id = $4, claimed_at = $5 WHERE source = $1 AND store_id = $2 AND purchase_id = $3
 """
 
 _STORE_FOR_KEY = "SELECT store_id FROM store_api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
@@ -52,20 +54,25 @@ ON CONFLICT (key_hash) DO UPDATE SET store_id = EXCLUDED.store_id, revoked_at = 
 
 
 
-async def find_hashes(conn: asyncpg.Connection, *, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+Key = tuple[str, str, str]  # (source, store_id, purchase_id): a purchase's identity
+
+
+async def find_hashes(conn: asyncpg.Connection, *, keys: Sequence[Key]) -> dict[Key, tuple[bytes, uuid.UUID]]:
+    """The content hash and event id of the purchases already recorded under these keys."""
     if not keys:
         return {}
-    rows = await conn.fetch(_FIND_HASHES, [k[0] for k in keys], [k[1] for k in keys])
-    return {(r["source"], r["purchase_id"]): bytes(r["content_hash"]) for r in rows}
+    rows = await conn.fetch(_FIND_HASHES, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+    return {(r["source"], r["store_id"], r["purchase_id"]): (bytes(r["content_hash"]), r["event_id"]) for r in rows}
 
 
 async def insert_purchases(
     conn: asyncpg.Connection,
     *,
-    purchases: Sequence[tuple[PurchaseIn, str | None, bytes, str, uuid.UUID]],
-) -> set[tuple[str, str]]:
-    """Insert (purchase, customer_id, content_hash, door, event_id) rows; return the keys
-    actually inserted (a concurrent writer may have taken some first)."""
+    purchases: Sequence[tuple[PurchaseIn, str | None, bytes, str, uuid.UUID, str | None]],
+) -> set[Key]:
+    """Insert (purchase, customer_id, content_hash, door, event_id, import_policy) rows
+    (history where an import policy is given); return the keys actually inserted (a
+    concurrent writer may have taken some first)."""
     if not purchases:
         return set()
     rows = await conn.fetch(
@@ -80,21 +87,24 @@ async def insert_purchases(
         [p.currency for p, *_ in purchases],
         [p.total for p, *_ in purchases],
         [lines_json(p.lines) for p, *_ in purchases],
-        [h for _, _, h, _, _ in purchases],
-        [door for *_, door, _ in purchases],
-        [eid for *_, eid in purchases],
+        [row[2] for row in purchases],
+        [row[3] for row in purchases],
+        [row[4] for row in purchases],
+        [row[5] is not None for row in purchases],
+        [row[5] for row in purchases],
     )
-    return {(r["source"], r["purchase_id"]) for r in rows}
+    return {(r["source"], r["store_id"], r["purchase_id"]) for r in rows}
 
 
-async def lock_sale(conn: asyncpg.Connection, *, source: str, purchase_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(_LOCK_SALE, source, purchase_id)
+async def lock_sale(conn: asyncpg.Connection, *, source: str, store_id: str, purchase_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(_LOCK_SALE, source, store_id, purchase_id)
 
 
 def recorded_sale(row: asyncpg.Record) -> RecordedSale:
     lines = json.loads(row["lines"])
     return RecordedSale(
         source=row["source"],
+        store_id=row["store_id"],
         purchase_id=row["purchase_id"],
         type=row["type"],
         customer_id=row["customer_id"],
@@ -106,26 +116,27 @@ def recorded_sale(row: asyncpg.Record) -> RecordedSale:
     )
 
 
-async def set_returned(conn: asyncpg.Connection, *, source: str, purchase_id: str, returned: dict[str, int]) -> None:
-    await conn.execute(_SET_RETURNED, source, purchase_id, json.dumps(returned))
+async def set_returned(conn: asyncpg.Connection, *, source: str, store_id: str, purchase_id: str,
+                       returned: dict[str, int]) -> None:
+    await conn.execute(_SET_RETURNED, source, store_id, purchase_id, json.dumps(returned))
 
 
-async def set_claimed(conn: asyncpg.Connection, *, source: str, purchase_id: str, customer_id: str,
+async def set_claimed(conn: asyncpg.Connection, *, source: str, store_id: str, purchase_id: str, customer_id: str,
                       claimed_at: datetime) -> None:
-    await conn.execute(_SET_CLAIMED, source, purchase_id, customer_id, claimed_at)
+    await conn.execute(_SET_CLAIMED, source, store_id, purchase_id, customer_id, claimed_at)
 
 
 _PARK_RETURN = """
-INSERT INTO parked_returns (source, purchase_id, original_purchase_id, door, purchase, original, correlation_id,
-                            kafka, parked_at)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb, $9)
-ON CONFLICT (source, purchase_id) DO NOTHING
+INSERT INTO parked_returns (source, store_id, purchase_id, original_purchase_id, door, purchase, original,
+                            correlation_id, kafka, parked_at, import_policy)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9::jsonb, $10, $11)
+ON CONFLICT (source, store_id, purchase_id) DO NOTHING
 """
 
 _UNPARK_FOR_SALES = """
 DELETE FROM parked_returns r
-USING unnest($1::text[], $2::text[]) AS k(source, purchase_id)
-WHERE r.source = k.source AND r.original_purchase_id = k.purchase_id
+USING unnest($1::text[], $2::text[], $3::text[]) AS k(source, store_id, purchase_id)
+WHERE r.source = k.source AND r.store_id = k.store_id AND r.original_purchase_id = k.purchase_id
 RETURNING r.*
 """
 
@@ -135,16 +146,19 @@ DELETE FROM parked_returns WHERE parked_at < $1 RETURNING *
 
 
 async def park_return(conn: asyncpg.Connection, *, purchase: PurchaseIn, door: str, original: bytes,
-                      correlation_id: str | None, kafka: dict[str, Any], parked_at: datetime) -> None:
-    await conn.execute(_PARK_RETURN, purchase.source, purchase.purchase_id, purchase.original_purchase_id, door,
-                       purchase.model_dump_json(), original, correlation_id, json.dumps(kafka), parked_at)
+                      correlation_id: str | None, kafka: dict[str, Any], parked_at: datetime,
+                      import_policy: str | None = None) -> None:
+    await conn.execute(_PARK_RETURN, purchase.source, purchase.store_id, purchase.purchase_id,
+                       purchase.original_purchase_id, door,
+                       purchase.model_dump_json(), original, correlation_id, json.dumps(kafka), parked_at,
+                       import_policy)
 
 
-async def unpark_returns_for(conn: asyncpg.Connection, *, sales: Sequence[tuple[str, str]]) -> list[asyncpg.Record]:
+async def unpark_returns_for(conn: asyncpg.Connection, *, sales: Sequence[Key]) -> list[asyncpg.Record]:
     """Take (delete) the parked returns of these sales, oldest first."""
     if not sales:
         return []
-    rows = await conn.fetch(_UNPARK_FOR_SALES, [k[0] for k in sales], [k[1] for k in sales])
+    rows = await conn.fetch(_UNPARK_FOR_SALES, [k[0] for k in sales], [k[1] for k in sales], [k[2] for k in sales])
     return sorted(rows, key=lambda r: r["parked_at"])
 
 

@@ -44,6 +44,9 @@ class Inbound:
     # Doors with no caller waiting for an answer: refusals are dead-lettered, and a return
     # that arrives before its sale is parked until the sale comes.
     dead_letter_on_reject: bool = True
+    # Imported history (purchases.import): recorded with the marker and this policy, no age
+    # limit. None for live purchases.
+    import_policy: str | None = None
 
 
 @dataclass
@@ -72,8 +75,8 @@ class _Accepted:
     content_hash: bytes
 
 
-def purchase_event_id(source: str, purchase_id: str) -> uuid.UUID:
-    return derived_event_id("purchases.recorded", source, purchase_id)
+def purchase_event_id(source: str, store_id: str, purchase_id: str) -> uuid.UUID:
+    return derived_event_id("purchases.recorded", source, store_id, purchase_id)
 
 
 # JSON escaping can grow an input six-fold; a dead letter must stay under the broker's
@@ -158,22 +161,23 @@ class PurchaseRecorder:
         now = self.clock()
         outcomes: list[Outcome | None] = [None] * len(items)
         accepted: list[_Accepted] = []
-        first_seen: dict[tuple[str, str], _Accepted] = {}
+        first_seen: dict[tuple[str, str, str], _Accepted] = {}
 
         for i, item in enumerate(items):
             parsed = item.parsed
             if isinstance(parsed, Rejection):
                 outcomes[i] = Outcome("rejected", reason=parsed.reason, errors=parsed.errors)
                 continue
-            rejection = domain.check_purchase(parsed, now=now, max_clock_skew_s=s.max_clock_skew_s,
-                                              max_age_days=s.max_purchase_age_days)
+            rejection = domain.check_purchase(
+                parsed, now=now, max_clock_skew_s=s.max_clock_skew_s,
+                max_age_days=None if item.import_policy else s.max_purchase_age_days)
             if rejection is not None:
                 outcomes[i] = Outcome("rejected", parsed.purchase_id, reason=rejection.reason, errors=rejection.errors)
                 continue
             candidate = _Accepted(i, item, parsed, parsed.content_hash())
             earlier = first_seen.get(parsed.key)
             if earlier is not None:  # the same purchase twice in one batch
-                outcomes[i] = self._repeat(candidate, earlier.content_hash)
+                outcomes[i] = self._repeat(candidate, (earlier.content_hash, purchase_event_id(*parsed.key)))
                 continue
             first_seen[parsed.key] = candidate
             accepted.append(candidate)
@@ -191,16 +195,25 @@ class PurchaseRecorder:
 
         inserted = await repository.insert_purchases(conn, purchases=[
             (a.purchase, a.purchase.customer_id, a.content_hash, a.item.door,
-             purchase_event_id(*a.purchase.key)) for a in sales
+             purchase_event_id(*a.purchase.key), a.item.import_policy) for a in sales
         ])
         raced = [a for a in sales if a.purchase.key not in inserted]
         if raced:  # another transaction recorded them between our look-up and insert
             known = await repository.find_hashes(conn, keys=[a.purchase.key for a in raced])
             for a in raced:
                 outcomes[a.index] = self._repeat(a, known[a.purchase.key])
+        # Each message's place: the arrival index of its input. Events go out in the order
+        # their inputs came (a sale after a return in the batch stays after it), which
+        # imported history relies on: the ledger earns each purchase at its own time, with the
+        # returns made before it already applied.
+        # A return never goes before its own sale, should it have come first in the batch.
+        arrival: list[float] = []
+        sale_arrival: dict[tuple[str, str, str], int] = {}
         for a in sales:
             if a.purchase.key in inserted:
                 outcomes[a.index] = self._recorded(a, a.purchase.customer_id, now, messages)
+                arrival += [a.index] * (len(messages) - len(arrival))
+                sale_arrival[a.purchase.key] = a.index
 
         # Returns one by one, in arrival order: each locks its sale, so concurrent
         # partial returns of one sale can never together return more than was bought.
@@ -214,8 +227,13 @@ class PurchaseRecorder:
                 counted.append(metrics.REJECTED.labels(unparked.item.door, outcome.reason or "rejected").inc)
             elif outcome.status == "recorded":
                 counted.append(metrics.RECORDED.labels(unparked.item.door, "return").inc)
+            arrival += [len(items)] * (len(messages) - len(arrival))  # after the sales that released them
         for a in returns:
             outcomes[a.index] = await self._record_return(conn, a, now, messages)
+            r = a.purchase
+            after_sale = sale_arrival.get((r.source, r.store_id, r.original_purchase_id or ""), -1) + 0.5
+            arrival += [max(a.index, after_sale)] * (len(messages) - len(arrival))
+        messages = [m for _, m in sorted(zip(arrival, messages), key=lambda x: x[0])]
 
         for i, item in enumerate(items):
             outcome = outcomes[i]
@@ -224,13 +242,14 @@ class PurchaseRecorder:
                 messages.append(dead_letter(self.dlq_topic, item, Rejection(outcome.reason or "rejected", outcome.errors)))
         return [o for o in outcomes if o is not None], messages
 
-    def _repeat(self, a: _Accepted, recorded_hash: bytes) -> Outcome:
+    def _repeat(self, a: _Accepted, recorded: tuple[bytes, uuid.UUID]) -> Outcome:
+        recorded_hash, event_id = recorded
         if recorded_hash == a.content_hash:
-            return Outcome("duplicate", a.purchase.purchase_id, purchase_event_id(*a.purchase.key))
+            return Outcome("duplicate", a.purchase.purchase_id, event_id)
         return Outcome("conflict", a.purchase.purchase_id, reason="conflict", errors=[{
             "loc": ["purchase_id"], "type": "conflict",
-            "msg": f"{a.purchase.source} purchase {a.purchase.purchase_id} was already recorded with different "
-                   "content; a correction must be sent as a return"}])
+            "msg": f"{a.purchase.source} purchase {a.purchase.purchase_id} of store {a.purchase.store_id} was "
+                   "already recorded with different content; a correction must be sent as a return"}])
 
     def _recorded(self, a: _Accepted, customer_id: str | None, now: datetime, messages: list[OutboxMessage]) -> Outcome:
         p = a.purchase
@@ -240,7 +259,8 @@ class PurchaseRecorder:
         # Written from a template: every field was validated on the way in (hot path).
         value = purchase_event_json(event_type=event_type, event_id=str(event_id), recorded_at=now, producer=PRODUCER,
                                     correlation_id=correlation_id, customer_id=customer_id, purchase=p,
-                                    door=a.item.door)
+                                    door=a.item.door, history=a.item.import_policy is not None,
+                                    import_policy=a.item.import_policy)
         messages.append(OutboxMessage(self._recorded_topic, customer_id or f"anonymous:{p.store_id}", value,
                                       {"type": event_type, "correlation_id": correlation_id}))
         return Outcome("recorded", p.purchase_id, event_id)
@@ -248,12 +268,15 @@ class PurchaseRecorder:
     async def _record_return(self, conn: asyncpg.Connection, a: _Accepted, now: datetime,
                              messages: list[OutboxMessage]) -> Outcome:
         r = a.purchase
-        row = await repository.lock_sale(conn, source=r.source, purchase_id=r.original_purchase_id or "")
+        # The sale of the return's own store: receipt ids are unique per store only.
+        row = await repository.lock_sale(conn, source=r.source, store_id=r.store_id,
+                                         purchase_id=r.original_purchase_id or "")
         sale = repository.recorded_sale(row) if row is not None else None
         rejection = domain.check_return(r, sale)
         if rejection is not None and rejection.reason == "unknown_original" and a.item.dead_letter_on_reject:
             await repository.park_return(conn, purchase=r, door=a.item.door, original=a.item.original,
-                                         correlation_id=a.item.correlation_id, kafka=a.item.kafka, parked_at=now)
+                                         correlation_id=a.item.correlation_id, kafka=a.item.kafka, parked_at=now,
+                                         import_policy=a.item.import_policy)
             return Outcome("parked", r.purchase_id)
         if rejection is not None:
             return Outcome("rejected", r.purchase_id, reason=rejection.reason, errors=rejection.errors)
@@ -261,11 +284,11 @@ class PurchaseRecorder:
         # A return is booked to the customer of the sale (whoever the till says), so that
         # the points it reverses are the ones that sale earned.
         inserted = await repository.insert_purchases(conn, purchases=[
-            (r, sale.customer_id, a.content_hash, a.item.door, purchase_event_id(*r.key))])
+            (r, sale.customer_id, a.content_hash, a.item.door, purchase_event_id(*r.key), a.item.import_policy)])
         if not inserted:
             known = await repository.find_hashes(conn, keys=[r.key])
             return self._repeat(a, known[r.key])
-        await repository.set_returned(conn, source=sale.source, purchase_id=sale.purchase_id,
+        await repository.set_returned(conn, source=sale.source, store_id=sale.store_id, purchase_id=sale.purchase_id,
                                       returned=domain.returned_after(sale, r))
         return self._recorded(a, sale.customer_id, now, messages)
 
@@ -273,7 +296,8 @@ class PurchaseRecorder:
     def _unparked(row: asyncpg.Record) -> _Accepted:
         purchase = PurchaseIn.model_validate_json(row["purchase"])
         item = Inbound(door=row["door"], original=bytes(row["original"]), parsed=purchase,
-                       correlation_id=row["correlation_id"], kafka=json.loads(row["kafka"]))
+                       correlation_id=row["correlation_id"], kafka=json.loads(row["kafka"]),
+                       import_policy=row["import_policy"])
         return _Accepted(-1, item, purchase, purchase.content_hash())
 
     async def expire_parked_returns(self, conn: asyncpg.Connection) -> int:
@@ -329,9 +353,9 @@ async def claim_purchase(conn: asyncpg.Connection, *, settings: PurchasesSetting
     """A customer claims an anonymous sale: it becomes theirs and PurchaseClaimed carries
     what they kept (after any returns), so the ledger can credit it now."""
     now = clock()
-    event_id = derived_event_id("purchases.claimed", source, purchase_id)
+    event_id = derived_event_id("purchases.claimed", source, store_id, purchase_id)
     async with conn.transaction():
-        row = await repository.lock_sale(conn, source=source, purchase_id=purchase_id)
+        row = await repository.lock_sale(conn, source=source, store_id=store_id, purchase_id=purchase_id)
         if row is None or row["type"] != "sale" or row["store_id"] != store_id:
             raise domain.ClaimRefused("unknown_purchase", f"no {source} sale {purchase_id} at store {store_id}", 404)
         lines = json.loads(row["lines"])
@@ -342,13 +366,14 @@ async def claim_purchase(conn: asyncpg.Connection, *, settings: PurchasesSetting
                                     window_days=settings.claim_window_days, fully_returned=not kept)
         if not is_new:
             return ClaimResult(False, event_id, customer_id)
-        await repository.set_claimed(conn, source=source, purchase_id=purchase_id, customer_id=customer_id, claimed_at=now)
+        await repository.set_claimed(conn, source=source, store_id=store_id, purchase_id=purchase_id,
+                                     customer_id=customer_id, claimed_at=now)
         total = sum((domain.LineIn(**line).net_amount for line in kept), start=domain.Decimal("0"))
         payload = PurchaseClaimedPayload(
             purchase_id=purchase_id, type="sale", source=source, store_id=store_id, occurred_at=row["occurred_at"],
             currency=row["currency"].strip(), lines=kept, total=total, door=row["door"], claimed_at=now)
         event = envelope(PurchaseClaimed, event_id=event_id, occurred_at=now, producer=PRODUCER,
                          correlation_id=correlation_id or str(event_id), customer_id=customer_id, payload=payload,
-                         causation_id=str(purchase_event_id(source, purchase_id)), recorded_at=now)
+                         causation_id=str(purchase_event_id(source, store_id, purchase_id)), recorded_at=now)
         await enqueue(conn, [OutboxMessage.event(settings.topic(PURCHASES_RECORDED), event, key=customer_id)])
     return ClaimResult(True, event_id, customer_id)

@@ -19,6 +19,10 @@ class PurchasesSettings(ServiceSettings):
     # for the sale, then is dead-lettered as unknown_original.
     return_park_s: int = 600
     max_batch_items: int = 500
+    # purchases.import (history) is read in larger batches than the live doors: nobody waits
+    # on it, and each batch costs the same few round trips whatever its size.
+    import_batch_max_records: int = 5000
+    import_consumers: int = 2
     max_body_bytes: int = 1_000_000
     # E-shop webhooks: shared secrets (HMAC-SHA256) and the store id the orders are booked to.
     shopify_webhook_secret: str | None = None

@@ -81,7 +81,7 @@ def test_a_valid_purchase_parses_from_bytes_str_and_dict_alike():
     from_bytes, from_str, from_dict = d.parse_purchase(raw.encode()), d.parse_purchase(raw), d.parse_purchase(body())
     assert isinstance(from_bytes, PurchaseIn)
     assert from_bytes == from_str == from_dict
-    assert from_bytes.total == Decimal("115.00") and from_bytes.key == ("pos", "p-1")
+    assert from_bytes.total == Decimal("115.00") and from_bytes.key == ("pos", "store-1", "p-1")
     assert [line.net_amount for line in from_bytes.lines] == [Decimal("25.00"), Decimal("90.00")]
 
 
