@@ -111,6 +111,11 @@ async def adjust_points(
         await uow.lock([customer_id], create=True)
         existing = await repo.find_adjustment(conn, adjustment_id=adjustment_id)
         if existing is not None:
+            sent = {"customer_id": customer_id, "amount_points": amount_points, "reason_code": reason_code,
+                    "actor": actor, "note": note}
+            differing = sorted(k for k, v in sent.items() if existing[k] != v)
+            if differing:
+                raise d.AdjustmentIdReused(f"adjustment {adjustment_id} was applied with other {', '.join(differing)}")
             book = uow.books[existing["customer_id"]] if existing["customer_id"] in uow.books else None
             return AdjustmentOutcome(False, adjustment_id, existing["customer_id"], existing["amount_points"],
                                      existing["reason_code"], existing["actor"], existing["note"],

@@ -283,6 +283,14 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                      authorization: Annotated[str | None, Header()] = None) -> None:
         """A customer's points are read by that customer (their bearer token, whose subject
         must be the customer in the path) or by the back office (X-Admin-Key)."""
+        await speaks_for(customer_id, x_admin_key, authorization)
+
+    async def credentials(x_admin_key: Annotated[str | None, Header()] = None,
+                          authorization: Annotated[str | None, Header()] = None) -> tuple[str | None, str | None]:
+        return x_admin_key, authorization
+
+    async def speaks_for(customer_id: str | None, x_admin_key: str | None, authorization: str | None) -> None:
+        """The admin key, or a customer's own token (for `customer_id` itself, when one is named)."""
         if x_admin_key is not None:
             return check_admin_key(x_admin_key)
         scheme, _, token = (authorization or "").partition(" ")
@@ -299,7 +307,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
         except InvalidToken as exc:
             metrics.HTTP_REFUSALS.labels("invalid_token").inc()
             raise HTTPException(401, detail=exc.reason, headers={"WWW-Authenticate": "Bearer"}) from None
-        if subject != customer_id:
+        if customer_id is not None and subject != customer_id:
             metrics.HTTP_REFUSALS.labels("other_customer").inc()
             raise HTTPException(403, detail="a customer token reads only its own customer's points")
 
@@ -338,9 +346,14 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
 
     @router.post("/v1/rules/simulate", response_model=SimulateOut, tags=["rules"],
                  summary="What a purchase would earn now, and why, rule by rule",
-                 responses={**BODY_ERRORS, **PROGRAM_ERRORS,
+                 description="For the back office (X-Admin-Key) or a customer (their own bearer token; with "
+                             "customer_id, only their own): the answer reveals the customer's tier, first-purchase "
+                             "state and earnings of the day.",
+                 responses={**BODY_ERRORS, **PROGRAM_ERRORS, **READ_ERRORS,
                             422: {"description": "Invalid purchase, or a currency the program has no rate for"}})
-    async def post_simulate(body: SimulateIn, conn: Conn) -> SimulateOut:
+    async def post_simulate(body: SimulateIn, conn: Conn,
+                            given: Annotated[tuple[str | None, str | None], Depends(credentials)]) -> SimulateOut:
+        await speaks_for(body.customer_id, *given)
         await ledger.programs.ensure_loaded(conn, wait=False)
         if body.tier is not None and body.tier not in {t.name for t in ledger.programs.in_force().program.tiers}:
             raise HTTPException(422, detail=f"unknown tier {body.tier!r}")
@@ -410,7 +423,8 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
                              "rebuilt from its topics keeps it. A refused adjustment is not written.",
                  responses={**ADMIN_PROGRAM_ERRORS, **BODY_ERRORS,
                             200: {"description": "This adjustment_id was already applied; nothing changed"},
-                            409: {"description": "A debit larger than the available points"},
+                            409: {"description": "A debit larger than the available points, or an adjustment_id "
+                                                 "already applied with other fields (adjustment_id_reused)"},
                             422: {"description": "Invalid adjustment (e.g. 0 points)"}})
     async def post_adjustment(body: AdjustmentIn, conn: Conn, response: Response) -> AdjustmentOut:
         adjustment_id = body.adjustment_id or uuid.uuid4()
@@ -418,7 +432,7 @@ def create_router(runtime: ServiceRuntime, ledger: Ledger) -> APIRouter:
             outcome = await adjust_points(conn, ledger, adjustment_id=adjustment_id, customer_id=body.customer_id,
                                           amount_points=body.amount_points, reason_code=body.reason_code,
                                           actor=body.actor, note=body.note)
-        except d.InsufficientPoints as exc:
+        except (d.InsufficientPoints, d.AdjustmentIdReused) as exc:
             raise HTTPException(409, detail={"reason": exc.reason, "msg": str(exc)}) from exc
         except d.InvalidAmount as exc:
             raise HTTPException(422, detail={"reason": exc.reason, "msg": str(exc)}) from exc

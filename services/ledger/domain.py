@@ -60,6 +60,13 @@ class InvalidAmount(LedgerError):
     reason = "invalid_amount"
 
 
+class AdjustmentIdReused(LedgerError):
+    """An adjustment_id already applied, sent again with other fields: answering "already
+    applied" would hide that the second request was never applied."""
+
+    reason = "adjustment_id_reused"
+
+
 class AccountUnknown(LedgerError):
     reason = "account_unknown"
 

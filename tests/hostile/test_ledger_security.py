@@ -156,3 +156,34 @@ async def test_without_a_token_key_only_the_admin_key_reads(base_env):
         admin = await client.get("/v1/customers/c-1/balance", headers=ADMIN)
     assert refused.status_code == 401 and "not accepted" in refused.json()["detail"]
     assert admin.status_code == 404  # no account yet: the admin key got through
+
+
+async def test_simulate_needs_the_admin_key_or_the_customers_own_token(base_env):
+    """The simulation reveals a customer's tier, first-purchase state and earnings of the day:
+    nobody else may ask for it."""
+    settings = ledger_settings(base_env, jwt_secret=JWT_SECRET)
+    alice, bob = f"alice-{uuid.uuid4().hex[:6]}", f"bob-{uuid.uuid4().hex[:6]}"
+
+    def bearer(subject: str) -> dict[str, str]:
+        token = mint_token(subject, key=JWT_SECRET, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        return {"Authorization": f"Bearer {token}"}
+
+    purchase = {"currency": "PLN", "lines": [{"line_id": "1", "sku": "x", "category": "grocery", "quantity": 1,
+                                              "unit_price": "10.00", "discount": "0"}]}
+    async with serving(create_app(settings), "http://ledger") as client:
+        answers = {
+            "nobody": await client.post("/v1/rules/simulate", json={"purchase": purchase, "customer_id": alice}),
+            "wrong key": await client.post("/v1/rules/simulate", headers={"X-Admin-Key": "nope"},
+                                           json={"purchase": purchase, "customer_id": alice}),
+            "bob for alice": await client.post("/v1/rules/simulate", headers=bearer(bob),
+                                               json={"purchase": purchase, "customer_id": alice}),
+            "alice for alice": await client.post("/v1/rules/simulate", headers=bearer(alice),
+                                                 json={"purchase": purchase, "customer_id": alice}),
+            "alice, no customer": await client.post("/v1/rules/simulate", headers=bearer(alice),
+                                                    json={"purchase": purchase}),
+            "admin": await client.post("/v1/rules/simulate", headers=ADMIN,
+                                       json={"purchase": purchase, "customer_id": alice}),
+        }
+    assert {k: r.status_code for k, r in answers.items()} == {
+        "nobody": 401, "wrong key": 401, "bob for alice": 403, "alice for alice": 200, "alice, no customer": 200,
+        "admin": 200}

@@ -138,3 +138,19 @@ async def test_an_adjustment_the_balance_cannot_cover_or_that_cannot_be_read_goe
         "PointsAdjusted", probe, 10)
     rows = await ledger_rows(settings.database_url, "SELECT customer_id FROM adjustments")
     assert [r["customer_id"] for r in rows] == [probe]
+
+
+async def test_an_adjustment_id_replayed_with_other_fields_is_409_and_changes_nothing(settings):
+    customer = unique("c-")
+    credit = adjustment(customer, 100)
+    async with running_ledger(settings) as (_, client):
+        first = await client.post("/v1/admin/adjustments", headers=ADMIN, json=credit)
+        same = await client.post("/v1/admin/adjustments", headers=ADMIN, json=credit)
+        other = await client.post("/v1/admin/adjustments", headers=ADMIN, json={**credit, "amount_points": 5000})
+        elsewhere = await client.post("/v1/admin/adjustments", headers=ADMIN,
+                                      json={**credit, "customer_id": unique("c-")})
+        balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
+    assert (first.status_code, same.status_code, other.status_code, elsewhere.status_code) == (201, 200, 409, 409)
+    assert other.json()["detail"]["reason"] == "adjustment_id_reused"
+    assert "amount_points" in other.json()["detail"]["msg"] and "customer_id" in elsewhere.json()["detail"]["msg"]
+    assert balance["available_points"] == 100

@@ -45,8 +45,8 @@ async def test_without_its_program_history_the_ledger_answers_503_with_retry_aft
         return {
             "GET /v1/admin/program": await client.get("/v1/admin/program", headers=ADMIN),
             "PUT /v1/admin/program": await client.put("/v1/admin/program", headers=ADMIN, json=program or {}),
-            "POST /v1/rules/simulate": await client.post("/v1/rules/simulate", json=SIMULATED),
-            "POST /v1/rules/simulate (tier)": await client.post("/v1/rules/simulate", json={**SIMULATED, "tier": "Gold"}),
+            "POST /v1/rules/simulate": await client.post("/v1/rules/simulate", headers=ADMIN, json=SIMULATED),
+            "POST /v1/rules/simulate (tier)": await client.post("/v1/rules/simulate", headers=ADMIN, json={**SIMULATED, "tier": "Gold"}),
             "POST /v1/admin/adjustments": await client.post("/v1/admin/adjustments", headers=ADMIN, json={
                 "adjustment_id": str(uuid.uuid4()), "customer_id": customer, "amount_points": 30,
                 "reason_code": "goodwill", "actor": "ops@test"}),
@@ -115,7 +115,7 @@ async def test_while_the_history_is_being_read_the_requests_that_need_it_answer_
         started = time.monotonic()
         try:
             answers = await asyncio.wait_for(asyncio.gather(
-                *(client.post("/v1/rules/simulate", json=SIMULATED) for _ in range(8))), timeout=5)
+                *(client.post("/v1/rules/simulate", headers=ADMIN, json=SIMULATED) for _ in range(8))), timeout=5)
             balance = await asyncio.wait_for(client.get(f"/v1/customers/{customer}/balance", headers=ADMIN), timeout=5)
         except asyncio.TimeoutError:
             answers = balance = None
@@ -125,7 +125,7 @@ async def test_while_the_history_is_being_read_the_requests_that_need_it_answer_
             if app.state.ledger.programs.loaded:
                 break
             await asyncio.sleep(0.1)
-        after = await client.post("/v1/rules/simulate", json=SIMULATED)
+        after = await client.post("/v1/rules/simulate", headers=ADMIN, json=SIMULATED)
     assert answers is not None, f"the requests waited for the read ({took:.1f} s)"
     assert [r.status_code for r in answers] == [503] * 8
     assert balance.status_code == 404  # a customer read still had a connection

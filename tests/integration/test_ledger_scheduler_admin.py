@@ -67,12 +67,12 @@ async def test_a_new_program_version_applies_to_later_postings_which_record_it(s
         await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED),
                       [purchase_recorded(customer, amounts=("10.40",))], key=customer)
         [earned] = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=1)
-        simulated = (await client.post("/v1/rules/simulate", json={
+        simulated = (await client.post("/v1/rules/simulate", headers=ADMIN, json={
             "customer_id": customer,
             "purchase": {"currency": "PLN", "lines": [{"line_id": "1", "sku": "x", "category": "grocery",
                                                        "quantity": 3, "unit_price": "10.00", "discount": "1.00"}]},
         })).json()
-        unknown_currency = await client.post("/v1/rules/simulate", json={"purchase": {
+        unknown_currency = await client.post("/v1/rules/simulate", headers=ADMIN, json={"purchase": {
             "currency": "XXX", "lines": [{"line_id": "1", "sku": "x", "category": "c", "quantity": 1,
                                           "unit_price": "1", "discount": "0"}]}})
     assert (no_key.status_code, wrong_key.status_code) == (401, 401)
@@ -132,8 +132,8 @@ async def test_oversized_bodies_get_413_unread_and_refused_admin_calls_are_count
     async with running_ledger(settings) as (_, client):
         declared = await client.post("/v1/admin/adjustments", content=big,
                                      headers={**ADMIN, "Content-Type": "application/json"})
-        streamed = await client.post("/v1/rules/simulate", content=chunks(), headers={"Content-Type": "application/json"})
-        small = await client.post("/v1/rules/simulate", json={"purchase": {"currency": "PLN", "lines": [
+        streamed = await client.post("/v1/rules/simulate", content=chunks(), headers={**ADMIN, "Content-Type": "application/json"})
+        small = await client.post("/v1/rules/simulate", headers=ADMIN, json={"purchase": {"currency": "PLN", "lines": [
             {"line_id": "1", "sku": "s", "category": "c", "quantity": 1, "unit_price": "2.50", "discount": "0"}]}})
         await client.get("/v1/admin/program", headers={"X-Admin-Key": "wrong"})
         await client.get("/v1/admin/program")
