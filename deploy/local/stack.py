@@ -106,6 +106,7 @@ def _secrets(state: dict) -> dict:
     creds = state.setdefault("secrets", {})
     for name in ("store_api_key", "shopify_webhook_secret", "woocommerce_webhook_secret", "ledger_admin_api_key",
                  "rewards_admin_api_key", "rewards_jwt_secret", "churn_admin_api_key", "engagement_admin_api_key",
+                 "purchases_admin_api_key",
                  "engagement_backend_api_key", "engagement_link_secret"):
         creds.setdefault(name, secrets.token_urlsafe(24))
     return creds
@@ -125,6 +126,7 @@ def service_env(name: str, state: dict) -> dict[str, str]:
         # Every service learns the others' local secrets it needs; unknown ones are ignored.
         "PURCHASES_SHOPIFY_WEBHOOK_SECRET": creds["shopify_webhook_secret"],
         "PURCHASES_WOOCOMMERCE_WEBHOOK_SECRET": creds["woocommerce_webhook_secret"],
+        "PURCHASES_ADMIN_API_KEY": creds["purchases_admin_api_key"],
         "LEDGER_ADMIN_API_KEY": creds["ledger_admin_api_key"],
         "REWARDS_ADMIN_API_KEY": creds["rewards_admin_api_key"],
         "REWARDS_JWT_SECRET": creds["rewards_jwt_secret"],
@@ -283,6 +285,7 @@ def write_endpoints(state: dict) -> None:
         f"STORE_API_KEY={creds['store_api_key']}",
         f"SHOPIFY_WEBHOOK_SECRET={creds['shopify_webhook_secret']}",
         f"WOOCOMMERCE_WEBHOOK_SECRET={creds['woocommerce_webhook_secret']}",
+        f"PURCHASES_ADMIN_API_KEY={creds['purchases_admin_api_key']}",
         f"LEDGER_ADMIN_API_KEY={creds['ledger_admin_api_key']}",
         f"REWARDS_ADMIN_API_KEY={creds['rewards_admin_api_key']}",
         f"REWARDS_JWT_SECRET={creds['rewards_jwt_secret']}",

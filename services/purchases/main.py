@@ -35,6 +35,9 @@ def create_app(settings: PurchasesSettings | None = None, *, clock: Clock = utcn
         topics=(PURCHASES_RAW, PURCHASES_IMPORT, PURCHASES_RECORDED, PURCHASES_DLQ),
     )
     recorder = PurchaseRecorder(settings=settings, clock=clock)
+    # An HTTP purchase refused (e.g. a store unknown then) is the inbound contract, as the Kafka
+    # door reads it: replayed there. Webhook bodies are the shop's own format: not replayable.
+    runtime.dead_letter_doors = {"http": settings.topic(PURCHASES_RAW)}
     declare_publishers(runtime.broker, settings)
     runtime.lane("ingest", bulk=True)
     # Two consumers of the history: one batch is computed while the other waits for PostgreSQL.

@@ -1,5 +1,6 @@
 """Settings of the purchases service (env prefix PURCHASES_)."""
 
+from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
@@ -24,6 +25,8 @@ class PurchasesSettings(ServiceSettings):
     import_batch_max_records: int = 5000
     import_consumers: int = 2
     max_body_bytes: int = 1_000_000
+    # X-Admin-Key for /v1/admin/* (the dead letters: list, show, replay); unset: 503.
+    admin_api_key: SecretStr | None = None
     # E-shop webhooks: shared secrets (HMAC-SHA256) and the store id the orders are booked to.
     shopify_webhook_secret: str | None = None
     shopify_store_id: str = "shopify"
