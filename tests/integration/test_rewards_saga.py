@@ -123,7 +123,8 @@ async def test_a_coupon_redemption_is_fulfilled_with_a_pool_code_and_the_points_
     await ledger_status(client, headers, body["redemption_id"], "redeemed")
     await settled(ledger, customer)
     assert ledger.available[customer] == 200
-    events = [e for e in await consume(kafka_bootstrap, settings.topic(REWARDS_EVENTS), idle_s=0.3, timeout_s=5)
+    events = [e for e in await consume(kafka_bootstrap, settings.topic(REWARDS_EVENTS), at_least=2, idle_s=0.3,
+                                       timeout_s=30)
               if e["customer_id"] == customer]
     assert [e["type"] for e in events] == ["RedemptionRequested", "RedemptionFulfilled"]
     assert events[1]["payload"]["code"] == body["code"] and events[1]["_key"] == customer

@@ -35,11 +35,19 @@ class PollingConsumer:
         return self.results.pop(0) if self.results else {}
 
 
-async def test_an_empty_poll_that_waited_its_time_does_not_sleep_again():
+async def test_an_empty_poll_that_waited_its_time_does_not_sleep_again(monkeypatch):
+    # The sleeps are counted, not timed: on a loaded machine the poll alone may take longer
+    # than a poll and a sleep would on an idle one.
+    sleeps, sleep = [], asyncio.sleep
+
+    async def counted_sleep(delay, *args, **kw):
+        sleeps.append(delay)
+        return await sleep(delay, *args, **kw)
+
+    monkeypatch.setattr(asyncio, "sleep", counted_sleep)
     consumer = PollingConsumer([], wait=True)
-    started = time.monotonic()
     assert await _get_batch(FakeBatch(50), consumer) == ()
-    assert time.monotonic() - started < 0.09  # FastStream's own get_msg: 100 ms (poll, then sleep as long)
+    assert sleeps == [0.05]  # the poll's own wait; FastStream's get_msg sleeps as long again
 
 
 async def test_an_empty_poll_that_came_back_early_sleeps_the_rest_so_the_loop_cannot_spin():
@@ -89,6 +97,15 @@ class CommittingConsumer:
         self.stopped = True
 
 
+async def commits_made(consumer: CommittingConsumer, count: int, *, timeout_s: float = 30.0) -> None:
+    """Wait until the coalescer has made `count` commits (its timer runs when the loop gets
+    to it, later on a loaded machine): the test then checks what they were."""
+    deadline = time.monotonic() + timeout_s
+    while len(consumer.commits) < count:
+        assert time.monotonic() < deadline, f"{len(consumer.commits)} commits made, {count} expected"
+        await asyncio.sleep(0.01)
+
+
 async def test_acks_within_an_interval_make_one_commit_of_the_offsets_acked_last():
     consumer = CommittingConsumer()
     CoalescedCommits(consumer, 0.05)
@@ -98,10 +115,10 @@ async def test_acks_within_an_interval_make_one_commit_of_the_offsets_acked_last
     await consumer.commit()
     consumer.assigned.positions = {TP0: 12, TP1: 4}  # a batch handed over but not acked yet
     assert consumer.commits == []
-    await asyncio.sleep(0.1)
+    await commits_made(consumer, 1)
     assert consumer.commits == [{TP0: 9, TP1: 3}]
     await consumer.commit()
-    await asyncio.sleep(0.1)
+    await commits_made(consumer, 2)
     assert consumer.commits == [{TP0: 9, TP1: 3}, {TP0: 12, TP1: 4}]
 
 
@@ -111,7 +128,7 @@ async def test_a_partition_lost_before_the_commit_is_left_to_its_new_owner():
     consumer.assigned.positions = {TP0: 5, TP1: 3}
     await consumer.commit()
     consumer.assigned.positions = {TP1: 3}
-    await asyncio.sleep(0.1)
+    await commits_made(consumer, 1)
     assert consumer.commits == [{TP1: 3}]
 
 
@@ -146,8 +163,9 @@ async def test_a_failed_commit_is_tried_again_with_the_newest_offsets():
     CoalescedCommits(consumer, 0.03)
     consumer.assigned.positions = {TP0: 5, TP1: 2}
     await consumer.commit()
-    await asyncio.sleep(0.045)  # the first try failed
+    while failures:  # the first try failed
+        await asyncio.sleep(0.01)
     consumer.assigned.positions = {TP0: 8, TP1: 2}
     await consumer.commit()
-    await asyncio.sleep(0.1)
+    await commits_made(consumer, 1)
     assert consumer.commits == [{TP0: 8, TP1: 2}]
