@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from deploy.local.infra import (
-    PgCluster, free_port, pg_data_root, pid_alive, port_open, start_broker, stop_process_group, wait_for_port,
+    PgCluster, free_port, pg_data_root, pid_alive, port_open, start_broker, stop_process_group,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

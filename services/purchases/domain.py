@@ -1,7 +1,6 @@
 """Purchase validation rules and the inbound contract. Pure: no I/O."""
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal

@@ -1,7 +1,6 @@
 """kill -9 of the purchases service in the middle of a batch, then a restart: nothing lost,
 nothing recorded twice."""
 
-import asyncio
 import json
 
 import asyncpg

@@ -171,7 +171,7 @@ async def test_the_last_unit_goes_to_exactly_one_of_many_racing_customers(reward
     bodies = [await outcome(client, h, r) for (_, h), r in zip(customers, responses)]
     assert sorted(b["status"] for b in bodies).count("fulfilled") == 1
     assert {b["failure_reason"] for b in bodies if b["status"] == "failed"} == {"out_of_stock"}
-    for (customer, headers), body in zip(customers, bodies):
+    for (_customer, headers), body in zip(customers, bodies):
         expected = "redeemed" if body["status"] == "fulfilled" else "released"
         await ledger_status(client, headers, body["redemption_id"], expected)
     assert sorted(ledger.available[c] for c, _ in customers) == [0] + [100] * 29
