@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -120,7 +121,11 @@ async def migrate(dsn: str, *, schema: str, migrations_dir: Path, lock_timeout_s
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", lock_id)
+        # Polled, not waited for inside a statement: a session blocked in pg_advisory_lock
+        # holds a snapshot, and a CREATE INDEX CONCURRENTLY run by the lock's holder waits
+        # for every snapshot older than its own, so the two would deadlock.
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
+            await asyncio.sleep(0.05 + random.random() * 0.1)
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(
             f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations '

@@ -17,6 +17,7 @@ from faststream.kafka import KafkaBroker
 
 from shared.consumer import ConsumerLoop, Lane
 from shared.db import create_pool, migrate
+from shared.inbox import inbox_retention_job
 from shared.kafka import coalesce_commits, create_broker, create_producer
 from shared.outbox import OutboxRelay
 from shared.periodic import every
@@ -125,7 +126,8 @@ class ServiceRuntime:
             coalesce_commits(self.broker, s.consumer_commit_interval_ms)
         for hook in self._on_start:
             await hook()
-        for interval_s, name, job in self._periodic:
+        retention = inbox_retention_job(s, lambda: self.pool)  # every service sweeps its inbox
+        for interval_s, name, job in self._periodic + ([retention] if retention else []):
             self.spawn(every(interval_s, name, job), name)
         log.info("service started", extra={"service": self.service})
 

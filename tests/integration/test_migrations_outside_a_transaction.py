@@ -2,6 +2,7 @@
 outside a transaction (CREATE INDEX CONCURRENTLY, which PostgreSQL refuses inside one),
 recorded once done, and safe to run again after a crash between the two. Real PostgreSQL."""
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -110,3 +111,14 @@ async def test_a_marked_file_that_fails_is_not_recorded_and_the_next_run_tries_i
         await migrate(shared_db, schema=schema, migrations_dir=folder)
     (folder / "0002_broken.sql").write_text(CONCURRENT_INDEX)
     assert await migrate(shared_db, schema=schema, migrations_dir=folder) == ["0002_broken.sql"]
+
+
+async def test_instances_migrating_at_once_wait_for_each_other_without_deadlocking_the_concurrent_build(
+        shared_db, schema, tmp_path):
+    # A session blocked inside pg_advisory_lock would hold a snapshot the CONCURRENTLY build
+    # waits for, while it waits for the build's session: the runner polls the lock instead.
+    folder = folder_with(tmp_path, **{"0001_things": TABLE, "0002_things_open": CONCURRENT_INDEX})
+    results = await asyncio.gather(*(migrate(shared_db, schema=schema, migrations_dir=folder) for _ in range(3)))
+    assert sorted(n for applied in results for n in applied if not n.startswith("shared/")) == [
+        "0001_things.sql", "0002_things_open.sql"]
+    assert await valid_index(shared_db, schema, "things_open") is True
