@@ -38,6 +38,10 @@ test: venv lint
 	$(PY) -m deploy.local.ensure_promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Two workers, each with its own broker and PostgreSQL (tests/conftest.py); a test file stays
+# on one worker, so module-scoped services start once. PYTEST_ARGS= runs in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 # ruff check: lint rules in pyproject.toml ([tool.ruff]). The formatter is configured but not
 # enforced yet (it would rewrap most modules; see README "Tests").
 lint: venv
