@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) -m deploy.local.stack
 
-.PHONY: help venv up down status run demo test test-unit test-integration test-e2e bench chaos reset clean import import-balances bench-import
+.PHONY: help venv up down status run demo test lint test-unit test-integration test-e2e bench chaos reset clean import import-balances bench-import
 
 help:
 	@echo "make run    start everything, play demo traffic with a live summary; Ctrl-C stops it all"
@@ -38,11 +38,20 @@ status: venv
 run: venv
 	$(STACK) run
 
-test: venv
+test: venv lint
 	$(PY) -m deploy.local.ensure_postgres
 	$(PY) -m deploy.local.ensure_promtool
 	$(PY) -m deploy.local.ensure_chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Two workers, each with its own broker and PostgreSQL (tests/conftest.py); a test file stays
+# on one worker, so module-scoped services start once. PYTEST_ARGS= runs in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
+# ruff check: lint rules in pyproject.toml ([tool.ruff]). The formatter is configured but not
+# enforced yet (it would rewrap most modules; see README "Tests").
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit

@@ -375,7 +375,7 @@ class Driver:
                      f"redemptions {len(self.stats.redemption_status):,}/{len(self.plan.redemptions):,}")
 
     async def _kafka(self, sends: list[Send]) -> None:
-        for attempt in range(100):
+        for _attempt in range(100):
             try:
                 futures = [await self.producer.send(PURCHASES_RAW, s.body, key=s.key.encode()) for s in sends]
                 await asyncio.gather(*futures)

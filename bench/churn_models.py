@@ -7,7 +7,8 @@ joins uniformly over the last two years; purchases Poisson in continuous time at
 lambda ~ Gamma(r, alpha); after the first purchase and after each repeat the customer drops out
 with probability p ~ Beta(a, b); times recorded in whole days; with --purchase-days a second
 purchase on one day is not counted, as the service counts x, which the continuous-time model
-does not know about: the recovered parameters then carry that bias); the spend of each repeat purchase is Gamma(p, nu) with nu ~ Gamma(q, gamma)), then fits MBG/NBD and
+does not know about: the recovered parameters then carry that bias); the spend of each repeat
+purchase is Gamma(p, nu) with nu ~ Gamma(q, gamma)), then fits MBG/NBD and
 Gamma-Gamma and scores every customer: P(alive), expected purchases in 90 days, expected spend,
 and a 365-day CLV in 30-day steps. Prints one JSON line: wall and CPU seconds per phase, the
 total for fit + score, the distinct rows the fit saw, and each recovered parameter's relative

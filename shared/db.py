@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,6 +54,48 @@ async def transaction(conn: asyncpg.Connection, *, opening: str = "") -> AsyncIt
         raise asyncpg.InFailedSQLTransactionError(f"the transaction was rolled back, not committed ({status})")
 
 
+# A file whose first line is this marker runs outside a transaction, one statement at a time:
+# what PostgreSQL refuses inside one (CREATE INDEX CONCURRENTLY, which builds an index
+# without blocking writes). Statements end with a ';' at the end of a line. Such a file must
+# be safe to run again (a crash before it is recorded repeats it; an interrupted CONCURRENTLY
+# build leaves an INVALID index behind, so drop it first: DROP INDEX CONCURRENTLY IF EXISTS).
+NO_TRANSACTION_MARKER = "-- migrate: no-transaction"
+
+
+def runs_outside_a_transaction(sql: str) -> bool:
+    first_line = sql.lstrip("\ufeff").split("\n", 1)[0].strip()
+    return first_line == NO_TRANSACTION_MARKER
+
+
+def statements(sql: str) -> list[str]:
+    """The statements of a no-transaction file: each ends with ';' at the end of a line
+    (sent one by one: several in one query string would make an implicit transaction)."""
+    out, current = [], []
+    for line in sql.splitlines():
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            out.append("\n".join(current))
+            current = []
+    out.append("\n".join(current))
+    return [x for x in out if _has_code(x)]
+
+
+def _has_code(text: str) -> bool:
+    return any(line.strip() and not line.strip().startswith("--") for line in text.splitlines())
+
+
+async def _apply_outside_a_transaction(conn: asyncpg.Connection, *, schema: str, name: str, sql: str) -> None:
+    # No lock_timeout here: a CONCURRENTLY build takes no lock that stops the services, but it
+    # waits for the transactions in flight, and a timeout would leave its index INVALID.
+    await conn.execute(f'SET search_path TO "{schema}"')
+    try:
+        for statement in statements(sql):
+            await conn.execute(statement)
+        await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)', name)
+    finally:
+        await conn.execute("RESET search_path")
+
+
 def _migration_files(service_dir: Path) -> list[tuple[str, Path]]:
     shared = [(f"shared/{p.name}", p) for p in sorted(SHARED_MIGRATIONS.glob("*.sql"))]
     own = [(p.name, p) for p in sorted(service_dir.glob("*.sql"))]
@@ -70,14 +113,19 @@ MIGRATION_LOCK_ATTEMPTS = 60
 async def migrate(dsn: str, *, schema: str, migrations_dir: Path, lock_timeout_s: float = MIGRATION_LOCK_TIMEOUT_S,
                   lock_attempts: int = MIGRATION_LOCK_ATTEMPTS) -> list[str]:
     """Apply the shared and the service's numbered .sql files not applied yet, in order,
-    each in its own transaction. Safe to run from several processes at once: an advisory
-    lock serialises them. A file that cannot get a lock within `lock_timeout_s` is rolled
-    back and tried again, up to `lock_attempts` times. Returns the names applied by this call."""
+    each in its own transaction (or, marked NO_TRANSACTION_MARKER, statement by statement
+    outside one). Safe to run from several processes at once: an advisory lock serialises
+    them. A file that cannot get a lock within `lock_timeout_s` is rolled back and tried
+    again, up to `lock_attempts` times. Returns the names applied by this call."""
     lock_id = int.from_bytes(hashlib.sha256(f"migrate:{schema}".encode()).digest()[:8], "big", signed=True)
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", lock_id)
+        # Polled, not waited for inside a statement: a session blocked in pg_advisory_lock
+        # holds a snapshot, and a CREATE INDEX CONCURRENTLY run by the lock's holder waits
+        # for every snapshot older than its own, so the two would deadlock.
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
+            await asyncio.sleep(0.05 + random.random() * 0.1)
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(
             f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations '
@@ -87,12 +135,18 @@ async def migrate(dsn: str, *, schema: str, migrations_dir: Path, lock_timeout_s
         for name, path in _migration_files(migrations_dir):
             if name in done:
                 continue
+            sql = path.read_text()
+            if runs_outside_a_transaction(sql):
+                await _apply_outside_a_transaction(conn, schema=schema, name=name, sql=sql)
+                applied_now.append(name)
+                log.info("applied migration outside a transaction", extra={"schema": schema, "migration": name})
+                continue
             for attempt in range(1, lock_attempts + 1):
                 try:
                     async with conn.transaction():
                         await conn.execute(f'SET LOCAL search_path TO "{schema}"')
                         await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
-                        await conn.execute(path.read_text())
+                        await conn.execute(sql)
                         await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)', name)
                     break
                 except asyncpg.LockNotAvailableError:

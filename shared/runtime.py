@@ -17,6 +17,7 @@ from faststream.kafka import KafkaBroker
 
 from shared.consumer import ConsumerLoop, Lane
 from shared.db import create_pool, migrate
+from shared.inbox import inbox_retention_job
 from shared.kafka import create_broker, create_producer
 from shared.outbox import OutboxRelay
 from shared.periodic import every
@@ -129,7 +130,8 @@ class ServiceRuntime:
         await self._start_consumers()
         for hook in self._on_start:
             await hook()
-        for interval_s, name, job, first_delay_s in self._periodic:
+        retention = inbox_retention_job(s, lambda: self.pool)  # every service sweeps its inbox
+        for interval_s, name, job, first_delay_s in self._periodic + ([(*retention, None)] if retention else []):
             self.spawn(every(interval_s, name, job, first_delay_s=first_delay_s), name)
         log.info("service started", extra={"service": self.service})
 

@@ -1,5 +1,6 @@
 """Settings every service shares; each service subclasses with its own env prefix."""
 
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import Field
@@ -52,11 +53,26 @@ class ServiceSettings(BaseSettings):
     # (shared/http_protocol.py). Bodies have their own limit (max_body_bytes, 413).
     max_head_bytes: int = Field(default=32 * 1024, ge=4096)
 
+    # Inbox retention (shared/inbox.py): an event id is kept for as long as its topic can
+    # deliver it again, plus a margin (consumers lagging, clocks). topic_retention_days is
+    # what the cluster keeps (retention.ms; Kafka's default is 7 days); 0 = the topics are
+    # kept forever, and so is the inbox.
+    topic_retention_days: float = Field(default=7.0, ge=0)
+    inbox_retention_margin_days: float = Field(default=7.0, ge=0)
+    inbox_sweep_interval_s: float = Field(default=3600.0, gt=0)
+    inbox_sweep_chunk_rows: int = Field(default=5000, ge=1)
+
     outbox_batch_size: int = 2000
     outbox_poll_interval_ms: int = 200
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    def inbox_keep_for(self) -> timedelta | None:
+        """How long inbox rows are kept (None: forever)."""
+        if self.topic_retention_days == 0:
+            return None
+        return timedelta(days=self.topic_retention_days + self.inbox_retention_margin_days)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

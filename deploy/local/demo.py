@@ -77,7 +77,7 @@ class Traffic:
             discount = (gross * Decimal(rng.choice((0, 0, 0, 5, 10, 20))) / 100).quantize(Decimal("0.01"))
             lines.append({"line_id": str(i), "sku": sku, "category": category, "quantity": qty,
                           "unit_price": price, "discount": format(discount, "f")})
-        total = sum(Decimal(l["unit_price"]) * l["quantity"] - Decimal(l["discount"]) for l in lines)
+        total = sum(Decimal(line["unit_price"]) * line["quantity"] - Decimal(line["discount"]) for line in lines)
         purchase = {
             "purchase_id": f"{store_id}-{uuid.uuid4().hex[:12]}", "type": "sale", "original_purchase_id": None,
             "source": source, "store_id": store_id,

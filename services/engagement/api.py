@@ -93,7 +93,8 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
         try:
             ZoneInfo(body.time_zone)
         except (ZoneInfoNotFoundError, ValueError):
-            raise HTTPException(422, {"reason": "unknown_time_zone", "msg": f"{body.time_zone!r} is not a time zone"})
+            raise HTTPException(422, {"reason": "unknown_time_zone",
+                                      "msg": f"{body.time_zone!r} is not a time zone"}) from None
         consent = {k: v for k, v in body.consent.model_dump().items() if v is not None}
         change = svc.ContactChange(email=body.email, phone=body.phone, locale=body.locale,
                                    time_zone=body.time_zone, consent=consent, source=body.source)

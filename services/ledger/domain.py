@@ -46,6 +46,18 @@ class UnknownCurrency(LedgerError):
     reason = "unknown_currency"
 
 
+class InvariantViolated(Exception):
+    """A state the rules can never produce (a lot below zero, an account overdrawn by the
+    service's own arithmetic): a bug, never the input's fault, so not a LedgerError. Raised,
+    not asserted, so that `python -O` keeps the guard; the transaction fails and nothing
+    of it is written."""
+
+
+def invariant(holds: bool, message: str) -> None:
+    if not holds:
+        raise InvariantViolated(message)
+
+
 # No hold or adjustment may exceed this: far beyond any real use, well inside the integer
 # columns, so an absurd request is refused with a reason. (An absurd purchase fails its
 # batch and, after the bounded retries, is dead-lettered alone as processing_failed.)
@@ -128,10 +140,11 @@ class Account:
         if self.kind in ("issuance", "redemption", "expiry"):
             return
         if self.kind in ("available", "pending"):
-            assert self.debits_posted + self.debits_pending <= self.credits_posted, f"{self.account_id} overdrawn"
+            invariant(self.debits_posted + self.debits_pending <= self.credits_posted, f"{self.account_id} overdrawn")
         elif self.kind == "debt":
-            assert self.credits_posted <= self.debits_posted, f"{self.account_id} repaid beyond its debt"
-        assert min(self.debits_pending, self.debits_posted, self.credits_pending, self.credits_posted) >= 0
+            invariant(self.credits_posted <= self.debits_posted, f"{self.account_id} repaid beyond its debt")
+        invariant(min(self.debits_pending, self.debits_posted, self.credits_pending, self.credits_posted) >= 0,
+                  f"{self.account_id} has a total below zero")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +172,7 @@ class Journal:
         self.transfers: list[Transfer] = []
 
     def post(self, transfer: Transfer) -> Transfer:
-        assert transfer.amount_points > 0, "a transfer moves a positive amount"
+        invariant(transfer.amount_points > 0, "a transfer moves a positive amount")
         debit = self.accounts[transfer.debit_account_id]
         credit = self.accounts[transfer.credit_account_id]
         amount = transfer.amount_points
@@ -247,7 +260,7 @@ class Lot:
     reminded_on: date | None = None
     # The purchase's channel (pos | eshop) and store: with purchase_id, what names the
     # purchase (chain stores number receipts independently). None on adjustments, and on lots
-    # written before channels (migration 0003) or stores (0007) were kept.
+    # written before channels (migration 0003) or stores (0013) were kept.
     purchase_source: str | None = None
     purchase_store: str | None = None
     # The rate the sale was converted at (1 unit of its currency in program currency): its
@@ -803,7 +816,7 @@ def _take_from_lots(book: CustomerBook, amount: int) -> dict[str, int]:
         left -= take
     # The account balance equals the sum of the lots' remaining points; if it said "enough",
     # the lots have enough. Anything else is a bug that must not post.
-    assert left == 0, f"lots of {book.customer_id} short by {left} points for a covered amount"
+    invariant(left == 0, f"lots of {book.customer_id} short by {left} points for a covered amount")
     return allocations
 
 
@@ -1026,11 +1039,12 @@ def adjust(
 def check_book(book: CustomerBook) -> None:
     """The invariants that tie lots to accounts, for a book holding all its lots and holds."""
     lots = list(book.lots.values())
-    assert all(lot.remaining_points >= 0 and lot.held_points >= 0 for lot in lots), "a lot below zero"
-    assert book.available_points == sum(x.remaining_points for x in lots if not x.pending), "available != lots"
-    assert book.pending_points == sum(x.remaining_points for x in lots if x.pending), "pending != lots"
-    assert book.held_points == sum(x.held_points for x in lots), "held != lots"
-    assert book.held_points == sum(h.amount_points for h in book.holds.values() if h.state == "held")
+    invariant(all(lot.remaining_points >= 0 and lot.held_points >= 0 for lot in lots), "a lot below zero")
+    invariant(book.available_points == sum(x.remaining_points for x in lots if not x.pending), "available != lots")
+    invariant(book.pending_points == sum(x.remaining_points for x in lots if x.pending), "pending != lots")
+    invariant(book.held_points == sum(x.held_points for x in lots), "held != lots")
+    invariant(book.held_points == sum(h.amount_points for h in book.holds.values() if h.state == "held"),
+              "held != holds")
     for account in (book.available, book.pending, book.debt):
         account.check()
 

@@ -275,16 +275,20 @@ async def window_lots(conn: asyncpg.Connection, *, customer_ids: Sequence[str],
     return out
 
 
+# Every redemption batch, adjustment and scheduler chunk runs this. The first arm is served
+# by lots_open (migration 0007), whose predicate is this condition word for word: keep them
+# the same, or the planner can no longer prove the index applies and scans the table
+# (tests/integration/test_ledger_schema.py runs EXPLAIN on a populated table).
+OPEN_LOTS = (_SELECT_LOTS + " WHERE (customer_id = ANY($1::text[]) AND (pending OR remaining_points > 0 OR held_points > 0))"
+             " OR lot_id = ANY($2::uuid[])")
+
+
 async def open_lots(
     conn: asyncpg.Connection, *, customer_ids: Sequence[str], lot_ids: Sequence[uuid.UUID] = ()
 ) -> list[Lot]:
     """Every lot of these customers that still has points in it (pending, remaining or
     held), plus the named lots: what holds, expiry and refunds work on."""
-    rows = await conn.fetch(
-        _SELECT_LOTS + " WHERE (customer_id = ANY($1::text[]) AND (pending OR remaining_points > 0 OR held_points > 0))"
-        " OR lot_id = ANY($2::uuid[])",
-        list(customer_ids), list(lot_ids),
-    )
+    rows = await conn.fetch(OPEN_LOTS, list(customer_ids), list(lot_ids))
     return [_lot(r) for r in rows]
 
 

@@ -6,9 +6,9 @@ import json
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 def _not_a_sequence(value: Any) -> Any:
     # pydantic would read a JSON array as a Decimal tuple: [0, [1, 2, 5], -1] is 12.5
@@ -63,8 +63,10 @@ class Envelope(BaseModel, Generic[PayloadT]):
     event_id: uuid.UUID
     type: str
     schema_version: int = SCHEMA_VERSION
-    occurred_at: datetime
-    recorded_at: datetime
+    # Aware only: a naive time means a different instant in every process that reads it (and
+    # fails later, comparing with an aware one); refused here, where the event is made or read.
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
     producer: str
     correlation_id: str
     causation_id: str | None = None
@@ -85,7 +87,7 @@ class DeadLetter(BaseModel):
     original_partition: int | None = None
     original_offset: int | None = None
     producer: str
-    recorded_at: datetime
+    recorded_at: AwareDatetime
 
 
 def envelope(

@@ -6,7 +6,9 @@ import pytest
 
 from bench import chaos
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
+# Longer than the suite's default timeout (pyproject.toml): three services as processes,
+# each killed, frozen and restarted, on a machine that may be loaded.
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 async def test_under_kills_freezes_and_restarts_every_purchase_counts_once_and_every_redemption_ends():

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from deploy.local.infra import free_port
 from shared.topics import POINTS_EVENTS
 from tests.support.engagement import ADMIN_KEY, BACKEND_KEY, contact, mail_catcher, points_earned, rows, sale, wait_for
 from tests.support.kafka import produce

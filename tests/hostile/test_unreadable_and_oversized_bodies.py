@@ -175,7 +175,7 @@ async def test_the_ledger_counts_refused_admin_keys_per_reason(base_env):
     async with running_ledger(settings) as (_, client):
         before = {r: await metric_total(client, "ledger_http_refusals_total", reason=r) for r in keys}
         statuses = []
-        for reason, values in keys.items():
+        for values in keys.values():
             for key in values:
                 headers = {} if key is None else {"X-Admin-Key": key}
                 for method, path, body in calls:

@@ -49,7 +49,8 @@ async def test_the_api_writes_each_applied_adjustment_once_to_ledger_adjustments
             credit, credit, adjustment(customer, -101), adjustment(customer, 0), debit,
             adjustment(customer, -1_000_000))]
         await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=2)
-        recorded = await consume(kafka_bootstrap, settings.topic(LEDGER_ADJUSTMENTS), idle_s=1.5)
+        recorded = await consume(kafka_bootstrap, settings.topic(LEDGER_ADJUSTMENTS), at_least=2, idle_s=1.5,
+                                 timeout_s=30)
     assert answers == [201, 200, 409, 422, 201, 409]
     audit = {r["adjustment_id"]: r for r in await ledger_rows(settings.database_url, "SELECT * FROM adjustments")}
     assert len(recorded) == 2
@@ -81,7 +82,8 @@ async def test_a_replayed_adjustment_recorded_changes_nothing(settings, kafka_bo
         await produce(kafka_bootstrap, settings.topic(LEDGER_ADJUSTMENTS), [*events, *events, renamed], key=customer)
         await adjustments_consumed(settings, kafka_bootstrap)
         after = await ledger_state(settings.database_url)
-        points = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), idle_s=1.0)
+        points = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), at_least=len(first), idle_s=1.0,
+                               timeout_s=30)
         dead = await consume(kafka_bootstrap, settings.topic(POINTS_DLQ), idle_s=0.5)
         balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     assert after == before

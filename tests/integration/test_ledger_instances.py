@@ -13,6 +13,7 @@ from services.ledger import repository as repo
 from services.ledger.settings import LedgerSettings
 from shared.db import transaction
 from shared.topics import POINTS_EVENTS, PURCHASES_RECORDED
+from tests.support.hostile import eventually
 from tests.support.kafka import consume, produce, unique
 from tests.support.ledger import ADMIN, ledger_settings, purchase_recorded, running_ledger
 
@@ -104,16 +105,15 @@ async def test_a_batch_being_applied_holds_off_a_save_which_then_takes_effect_af
                 await holder.execute("SELECT 1 FROM customers WHERE customer_id = $1 FOR UPDATE", customer)
                 await produce(kafka_bootstrap, settings.topic(PURCHASES_RECORDED),
                               [purchase_recorded(customer, amounts=("10.00",))], key=customer)
-                for _ in range(200):  # the batch has begun (lock taken) and waits for the customer
-                    holding = await holder.fetchval(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                        " WHERE c.relname = 'program_versions' AND l.mode = 'RowExclusiveLock' AND l.granted"
-                        " AND l.pid <> pg_backend_pid()")
-                    if holding:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    pytest.fail("no transaction applying inputs holds program_versions")
+                # The purchase batch has begun (it holds program_versions) and waits for this
+                # customer's row. Only that transaction is blocked by this one: another that
+                # applies inputs (the adjustment coming back on ledger.adjustments, a duplicate)
+                # holds the same lock for a moment, and taking it for the batch would let the
+                # save in before the purchase.
+                await eventually(lambda: holder.fetchval(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                    " WHERE c.relname = 'program_versions' AND l.mode = 'RowExclusiveLock' AND l.granted"
+                    " AND pg_backend_pid() = ANY(pg_blocking_pids(l.pid))"), timeout_s=60)
                 save, released_at = await save_kept_waiting(client, program, holder, grocery="3",
                                                             while_="a batch was being applied")
         saved = await asyncio.wait_for(save, timeout=10)

@@ -123,7 +123,8 @@ async def test_a_coupon_redemption_is_fulfilled_with_a_pool_code_and_the_points_
     await ledger_status(client, headers, body["redemption_id"], "redeemed")
     await settled(ledger, customer)
     assert ledger.available[customer] == 200
-    events = [e for e in await consume(kafka_bootstrap, settings.topic(REWARDS_EVENTS), idle_s=0.3, timeout_s=5)
+    events = [e for e in await consume(kafka_bootstrap, settings.topic(REWARDS_EVENTS), at_least=2, idle_s=0.3,
+                                       timeout_s=30)
               if e["customer_id"] == customer]
     assert [e["type"] for e in events] == ["RedemptionRequested", "RedemptionFulfilled"]
     assert events[1]["payload"]["code"] == body["code"] and events[1]["_key"] == customer
@@ -170,7 +171,7 @@ async def test_the_last_unit_goes_to_exactly_one_of_many_racing_customers(reward
     bodies = [await outcome(client, h, r) for (_, h), r in zip(customers, responses)]
     assert sorted(b["status"] for b in bodies).count("fulfilled") == 1
     assert {b["failure_reason"] for b in bodies if b["status"] == "failed"} == {"out_of_stock"}
-    for (customer, headers), body in zip(customers, bodies):
+    for (_customer, headers), body in zip(customers, bodies):
         expected = "redeemed" if body["status"] == "fulfilled" else "released"
         await ledger_status(client, headers, body["redemption_id"], expected)
     assert sorted(ledger.available[c] for c, _ in customers) == [0] + [100] * 29

@@ -156,7 +156,8 @@ async def test_a_physical_reward_is_queued_shipped_once_tracked_and_no_longer_ca
     cancel = await client.post(f"/v1/redemptions/{rid}/cancel", headers=headers)
     assert cancel.status_code == 409 and cancel.json()["error"] == "already_shipped", cancel.text
 
-    events = [e for e in await consume(kafka_bootstrap, settings.topic(REWARDS_EVENTS), idle_s=1.0, timeout_s=10)
+    events = [e for e in await consume(kafka_bootstrap, settings.topic(REWARDS_EVENTS), at_least=3, idle_s=1.0,
+                                           timeout_s=30)
               if e["customer_id"] == customer]
     assert [e["type"] for e in events] == ["RedemptionRequested", "RedemptionFulfilled", "RedemptionShipped"]
     payload = events[-1]["payload"]

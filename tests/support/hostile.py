@@ -442,12 +442,28 @@ async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         await conn.close()
 
 
+# Tables that a background task empties (the relay deletes outbox rows once the broker has
+# them): their row count depends on when it last ran. What they say instead is how many rows
+# were ever written, which only the service's own writes change: the ids their sequence issued.
+_WRITTEN_NOT_PRESENT = {"outbox": "id"}
+
+
 async def table_counts(dsn: str, schema: str) -> dict[str, int]:
-    """Rows per table of a service's schema: proves tables still exist and nothing slipped in."""
+    """Rows per table of a service's schema: proves tables still exist and nothing slipped in.
+    For the outbox, the rows ever written (see _WRITTEN_NOT_PRESENT), so that two counts taken
+    while the relay runs are equal unless something was enqueued between them."""
     conn = await asyncpg.connect(dsn)
     try:
         tables = [r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)]
-        return {t: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{t}"') for t in sorted(tables)}
+        counts = {}
+        for t in sorted(tables):
+            if t in _WRITTEN_NOT_PRESENT:
+                sequence = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", f'"{schema}"."{t}"',
+                                               _WRITTEN_NOT_PRESENT[t])
+                counts[t] = await conn.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence}")
+            else:
+                counts[t] = await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{t}"')
+        return counts
     finally:
         await conn.close()
 

@@ -29,12 +29,14 @@ async def produce(bootstrap: str, topic: str, values: list[Any], *, key: str | N
 
 async def consume(
     bootstrap: str, topic: str, *, count: int | None = None, timeout_s: float = 15.0, idle_s: float | None = None,
-    distinct: str | None = None,
+    distinct: str | None = None, at_least: int = 0,
 ) -> list[dict[str, Any]]:
     """Read a topic from the beginning (no group) until `count` messages arrived, the timeout
-    passed, or (with `idle_s`) nothing new came for that long. Returns decoded JSON values
-    with `_key` added. With `distinct` (a field, e.g. "event_id"), a repeat of a value already
-    read (an at-least-once redelivery) is dropped and does not count."""
+    passed, or (with `idle_s`) nothing new came for that long once `at_least` messages did (a
+    relay that publishes late, on a loaded machine, is waited for; only what might follow is
+    given `idle_s`). Returns decoded JSON values with `_key` added. With `distinct` (a field,
+    e.g. "event_id"), a repeat of a value already read (an at-least-once redelivery) is
+    dropped and does not count."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
@@ -72,7 +74,7 @@ async def consume(
                 last_new = time.monotonic()
             if count is not None and len(out) >= count:
                 break
-            if idle_s is not None and time.monotonic() - last_new > idle_s:
+            if idle_s is not None and len(out) >= at_least and time.monotonic() - last_new > idle_s:
                 break
         return out
     finally:
