@@ -38,12 +38,14 @@ def check(report: FuzzReport, cases: list) -> None:
 
 
 async def test_purchases_answers_every_generated_request_as_its_openapi_document_says(base_env):
-    settings = purchases_settings(base_env)
+    settings = purchases_settings(base_env, admin_api_key="purchases-admin-test-key")
     app = create_purchases(settings)
     cases = openapi_cases(app, max_examples_per_mode=max_examples())
     async with serving(app, "http://purchases") as client:
         await purchases_repository.add_api_key(app.state.runtime.pool, key="key-store-1", store_id="store-1")
-        report = await fuzz(client, cases, auth=lambda op: {"X-API-Key": "key-store-1"})
+        report = await fuzz(client, cases, auth=lambda op: (
+            {"X-Admin-Key": "purchases-admin-test-key"} if op.path.startswith("/v1/admin/")
+            else {"X-API-Key": "key-store-1"}))
         ready = await client.get("/readyz")
     assert ready.status_code == 200
     check(report, cases)
