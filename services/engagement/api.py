@@ -4,8 +4,8 @@ the signed links in messages (survey, unsubscribe, remark or complaint)."""
 
 import hmac
 import uuid
-from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from datetime import timedelta
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Form, Header, HTTPException, Query, Request
@@ -16,10 +16,23 @@ from services.engagement import feedback, pages, tokens
 from services.engagement import repository as repo
 from services.engagement import service as svc
 from services.engagement.channels import language
+from services.engagement.responses import (
+    ADMIN_ERRORS,
+    BACKEND_ERRORS,
+    BODY_ERRORS,
+    TIME,
+    ContactOut,
+    ErasedOut,
+    OpenedOut,
+    VersionOut,
+    page_answers,
+    query_time,
+    refusals,
+)
 from services.engagement.service import Engagement
 from shared.admin import ADMIN_REFUSALS, admin_key_dependency
 from shared.db import transaction
-from shared.limits import BodyLimit, ExplainedBodyRoute
+from shared.limits import ExplainedBodyRoute
 from shared.outbox import enqueue
 from shared.runtime import ServiceRuntime
 
@@ -58,107 +71,6 @@ class AssignIn(BaseModel):
 class ResolveIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     resolution: str | None = Field(None, max_length=4000)
-
-
-class RefusalOut(BaseModel):
-    """Why a request was refused: a stable `reason` code, a human `msg`, for invalid journeys
-    the `errors` found."""
-
-    model_config = ConfigDict(extra="allow")
-    reason: str
-    msg: str | None = None
-    errors: list[dict[str, Any]] | None = None
-
-
-class ErrorOut(BaseModel):
-    """Every refusal, as FastAPI words it: `detail` is a RefusalOut for the service's own
-    refusals and, for a request that does not match the API, FastAPI's list of errors."""
-
-    model_config = ConfigDict(extra="allow")
-    detail: RefusalOut | list[dict[str, Any]]
-
-
-def _errors(*statuses: int, **texts: str) -> dict[int | str, dict[str, Any]]:
-    """The refusals a route answers (JSON ErrorOut bodies), with what each means there."""
-    default = {401: "Missing or wrong key", 404: "Unknown", 413: "The body is larger than ENGAGEMENT_MAX_BODY_BYTES",
-               422: "The request does not match the API", 503: "The API is disabled (ENGAGEMENT_ADMIN_API_KEY unset)"}
-    return {status: {"model": ErrorOut, "description": texts.get(f"e{status}", default[status])}
-            for status in statuses}
-
-
-# A JSON refusal on a route whose own answers are HTML: the model would be filed under text/html.
-_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
-_HTML = {"text/html": {"schema": {"type": "string"}}}
-
-
-def _pages(*statuses: int, **texts: str) -> dict[int | str, dict[str, Any]]:
-    """A customer page's other answers: an HTML page (404 bad link, 410 survey gone) or a JSON
-    refusal (422)."""
-    default = {404: "The link is invalid or has expired (an HTML page)",
-               413: "The form is larger than ENGAGEMENT_MAX_BODY_BYTES",
-               410: "The survey was answered or has expired (an HTML page)",
-               422: "The form does not match the API"}
-    return {status: {"content": _JSON_ERROR if status in (413, 422) else _HTML,
-                     "description": texts.get(f"e{status}", default[status])} for status in statuses}
-
-
-ADMIN_ERRORS = _errors(401, 422, 503)
-BODY_ERRORS = _errors(413)
-BACKEND_ERRORS = _errors(401, 413, 422, 503, e401="Missing or wrong X-Admin-Key or X-Backend-Key",
-                         e503="The API is disabled (neither ENGAGEMENT_ADMIN_API_KEY nor ENGAGEMENT_BACKEND_API_KEY set)")
-
-
-def body_limit(max_bytes: int) -> BodyLimit:
-    """The 413 in the shape of every other refusal of this service."""
-    return BodyLimit(max_bytes, refusal=lambda n: {
-        "detail": {"reason": "body_too_large", "msg": f"the body is larger than {n} bytes"}})
-
-
-TIME = "An ISO 8601 time with its offset, e.g. 2026-12-07T08:00:00+01:00"
-
-
-def _time(value: str | None, name: str) -> datetime | None:
-    """A query time: ISO 8601 with an offset. (A datetime parameter would read a bare
-    number as a Unix timestamp, and a naive time has no one meaning.)"""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise HTTPException(422, {"reason": "invalid_time", "msg": f"{name}: {TIME}"})
-    return parsed
-
-
-class ConsentStateOut(BaseModel):
-    granted: bool
-    source: str | None
-    changed_at: datetime | None
-
-
-class ContactOut(BaseModel):
-    customer_id: str
-    email: str | None
-    phone: str | None
-    locale: str | None
-    time_zone: str | None
-    erased: bool
-    consent: dict[str, ConsentStateOut]
-
-
-class ErasedOut(BaseModel):
-    customer_id: str
-    erased: bool
-    touchpoints_cancelled: int
-
-
-class OpenedOut(BaseModel):
-    opened: int
-
-
-class VersionOut(BaseModel):
-    version: int
 
 
 def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
@@ -210,7 +122,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
 
     @router.get("/v1/customers/{customer_id}/contact", tags=["customers"], dependencies=[Depends(admin)],
                 responses={200: {"model": ContactOut, "description": "The contact data and consent"},
-                           **ADMIN_ERRORS, **_errors(404, e404="Unknown customer")})
+                           **ADMIN_ERRORS, **refusals(404, e404="Unknown customer")})
     async def get_contact(customer_id: CustomerId) -> dict:
         async with runtime.pool.acquire() as conn:
             return await _contact(conn, customer_id)
@@ -260,7 +172,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
 
     @router.put("/v1/admin/journeys", tags=["admin"], dependencies=[Depends(admin)],
                 responses={200: {"model": VersionOut, "description": "The new version"},
-                           **_errors(401, 413, 422, 503, e422="Not journeys (reason invalid_journeys) or a bad header")},
+                           **refusals(401, 413, 422, 503, e422="Not journeys (reason invalid_journeys) or a bad header")},
                 openapi_extra={"requestBody": {"required": True, "content": {
                     "application/yaml": {"schema": {"type": "string"}},
                     "application/json": {"schema": {"type": "object"}}}}},
@@ -289,7 +201,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return [dict(r) for r in await feedback.list_followups(conn, status=status, limit=limit)]
 
     @router.post("/v1/followups/{followup_id}/assign", tags=["staff"], dependencies=[Depends(admin)],
-                 responses={**ADMIN_ERRORS, **BODY_ERRORS, **_errors(404, e404="Unknown follow-up")})
+                 responses={**ADMIN_ERRORS, **BODY_ERRORS, **refusals(404, e404="Unknown follow-up")})
     async def assign(followup_id: uuid.UUID, body: AssignIn) -> dict:
         async with runtime.pool.acquire() as conn:
             try:
@@ -298,7 +210,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
                 raise HTTPException(404, {"reason": "unknown_followup"}) from None
 
     @router.post("/v1/followups/{followup_id}/resolve", tags=["staff"], dependencies=[Depends(admin)],
-                 responses={**ADMIN_ERRORS, **BODY_ERRORS, **_errors(404, e404="Unknown follow-up")})
+                 responses={**ADMIN_ERRORS, **BODY_ERRORS, **refusals(404, e404="Unknown follow-up")})
     async def resolve(followup_id: uuid.UUID, body: ResolveIn) -> dict:
         async def work(conn):
             row, msgs = await feedback.resolve_followup(conn, engine, followup_id, body.resolution)
@@ -313,7 +225,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
     async def stats_satisfaction(since: Annotated[str | None, Query(description=TIME + "; default a year ago",
                                                                     json_schema_extra={"format": "date-time"})] = None
                                  ) -> list[dict]:
-        start = _time(since, "since") or engine.clock() - timedelta(days=365)
+        start = query_time(since, "since") or engine.clock() - timedelta(days=365)
         async with runtime.pool.acquire() as conn:
             return await feedback.satisfaction(conn, since=start)
 
@@ -337,7 +249,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return language(await conn.fetchval("SELECT locale FROM customers WHERE customer_id = $1", customer_id),
                             s.default_locale)
 
-    @router.get("/s/{token}", response_class=HTMLResponse, tags=["pages"], responses=_pages(404, 410), summary="The survey page")
+    @router.get("/s/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404, 410), summary="The survey page")
     async def survey_page(token: str) -> HTMLResponse:
         c = claims("survey", token)
         if c is None:
@@ -350,7 +262,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
         return HTMLResponse(pages.survey_form(lang))
 
     @router.post("/s/{token}", response_class=HTMLResponse, tags=["pages"], summary="Answer the survey (a form)",
-                 responses=_pages(404, 410, 413, 422, e422="No answer given (reason empty_answer) or a value out of range"))
+                 responses=page_answers(404, 410, 413, 422, e422="No answer given (reason empty_answer) or a value out of range"))
     async def survey_answer(token: str, nps: Annotated[int | None, Form(ge=0, le=10)] = None,
                             csat: Annotated[int | None, Form(ge=1, le=5)] = None,
                             remark: Annotated[str | None, Form(max_length=4000)] = None) -> HTMLResponse:
@@ -371,14 +283,14 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return HTMLResponse(pages.page("en", "survey", message_key="unavailable"), status_code=410)
         return HTMLResponse(pages.page(await locale_of(customer_id), "survey", message_key="thanks"))
 
-    @router.get("/u/{token}", response_class=HTMLResponse, tags=["pages"], responses=_pages(404), summary="Unsubscribe page")
+    @router.get("/u/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404), summary="Unsubscribe page")
     async def unsubscribe_page(token: str) -> HTMLResponse:
         c = claims("unsubscribe", token)
         if c is None:
             return HTMLResponse(pages.page("en", "unsub", message_key="bad_link"), status_code=404)
         return HTMLResponse(pages.unsubscribe_form(await locale_of(c["c"])))
 
-    @router.post("/u/{token}", response_class=HTMLResponse, tags=["pages"], responses=_pages(404, 413),
+    @router.post("/u/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404, 413),
                  summary="Unsubscribe (the form, and RFC 8058 one-click POST from a mail client)")
     async def unsubscribe(token: str) -> HTMLResponse:
         c = claims("unsubscribe", token)
@@ -390,7 +302,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
         await run(work)
         return HTMLResponse(pages.page(await locale_of(c["c"]), "unsub", message_key="unsub_done"))
 
-    @router.get("/c/{token}", response_class=HTMLResponse, tags=["pages"], responses=_pages(404), summary="Remark or complaint page")
+    @router.get("/c/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404), summary="Remark or complaint page")
     async def complaint_page(token: str) -> HTMLResponse:
         c = claims("complaint", token)
         if c is None:
@@ -398,7 +310,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
         return HTMLResponse(pages.complaint_form(await locale_of(c["c"])))
 
     @router.post("/c/{token}", response_class=HTMLResponse, tags=["pages"], summary="Send a remark or complaint (a form)",
-                 responses=_pages(404, 413, 422))
+                 responses=page_answers(404, 413, 422))
     async def complaint(token: str, remark: Annotated[str, Form(min_length=1, max_length=4000)]) -> HTMLResponse:
         c = claims("complaint", token)
         if c is None:

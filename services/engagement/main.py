@@ -6,11 +6,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.engagement.api import body_limit, create_router
+from services.engagement.api import create_router
 from services.engagement.channels import EmailChannel, Templates, WebhookChannel
 from services.engagement.dispatch import dispatch_until_idle
 from services.engagement.feedback import refresh_gauges
 from services.engagement.handlers import subscriptions
+from services.engagement.responses import body_limit
 from services.engagement.service import Clock, Engagement, JourneyBook, make_clock
 from services.engagement.settings import EngagementSettings
 from shared.http import create_service_app
