@@ -296,7 +296,10 @@ def dead_letter_router(desk: DeadLetterDesk, *, admin_key: Any, setting: str) ->
         raise DeadLetterApiError(404, "not_found", f"no dead letter {dead_letter_id}")
 
     @router.post("/replay", response_model=ReplayResult,
-                 summary="Put dead letters back on their topic after a fix (each at most once)")
+                 summary="Put dead letters back on their topic after a fix (each at most once)",
+                 # refused by the service's skeleton before the route, in the service's own shape
+                 responses={413: {"model": dict[str, Any],
+                                  "description": "The body is larger than the service's limit (max_body_bytes)"}})
     async def replay_dead_letters(request: ReplayRequest) -> ReplayResult:
         if (request.ids is None) == (request.reason is None):
             raise DeadLetterApiError(422, "invalid_request", "give either ids or a reason (with since/until if you like)")

@@ -4,7 +4,7 @@ the signed links in messages (survey, unsubscribe, remark or complaint)."""
 
 import hmac
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -16,9 +16,23 @@ from services.engagement import feedback, pages, tokens
 from services.engagement import repository as repo
 from services.engagement import service as svc
 from services.engagement.channels import language
+from services.engagement.responses import (
+    ADMIN_ERRORS,
+    BACKEND_ERRORS,
+    BODY_ERRORS,
+    TIME,
+    ContactOut,
+    ErasedOut,
+    OpenedOut,
+    VersionOut,
+    page_answers,
+    query_time,
+    refusals,
+)
 from services.engagement.service import Engagement
 from shared.admin import ADMIN_REFUSALS, admin_key_dependency
 from shared.db import transaction
+from shared.limits import ExplainedBodyRoute
 from shared.outbox import enqueue
 from shared.runtime import ServiceRuntime
 
@@ -61,7 +75,8 @@ class ResolveIn(BaseModel):
 
 def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
     s = engine.settings
-    router = APIRouter()
+    # A JSON body FastAPI cannot decode (not UTF-8, too deep): 422 like any invalid body, not a bare 400.
+    router = APIRouter(route_class=ExplainedBodyRoute)
     admin = admin_key_dependency(lambda: s.admin_api_key, setting="ENGAGEMENT_ADMIN_API_KEY")
 
     async def admin_or_backend(x_admin_key: Annotated[str | None, Header()] = None,
@@ -88,6 +103,8 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
     # ---- contact data and consent -----------------------------------------------------------
 
     @router.put("/v1/customers/{customer_id}/contact", tags=["customers"],
+                responses={200: {"model": ContactOut, "description": "The contact data and consent now"},
+                           **BACKEND_ERRORS},
                 summary="Set a customer's contact data and consent (admin or back-end key)")
     async def put_contact(customer_id: CustomerId, body: ContactIn, who: str = Depends(admin_or_backend)) -> dict:
         try:
@@ -104,12 +121,15 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return await _contact(conn, customer_id), msgs
         return await run(work)
 
-    @router.get("/v1/customers/{customer_id}/contact", tags=["customers"], dependencies=[Depends(admin)])
+    @router.get("/v1/customers/{customer_id}/contact", tags=["customers"], dependencies=[Depends(admin)],
+                responses={200: {"model": ContactOut, "description": "The contact data and consent"},
+                           **ADMIN_ERRORS, **refusals(404, e404="Unknown customer")})
     async def get_contact(customer_id: CustomerId) -> dict:
         async with runtime.pool.acquire() as conn:
             return await _contact(conn, customer_id)
 
     @router.delete("/v1/customers/{customer_id}", tags=["customers"], dependencies=[Depends(admin)],
+                   responses={200: {"model": ErasedOut, "description": "Erased"}, **ADMIN_ERRORS},
                    summary="Erase a customer: contact data, consent and messages' personal content")
     async def erase(customer_id: CustomerId) -> dict:
         async def work(conn):
@@ -117,12 +137,13 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return {"customer_id": customer_id, "erased": True, "touchpoints_cancelled": len(msgs)}, msgs
         return await run(work)
 
-    @router.get("/v1/customers/{customer_id}/timeline", tags=["customers"], dependencies=[Depends(admin)])
+    @router.get("/v1/customers/{customer_id}/timeline", tags=["customers"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS)
     async def timeline(customer_id: CustomerId) -> list[dict]:
         async with runtime.pool.acquire() as conn:
             return [dict(r) for r in await repo.timeline(conn, customer_id)]
 
     @router.post("/v1/customers/{customer_id}/complaints", tags=["feedback"], status_code=201,
+                 responses={201: {"model": OpenedOut, "description": "Follow-up tasks opened"}, **BACKEND_ERRORS},
                  summary="A remark or complaint (admin or back-end key): a follow-up task with a deadline")
     async def post_complaint(customer_id: CustomerId, body: ComplaintIn, who: str = Depends(admin_or_backend)) -> dict:
         async def work(conn):
@@ -144,13 +165,18 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
 
     # ---- journeys --------------------------------------------------------------------------
 
-    @router.get("/v1/admin/journeys", tags=["admin"], dependencies=[Depends(admin)])
+    @router.get("/v1/admin/journeys", tags=["admin"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS)
     async def get_journeys() -> dict:
         async with runtime.pool.acquire() as conn:
             await engine.journeys.refresh(conn)
         return {"version": engine.journeys.version, "document": engine.journeys.current.canonical()}
 
     @router.put("/v1/admin/journeys", tags=["admin"], dependencies=[Depends(admin)],
+                responses={200: {"model": VersionOut, "description": "The new version"},
+                           **refusals(401, 413, 422, 503, e422="Not journeys (reason invalid_journeys) or a bad header")},
+                openapi_extra={"requestBody": {"required": True, "content": {
+                    "application/yaml": {"schema": {"type": "string"}},
+                    "application/json": {"schema": {"type": "object"}}}}},
                 summary="Replace the journeys (YAML or JSON body): a new version")
     async def put_journeys(request: Request, x_actor: Annotated[str, Header(max_length=200)] = "admin") -> dict:
         text = (await request.body()).decode("utf-8", errors="replace")
@@ -169,13 +195,14 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
 
     # ---- follow-ups and figures ------------------------------------------------------------
 
-    @router.get("/v1/followups", tags=["staff"], dependencies=[Depends(admin)])
+    @router.get("/v1/followups", tags=["staff"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS)
     async def followups(status: Literal["open", "resolved"] | None = None,
                         limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[dict]:
         async with runtime.pool.acquire() as conn:
             return [dict(r) for r in await feedback.list_followups(conn, status=status, limit=limit)]
 
-    @router.post("/v1/followups/{followup_id}/assign", tags=["staff"], dependencies=[Depends(admin)])
+    @router.post("/v1/followups/{followup_id}/assign", tags=["staff"], dependencies=[Depends(admin)],
+                 responses={**ADMIN_ERRORS, **BODY_ERRORS, **refusals(404, e404="Unknown follow-up")})
     async def assign(followup_id: uuid.UUID, body: AssignIn) -> dict:
         async with runtime.pool.acquire() as conn:
             try:
@@ -183,7 +210,8 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             except feedback.FollowupNotFound:
                 raise HTTPException(404, {"reason": "unknown_followup"}) from None
 
-    @router.post("/v1/followups/{followup_id}/resolve", tags=["staff"], dependencies=[Depends(admin)])
+    @router.post("/v1/followups/{followup_id}/resolve", tags=["staff"], dependencies=[Depends(admin)],
+                 responses={**ADMIN_ERRORS, **BODY_ERRORS, **refusals(404, e404="Unknown follow-up")})
     async def resolve(followup_id: uuid.UUID, body: ResolveIn) -> dict:
         async def work(conn):
             row, msgs = await feedback.resolve_followup(conn, engine, followup_id, body.resolution)
@@ -193,13 +221,16 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
         except feedback.FollowupNotFound:
             raise HTTPException(404, {"reason": "unknown_followup"}) from None
 
-    @router.get("/v1/stats/satisfaction", tags=["staff"], dependencies=[Depends(admin)],
+    @router.get("/v1/stats/satisfaction", tags=["staff"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS,
                 summary="NPS, CSAT and response rate per store, category and month")
-    async def stats_satisfaction(since: datetime | None = None) -> list[dict]:
+    async def stats_satisfaction(since: Annotated[str | None, Query(description=TIME + "; default a year ago",
+                                                                    json_schema_extra={"format": "date-time"})] = None
+                                 ) -> list[dict]:
+        start = query_time(since, "since") or engine.clock() - timedelta(days=365)
         async with runtime.pool.acquire() as conn:
-            return await feedback.satisfaction(conn, since=since or engine.clock() - timedelta(days=365))
+            return await feedback.satisfaction(conn, since=start)
 
-    @router.get("/v1/stats/relationship", tags=["staff"], dependencies=[Depends(admin)],
+    @router.get("/v1/stats/relationship", tags=["staff"], dependencies=[Depends(admin)], responses=ADMIN_ERRORS,
                 summary="The relationship gap: first touchpoint after a sale, follow-up shares, response rate")
     async def stats_relationship(days: Annotated[int, Query(ge=1, le=3650)] = 30) -> dict:
         now = engine.clock()
@@ -219,7 +250,7 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return language(await conn.fetchval("SELECT locale FROM customers WHERE customer_id = $1", customer_id),
                             s.default_locale)
 
-    @router.get("/s/{token}", response_class=HTMLResponse, tags=["pages"], summary="The survey page")
+    @router.get("/s/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404, 410), summary="The survey page")
     async def survey_page(token: str) -> HTMLResponse:
         c = claims("survey", token)
         if c is None:
@@ -231,7 +262,8 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return HTMLResponse(pages.page(lang, "survey", message_key="unavailable"), status_code=410)
         return HTMLResponse(pages.survey_form(lang))
 
-    @router.post("/s/{token}", response_class=HTMLResponse, tags=["pages"])
+    @router.post("/s/{token}", response_class=HTMLResponse, tags=["pages"], summary="Answer the survey (a form)",
+                 responses=page_answers(404, 410, 413, 422, e422="No answer given (reason empty_answer) or a value out of range"))
     async def survey_answer(token: str, nps: Annotated[int | None, Form(ge=0, le=10)] = None,
                             csat: Annotated[int | None, Form(ge=1, le=5)] = None,
                             remark: Annotated[str | None, Form(max_length=4000)] = None) -> HTMLResponse:
@@ -252,14 +284,14 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
             return HTMLResponse(pages.page("en", "survey", message_key="unavailable"), status_code=410)
         return HTMLResponse(pages.page(await locale_of(customer_id), "survey", message_key="thanks"))
 
-    @router.get("/u/{token}", response_class=HTMLResponse, tags=["pages"], summary="Unsubscribe page")
+    @router.get("/u/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404), summary="Unsubscribe page")
     async def unsubscribe_page(token: str) -> HTMLResponse:
         c = claims("unsubscribe", token)
         if c is None:
             return HTMLResponse(pages.page("en", "unsub", message_key="bad_link"), status_code=404)
         return HTMLResponse(pages.unsubscribe_form(await locale_of(c["c"])))
 
-    @router.post("/u/{token}", response_class=HTMLResponse, tags=["pages"],
+    @router.post("/u/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404, 413),
                  summary="Unsubscribe (the form, and RFC 8058 one-click POST from a mail client)")
     async def unsubscribe(token: str) -> HTMLResponse:
         c = claims("unsubscribe", token)
@@ -271,14 +303,15 @@ def create_router(runtime: ServiceRuntime, engine: Engagement) -> APIRouter:
         await run(work)
         return HTMLResponse(pages.page(await locale_of(c["c"]), "unsub", message_key="unsub_done"))
 
-    @router.get("/c/{token}", response_class=HTMLResponse, tags=["pages"], summary="Remark or complaint page")
+    @router.get("/c/{token}", response_class=HTMLResponse, tags=["pages"], responses=page_answers(404), summary="Remark or complaint page")
     async def complaint_page(token: str) -> HTMLResponse:
         c = claims("complaint", token)
         if c is None:
             return HTMLResponse(pages.page("en", "complaint", message_key="bad_link"), status_code=404)
         return HTMLResponse(pages.complaint_form(await locale_of(c["c"])))
 
-    @router.post("/c/{token}", response_class=HTMLResponse, tags=["pages"])
+    @router.post("/c/{token}", response_class=HTMLResponse, tags=["pages"], summary="Send a remark or complaint (a form)",
+                 responses=page_answers(404, 413, 422))
     async def complaint(token: str, remark: Annotated[str, Form(min_length=1, max_length=4000)]) -> HTMLResponse:
         c = claims("complaint", token)
         if c is None:

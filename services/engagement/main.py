@@ -11,6 +11,7 @@ from services.engagement.channels import EmailChannel, Templates, WebhookChannel
 from services.engagement.dispatch import dispatch_until_idle
 from services.engagement.feedback import refresh_gauges
 from services.engagement.handlers import subscriptions
+from services.engagement.responses import body_limit
 from services.engagement.service import Clock, Engagement, JourneyBook, make_clock
 from services.engagement.settings import EngagementSettings
 from shared.http import create_service_app
@@ -70,7 +71,8 @@ def create_app(settings: EngagementSettings | None = None, *, clock: Clock | Non
         runtime.every(settings.dispatch_interval_s, f"engagement-dispatcher-{n}", dispatch)
     runtime.every(settings.metrics_interval_s, "engagement-gauges", lambda: refresh_gauges(runtime.pool, engine))
     runtime.add_readiness_check("journeys", journeys_loaded)
-    app = create_service_app(runtime, title="Loyalty engagement", description=DESCRIPTION)
+    app = create_service_app(runtime, title="Loyalty engagement", description=DESCRIPTION,
+                             body_limit=body_limit(settings.max_body_bytes))
     app.state.engine = engine
     app.include_router(create_router(runtime, engine))
     return app

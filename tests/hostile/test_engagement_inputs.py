@@ -7,6 +7,7 @@ import uuid
 from deploy.local.infra import free_port
 from shared.topics import ENGAGEMENT_DLQ, POINTS_EVENTS, PURCHASES_RECORDED
 from tests.support.engagement import (
+    ADMIN_KEY,
     BACKEND_KEY,
     NOON_UTC,
     TestClock,
@@ -66,3 +67,26 @@ async def test_bad_contact_requests_are_refused_with_the_reason(base_env, tmp_pa
                 assert page.status_code == 404 and "invalid" in page.text.lower()
             answer = await client.post("/s/forged.token", data={"nps": "10"})
             assert answer.status_code == 404
+
+
+async def test_bodies_it_cannot_read_and_odd_times_are_refused_in_its_own_error_shape(base_env, tmp_path):
+    customer = f"c-{uuid.uuid4().hex[:8]}"
+    with mail_catcher(tmp_path / "mail") as catcher:
+        settings = engagement_settings(base_env, smtp_port=catcher.port, http_port=free_port(), max_body_bytes=2000)
+        async with running_engagement(settings, TestClock(NOON_UTC)) as (_, client):
+            url, key = f"/v1/customers/{customer}/complaints", {"X-Backend-Key": BACKEND_KEY}
+            # not UTF-8: a 422 with FastAPI's list of errors, not a bare 400
+            latin = await client.post(url, content="{\"remark\": \"zażółć\"}".encode("latin-1", "replace")
+                                      .replace(b"?", b"\xb3"), headers={**key, "Content-Type": "application/json"})
+            assert latin.status_code == 422, latin.text
+            assert latin.json()["detail"][0]["type"] == "json_invalid_utf8"
+            # over ENGAGEMENT_MAX_BODY_BYTES: 413 in the shape of every other refusal
+            large = await client.post(url, json={"remark": "x" * 3000}, headers=key)
+            assert large.status_code == 413, large.text
+            assert large.json()["detail"]["reason"] == "body_too_large"
+            admin = {"X-Admin-Key": ADMIN_KEY}
+            for since in ("1700000000", "2026-12-07T08:00:00", "yesterday"):  # a number is not read as a timestamp
+                r = await client.get("/v1/stats/satisfaction", params={"since": since}, headers=admin)
+                assert r.status_code == 422 and r.json()["detail"]["reason"] == "invalid_time", (since, r.text)
+            ok = await client.get("/v1/stats/satisfaction", params={"since": "2026-01-01T00:00:00+01:00"}, headers=admin)
+            assert ok.status_code == 200 and ok.json() == [], ok.text

@@ -88,3 +88,20 @@ async def test_churn_answers_every_generated_request_as_its_openapi_document_say
         ready = await client.get("/readyz")
     assert ready.status_code == 200
     check(report, cases)
+
+
+async def test_engagement_answers_every_generated_request_as_its_openapi_document_says(base_env):
+    from deploy.local.infra import free_port
+    from services.engagement.main import create_app as create_engagement
+    from tests.support.engagement import ADMIN_KEY as ENGAGEMENT_ADMIN_KEY
+    from tests.support.engagement import engagement_settings
+
+    # No mail is sent here (nothing listens on the SMTP port: a send would be retried later);
+    # the app is served over ASGI, not on its HTTP port.
+    app = create_engagement(engagement_settings(base_env, smtp_port=free_port(), http_port=free_port()))
+    cases = openapi_cases(app, max_examples_per_mode=max_examples())
+    async with serving(app, "http://engagement") as client:
+        report = await fuzz(client, cases, auth=lambda op: {"X-Admin-Key": ENGAGEMENT_ADMIN_KEY})
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    check(report, cases)
