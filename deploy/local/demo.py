@@ -189,6 +189,24 @@ async def redemption_loop(env: dict[str, str], rate: float, tally: Tally, traffi
             await asyncio.sleep(interval_s)
 
 
+async def register_contacts(env: dict[str, str], traffic: Traffic) -> int:
+    """The demo customers' contact data and e-mail consent, given to the engagement service
+    (as a shop's back end would), so that its journeys mail them: every message lands in
+    MAIL_DIR (the local mail catcher). Idempotent; half Polish, half English."""
+    url, key = env["ENGAGEMENT_URL"], env["ENGAGEMENT_ADMIN_API_KEY"]
+    async with httpx.AsyncClient(timeout=15, headers={"X-Admin-Key": key}) as http:
+        async def one(i: int, customer: str) -> bool:
+            r = await http.put(f"{url}/v1/customers/{customer}/contact", json={
+                "email": f"{customer}@example.com", "locale": "pl-PL" if i % 2 else "en-GB",
+                "time_zone": "Europe/Warsaw", "consent": {"email": True}, "source": "demo"})
+            return r.is_success
+        done = 0
+        for start in range(0, len(traffic.customers), 50):
+            chunk = list(enumerate(traffic.customers))[start:start + 50]
+            done += sum(await asyncio.gather(*(one(i, c) for i, c in chunk)))
+    return done
+
+
 async def watch(bootstrap: str, topics: list[str], tally: Tally) -> None:
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="latest")
     await consumer.start()
@@ -281,6 +299,11 @@ async def main(endpoints: Path, *, rate: float = 200.0, seconds: float | None = 
     if env.get("CHURN_URL"):
         print(f"customer relationship dashboard: {env['CHURN_URL']}/dashboard "
               f"(sign in with CHURN_ADMIN_API_KEY from {endpoints})", flush=True)
+    if env.get("ENGAGEMENT_URL") and env.get("ENGAGEMENT_ADMIN_API_KEY"):
+        registered = await register_contacts(env, traffic)
+        print(f"{registered} demo customers consented to e-mail: the messages they get (thank-yous, welcomes, "
+              f"surveys) are .eml files in {env.get('MAIL_DIR', '.run/mail')} (quiet hours 21:00-08:00 Warsaw "
+              "time defer them)", flush=True)
     try:
         async with httpx.AsyncClient() as http:
             while seconds is None or time.monotonic() - started < seconds:

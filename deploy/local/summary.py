@@ -35,7 +35,8 @@ SERVICE_COUNTERS: dict[str, list[Shown]] = {
                Shown("reversed", "ledger_points_reversed_total")],
     "rewards": [Shown("fulfilled", "rewards_redemptions_total", (("outcome", "fulfilled"),)),
                 Shown("failed", "rewards_redemptions_total", (("outcome", "failed"),))],
-    "engagement": [Shown("messages", "engagement_messages_total")],
+    "engagement": [Shown("messages sent", "engagement_deliveries_total", (("outcome", "delivered"),)),
+                   Shown("failed", "engagement_deliveries_total", (("outcome", "failed"),))],
     "churn": [Shown("alerts", "churn_alerts_total")],
 }
 

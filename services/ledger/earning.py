@@ -144,7 +144,8 @@ async def apply_purchases(ledger: Ledger, batch: Batch[Any]) -> None:
         cause, history = str(event.event_id), p.history
         rules = ledger.programs.at(event.recorded_at)
         try:
-            outcomes = PURCHASE_ACTIONS[event.type](earning, event, rules.program, rules.version)
+            program = ledger.programs.with_rate_for(rules, p.currency)
+            outcomes = PURCHASE_ACTIONS[event.type](earning, event, program, rules.version)
         except d.LedgerError as exc:  # unknown currency, points out of range
             batch.refuse(item, exc.reason, [{"loc": ["payload"], "msg": str(exc), "type": exc.reason}])
             continue

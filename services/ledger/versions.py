@@ -99,6 +99,23 @@ class ProgramStore:
         i = bisect.bisect_right(self._order, (when, sys.maxsize)) - 1
         return self._versions[max(i, 0)]
 
+    def with_rate_for(self, rules: ProgramVersion, currency: str) -> Program:
+        """`rules`' program, knowing `currency` if any version does. A rate is a fact about
+        money, not a rule: a purchase in a currency its version had no rate for (dead-lettered
+        as unknown_currency, then replayed once an operator saved a version adding the rate)
+        converts at the rate of the first later version that has one. A rebuild from the
+        topics gives the same: it knows every version from the start."""
+        program = rules.program
+        if program.rate_to_program_currency(currency) is not None:
+            return program
+        for later in sorted(self._versions, key=lambda v: (v.effective_from, v.version)):
+            if later.effective_from >= rules.effective_from and later.version != rules.version:
+                rate = later.program.rate_to_program_currency(currency)
+                if rate is not None and later.program.currency == program.currency:
+                    return program.model_copy(update={"currency_rates": {**program.currency_rates,
+                                                                         currency.upper(): rate}})
+        return program
+
     def in_force(self) -> ProgramVersion:
         return self.at(self._clock())
 
