@@ -17,8 +17,9 @@ SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """No reset query when a connection goes back to the pool: one round trip less per use.
-    Safe because the services never change session state (no SET, LISTEN or session-level
-    advisory locks on pooled connections; the relay's lock is transaction-scoped)."""
+    Safe because the services never leave session state behind (no SET or LISTEN; the relay's
+    lock is transaction-scoped; the one session-level advisory lock, churn's evaluation lock,
+    is released before release, and its connection terminated if that fails)."""
 
 
 async def create_pool(dsn: str, *, schema: str, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:

@@ -173,4 +173,10 @@ async def with_lock(pool: asyncpg.Pool, key: int, work) -> Any:
         try:
             return await work(conn)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            try:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            except BaseException:
+                # The pool does not reset sessions (shared/db.py): a connection that might
+                # still hold the lock never goes back to it; the lock ends with the session.
+                conn.terminate()
+                raise
