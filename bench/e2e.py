@@ -16,7 +16,7 @@ Phases:
     of the earn path (purchases, ledger, PostgreSQL, the broker) spent from the first send of a
     burst until its last PointsEarned, divided by its purchases; the other services' CPU
     (rewards, churn, engagement: they consume the same topics) is reported beside it;
- 6. idle CPU: every service up, no traffic, as a share of one core.
+ 6. idle CPU (measured first): every service up, no traffic ever, as a share of one core.
 Every service under services/ runs from the start, so the figures hold with all of them up.
 Prints a progress line while running, a table, and one JSON line of figures.
 """
@@ -177,15 +177,25 @@ async def steady_cpu(env, watcher, services: list[Service], events: int, custome
             "cpu_us_per_purchase_all_processes": round(sum(per_purchase.values()), 1)}
 
 
-async def idle_cpu(env, services: list[Service], seconds: float) -> dict:
-    """Every service up, no traffic: CPU as a share of one core, in all and by process."""
-    await asyncio.sleep(3)  # the last batches committed, relays and commits flushed
+async def idle_cpu(env, seconds: float, settle_s: float = 8.0) -> dict:
+    """Every service up, no traffic ever: CPU as a share of one core, in all and by process.
+    Measured first, on services of their own (stopped afterwards): after traffic, the slower
+    consumers (churn, engagement) and engagement's dispatcher still work off what came, which
+    is not what an idle shop costs."""
+    services = [Service(env, name, {"TOPIC_PARTITIONS": str(PARTITIONS), **settings})
+                for name, settings in service_settings().items()]
+    for service in services:
+        service.start()
+    await asyncio.gather(*(service.wait_ready() for service in services))
+    await asyncio.sleep(settle_s)  # groups joined, start-up jobs done
     groups = process_groups(env, services)
     before = {name: cpu_seconds(pids) for name, pids in groups.items()}
     progress(f"idle: measuring {seconds:.0f} s with no traffic")
     await asyncio.sleep(seconds)
     progress_done()
     share = {name: round((cpu_seconds(pids) - before[name]) / seconds * 100, 1) for name, pids in groups.items()}
+    for service in services:
+        service.stop()
     return {"idle_cpu_pct": round(sum(share.values()), 1), "by_process": share, "seconds": seconds}
 
 
@@ -308,12 +318,12 @@ async def main() -> None:
         watcher = EarnedWatcher(env.bootstrap)
         await watcher.start()
         try:
+            idle = await idle_cpu(env, size["idle_s"])
+            figures["idle_cpu_pct"], figures["idle"] = idle["idle_cpu_pct"], idle
             s = await sustained(env, watcher, size["events"], args.customers)
             figures["sustained"] = {k: v for k, v in s.items() if k != "services"}
             figures["steady"] = await steady_cpu(env, watcher, s["services"], size["steady"], args.customers)
             figures["cpu_us_per_purchase"] = figures["steady"]["cpu_us_per_purchase"]
-            idle = await idle_cpu(env, s["services"], size["idle_s"])
-            figures["idle_cpu_pct"], figures["idle"] = idle["idle_cpu_pct"], idle
             figures["latency"] = [await latency_at(env, watcher, r, size["latency_s"], args.customers) for r in rates]
             figures["redemption"] = [await redemption.measure(env, s["services"], rate=r, seconds=size["redeem_s"])
                                      for r in REDEMPTION_RATES]
