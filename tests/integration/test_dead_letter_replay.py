@@ -3,8 +3,6 @@ the use case refused is listed by reason, shown with its original, and after the
 replay by reason applies it exactly once; a second replay is "already_replayed"; who
 replayed it is on record; the admin key guards it all."""
 
-import asyncio
-import time
 import uuid
 
 import asyncpg
@@ -16,6 +14,7 @@ from shared.pipeline import Batch, Subscription, pydantic_decoder
 from shared.runtime import ServiceRuntime
 from shared.settings import ServiceSettings
 from tests.integration.test_pipeline_runtime import MIGRATIONS, Ping, ping, wait_for_rows
+from tests.support.hostile import eventually
 from tests.support.kafka import produce
 
 ADMIN = "admin-key-for-the-test"
@@ -41,13 +40,6 @@ class UnluckyApply:
         await batch.conn.executemany("INSERT INTO pings (event_id, topic, n) VALUES ($1, $2, $3)", rows)
 
 
-async def wait_until(check, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.1)
 
 
 async def test_a_refused_record_is_listed_shown_and_replayed_once_after_the_fix(base_env, kafka_bootstrap,
@@ -71,7 +63,7 @@ async def test_a_refused_record_is_listed_shown_and_replayed_once_after_the_fix(
             async def listed():
                 page = (await http.get("/v1/admin/dead-letters", params={"reason": "unlucky"})).json()
                 return page if page["items"] else None
-            page = await wait_until(listed)
+            page = await eventually(listed)
             assert page["counts_by_reason"] == {"unlucky": 1}
             letter = page["items"][0]
             assert letter["original_topic"] == settings.topic("pings.a") and letter["replayed_at"] is None

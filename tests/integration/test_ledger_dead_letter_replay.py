@@ -2,25 +2,17 @@
 operator, and earns once a program version adds the rate and the dead letter is replayed:
 real broker and PostgreSQL."""
 
-import asyncio
-import time
 
 import pytest
 
 from shared.topics import POINTS_EVENTS, PURCHASES_RECORDED
+from tests.support.hostile import eventually
 from tests.support.kafka import consume, produce, unique
 from tests.support.ledger import ADMIN, ledger_settings, purchase_recorded, running_ledger
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def until(check, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.1)
 
 
 async def test_a_usd_purchase_waits_in_the_dead_letters_and_earns_once_a_rate_is_added(base_env, kafka_bootstrap):
@@ -34,7 +26,7 @@ async def test_a_usd_purchase_waits_in_the_dead_letters_and_earns_once_a_rate_is
             page = (await client.get("/v1/admin/dead-letters", headers=ADMIN,
                                      params={"reason": "unknown_currency"})).json()
             return page["items"]
-        [letter] = await until(waiting)
+        [letter] = await eventually(waiting)
         assert (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).status_code in (200, 404)
 
         program = (await client.get("/v1/admin/program", headers=ADMIN)).json()["program"]
@@ -50,7 +42,7 @@ async def test_a_usd_purchase_waits_in_the_dead_letters_and_earns_once_a_rate_is
         async def balance():
             r = await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)
             return r.json() if r.status_code == 200 and r.json()["pending_points"] else None
-        after = await until(balance)
+        after = await eventually(balance)
     assert [o["outcome"] for o in replay["outcomes"]] == ["replayed"]
     assert [o["outcome"] for o in again["outcomes"]] == ["already_replayed"]
     earned = [e for e in events if e["type"] == "PointsEarned" and e["customer_id"] == customer]

@@ -4,14 +4,13 @@ in (here: the age limit raised for a store whose tills had their clocks wrong), 
 reason and recorded exactly once; a second replay changes nothing. (An HTTP client is told
 its refusal in the answer, 4xx: nothing of it is dead-lettered.)"""
 
-import asyncio
-import time
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
 
 from shared.topics import PURCHASES_RAW, PURCHASES_RECORDED
+from tests.support.hostile import eventually
 from tests.support.kafka import consume, produce
 from tests.support.purchases import purchases_settings, running_purchases, sale
 
@@ -27,13 +26,6 @@ async def recorded(dsn: str, purchase_id: str) -> int:
         await conn.close()
 
 
-async def until(check, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.1)
 
 
 async def test_a_refused_purchase_is_replayed_once_after_the_fix(base_env, kafka_bootstrap):
@@ -46,7 +38,7 @@ async def test_a_refused_purchase_is_replayed_once_after_the_fix(base_env, kafka
             page = (await client.get("/v1/admin/dead-letters", headers=ADMIN,
                                      params={"reason": "timestamp_too_old"})).json()
             return page["items"]
-        [letter] = await until(listed)
+        [letter] = await eventually(listed)
         over_http = sale(customer_id="c-http", occurred_at=datetime.now(timezone.utc) - timedelta(days=600))
         http_refused = await client.post("/v1/purchases", headers={"X-API-Key": "key-store-1"}, json=over_http)
     assert letter["door"] == "kafka" and letter["original_topic"] == strict.topic(PURCHASES_RAW)
@@ -58,7 +50,7 @@ async def test_a_refused_purchase_is_replayed_once_after_the_fix(base_env, kafka
     async with running_purchases(fixed) as (_, client):
         first = (await client.post("/v1/admin/dead-letters/replay", headers=ADMIN,
                                    json={"reason": "timestamp_too_old", "actor": "ops-anna"})).json()
-        assert await until(lambda: recorded(fixed.database_url, old["purchase_id"])) == 1
+        assert await eventually(lambda: recorded(fixed.database_url, old["purchase_id"])) == 1
         again = (await client.post("/v1/admin/dead-letters/replay", headers=ADMIN,
                                    json={"ids": [letter["dead_letter_id"]], "actor": "ops-anna"})).json()
         events = await consume(kafka_bootstrap, fixed.topic(PURCHASES_RECORDED), count=1)
