@@ -44,7 +44,7 @@ async def test_500_concurrent_requests_against_a_balance_covering_k_give_exactly
         topic = settings.topic(REWARDS_EVENTS)
         # five producers at once, interleaving their requests
         await asyncio.gather(*(produce(kafka_bootstrap, topic, requests[i::5], key=customer) for i in range(5)))
-        events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=501, timeout_s=90)
+        events = await consume(kafka_bootstrap, settings.topic(POINTS_EVENTS), count=501, timeout_s=240)
         balance = (await client.get(f"/v1/customers/{customer}/balance", headers=ADMIN)).json()
     held = [e for e in events if e["type"] == "PointsHeld"]
     rejected = [e for e in events if e["type"] == "PointsHoldRejected"]
