@@ -144,11 +144,14 @@ async def sustained(env, watcher, events: int, customers: int) -> dict:
 def service_settings() -> dict[str, dict[str, str]]:
     """Every service of the platform, each with what the bench needs of it. The ledger and
     rewards get the redemption phase's keys up front: no restart (a restarted member rejoining
-    its group can wait long on the embedded broker's coordinator)."""
+    its group can wait long on the embedded broker's coordinator). Consumer timing is the
+    production default (heartbeat 3 s, session 10 s), not the harness's quick-failover one:
+    nothing is killed here, and heartbeats are a third of what an idle stack costs."""
     names = sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
     own = {"ledger": {"SCHEDULER_INTERVAL_S": "3600", "ADMIN_API_KEY": redemption.ADMIN_KEY},
            "rewards": redemption.REWARDS_SETTINGS}
-    return {name: {"ADMIN_API_KEY": redemption.ADMIN_KEY, **own.get(name, {})} for name in names}
+    timing = {"CONSUMER_SESSION_TIMEOUT_MS": "10000", "CONSUMER_HEARTBEAT_INTERVAL_MS": "3000"}
+    return {name: {"ADMIN_API_KEY": redemption.ADMIN_KEY, **timing, **own.get(name, {})} for name in names}
 
 
 def process_groups(env, services: list[Service]) -> dict[str, list[int]]:

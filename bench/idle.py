@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.idle [--seconds 20] [--settle-seconds 8]
 
-Starts its own broker and PostgreSQL and the three services (purchases, ledger, rewards) as
+Starts its own broker and PostgreSQL and every service (as `make bench` does) as
 real processes, waits until they are ready and have settled (consumer groups joined), then
 measures the CPU each process uses over --seconds with no traffic at all, and prints it as a
 share of one core, plus a JSON line. On a small shop's server this is the floor every other
@@ -17,16 +17,17 @@ import asyncio
 import json
 import os
 
+from bench.e2e import service_settings
 from bench.harness import Service, cpu_seconds, infra, pg_processes, process_tree
 
-SERVICES = ("purchases", "ledger", "rewards")
 
 
 async def run(args: argparse.Namespace) -> dict:
     extra = json.loads(os.environ.get("BENCH_SERVICE_ENV", "{}"))
     with infra(durable=True) as env:
-        own = {"ledger": {"SCHEDULER_INTERVAL_S": "60"}, "rewards": {"JWT_SECRET": "idle-bench-" + "x" * 32}}
-        services = [Service(env, name, {**own.get(name, {}), **extra}) for name in SERVICES]
+        own = {"ledger": {"SCHEDULER_INTERVAL_S": "60"}}
+        services = [Service(env, name, {**settings, **own.get(name, {}), **extra})
+                    for name, settings in service_settings().items()]
         for service in services:
             service.start()
             await service.wait_ready()

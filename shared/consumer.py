@@ -19,6 +19,7 @@ to patch its private internals. FastStream still describes every topic (AsyncAPI
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,11 @@ class Lane:
     instances: int = 1
     max_records: int = 1000
     poll_timeout_ms: int = 1000
+    # Idle mode: after `idle_after_ms` without a record the consumer stops fetching (its
+    # partitions paused) and looks once per `idle_poll_ms`, until a record comes or `wake()`
+    # is called. 0 disables it (the consumer then fetches every fetch_max_wait_ms forever).
+    idle_after_ms: int = 0
+    idle_poll_ms: int = 0
 
 
 class _Revocation(ConsumerRebalanceListener):
@@ -87,7 +93,11 @@ class ConsumerLoop:
         self._task: asyncio.Task[None] | None = None
         self._commit_timer: asyncio.Task[None] | None = None
         self._stopping = False
+        self._wakeup = asyncio.Event()
+        self._paused = False  # partitions paused by idle mode
+        self._last_records = 0.0  # monotonic time of the last batch with records (or of wake())
         self.batches = 0  # batches committed (tests wait on state, this is for diagnostics)
+        self.idle_looks = 0  # looks made in idle mode (diagnostics)
 
     @property
     def topics(self) -> list[str]:
@@ -105,6 +115,7 @@ class ConsumerLoop:
         """Finish the batch in flight (or abandon it uncommitted after `grace_s`), commit what
         is pending, leave the group."""
         self._stopping = True
+        self._wakeup.set()  # out of an idle wait at once
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=grace_s)
@@ -127,12 +138,75 @@ class ConsumerLoop:
         await asyncio.wait_for(self.consumer.topics(), timeout=2)
         return True
 
+    def wake(self) -> None:
+        """Leave idle mode now, and stay out of it for idle_after_ms: a record is expected
+        (e.g. the answer to a request this service just sent)."""
+        self._last_records = time.monotonic()
+        self._wakeup.set()
+
+    def _idle(self) -> bool:
+        lane = self.lane
+        return bool(lane.idle_poll_ms) and time.monotonic() - self._last_records > lane.idle_after_ms / 1000
+
+    async def _poll(self) -> dict[TopicPartition, list[Any]]:
+        """One poll. Busy: fetch (the broker holds an empty fetch fetch_max_wait_ms). Idle:
+        every partition paused, so no fetch is sent at all; once per idle_poll_ms one
+        ListOffsets request asks whether anything came past this consumer's positions (on the
+        embedded broker a tenth of an empty fetch's cost), and only then, or at wake(), the
+        partitions are resumed for a fetch."""
+        if not self._idle():
+            if self._paused:  # left idle mode by wake() while a look was under way
+                self._resume()
+            batches = await self.consumer.getmany(timeout_ms=self.lane.poll_timeout_ms,
+                                                  max_records=self.lane.max_records)
+        else:
+            assigned = self.consumer.assignment()
+            if assigned:
+                self.consumer.pause(*assigned)
+                self._paused = True
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self.lane.idle_poll_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
+            self.idle_looks += 1
+            if not self._wakeup.is_set() and not await self._news(assigned):
+                return {}
+            self._resume()
+            # Records already fetched come back at once; else one fetch round (the broker
+            # answers an empty fetch after fetch_max_wait_ms) and a margin, not two rounds.
+            batches = await self.consumer.getmany(timeout_ms=self.lane.fetch_max_wait_ms + 15,
+                                                  max_records=self.lane.max_records)
+        if any(batches.values()):
+            self._last_records = time.monotonic()
+        return batches
+
+    def _resume(self) -> None:
+        paused = self.consumer.paused()
+        if paused:
+            self.consumer.resume(*paused)
+        self._paused = False
+
+    async def _news(self, partitions: set[TopicPartition]) -> bool:
+        """Whether any of these partitions holds records past this consumer's position (or
+        that cannot be told: then a fetch finds out)."""
+        if not partitions:
+            return False
+        try:
+            ends = await asyncio.wait_for(self.consumer.end_offsets(list(partitions)), timeout=5)
+            for tp, end in ends.items():
+                if end > await asyncio.wait_for(self.consumer.position(tp), timeout=1):
+                    return True
+        except Exception:  # noqa: BLE001 - a rebalance, the broker away: let a fetch tell
+            return True
+        return False
+
     async def _run(self) -> None:
         backoff_s = retry_s = 0.1
+        self._last_records = time.monotonic()
         while not self._stopping:
             try:
-                batches = await self.consumer.getmany(timeout_ms=self.lane.poll_timeout_ms,
-                                                      max_records=self.lane.max_records)
+                batches = await self._poll()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the broker away, a rebalance: poll again

@@ -76,9 +76,18 @@ class ServiceRuntime:
         wait = fetch_max_wait_ms if fetch_max_wait_ms is not None else (
             s.consumer_bulk_fetch_max_wait_ms if bulk else s.consumer_fetch_max_wait_ms)
         lane = Lane(name, fetch_max_wait_ms=wait, instances=instances,
-                    max_records=max_records or s.consumer_batch_max_records)
+                    max_records=max_records or s.consumer_batch_max_records,
+                    idle_after_ms=s.consumer_idle_after_ms,
+                    idle_poll_ms=s.consumer_bulk_idle_poll_ms if bulk else s.consumer_idle_poll_ms)
         self.lanes[name] = lane
         return lane
+
+    def wake_lane(self, name: str) -> None:
+        """A record is expected on this lane soon (the answer to a request just sent): its
+        consumers leave idle mode now instead of at their next idle poll."""
+        for consumer in self.consumers:
+            if consumer.lane.name == name:
+                consumer.wake()
 
     def subscribe(self, subscription: Subscription) -> None:
         """Read `subscription.topic` through the pipeline, in the subscription's lane (declared

@@ -72,6 +72,11 @@ def service_env(kafka_bootstrap: str, database_url: str, topic_prefix: str) -> d
         "CONSUMER_SESSION_TIMEOUT_MS": "2000",
         "CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
         "OUTBOX_POLL_INTERVAL_MS": "50",
+        # Idle mode stays on (its path runs in every test) but looks often: a test's record
+        # after a quiet spell is read within ~50 ms, not a production idle poll.
+        "CONSUMER_IDLE_AFTER_MS": "500",
+        "CONSUMER_IDLE_POLL_MS": "50",
+        "CONSUMER_BULK_IDLE_POLL_MS": "50",
         "LOG_JSON": "false",
     }
 

@@ -36,6 +36,8 @@ def create_app(settings: RewardsSettings | None = None) -> FastAPI:
     def wake_relay() -> None:
         if runtime.relay is not None:
             runtime.relay.wake()
+        # What rewards sends the ledger is answered on points.events: out of idle mode now.
+        runtime.wake_lane("points-events")
 
     ctx = RewardsContext(settings=settings, pool_getter=pool, wake_relay=wake_relay)
     declare_publishers(runtime.broker, ctx)

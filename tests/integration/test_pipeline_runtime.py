@@ -34,8 +34,9 @@ async def apply_pings(batch: Batch[Ping]) -> None:
                                  [(i.event.event_id, i.record.topic, i.event.n) for i in batch.items])
 
 
-def runtime_for(base_env: dict[str, str], topics: tuple[str, str]) -> ServiceRuntime:
-    settings = ServiceSettings(**{k.lower(): v for k, v in base_env.items()}, consumer_commit_interval_ms=50)
+def runtime_for(base_env: dict[str, str], topics: tuple[str, str], **overrides) -> ServiceRuntime:
+    settings = ServiceSettings(**{**{k.lower(): v for k, v in base_env.items()}, "consumer_commit_interval_ms": 50,
+                                  **overrides})
     runtime = ServiceRuntime(settings, service="pipetest", schema="pipetest", migrations_dir=MIGRATIONS,
                              description="a toy service", topics=topics + ("pings.dlq",))
     runtime.lane("main", bulk=False)
@@ -108,6 +109,50 @@ async def test_a_restarted_runtime_resumes_after_what_it_committed(base_env, kaf
         assert await wait_for_rows(database_url, 30) == 30
     finally:
         await second.stop()
+
+
+async def until(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the state never came"
+        await asyncio.sleep(0.02)
+
+
+def idle(consumer) -> bool:
+    """Idle mode as the broker sees it: every assigned partition paused (no fetch is sent)."""
+    assigned = consumer.consumer.assignment()
+    return bool(assigned) and consumer.consumer.paused() == assigned
+
+
+async def test_an_idle_consumer_stops_fetching_and_still_reads_what_comes_later(base_env, kafka_bootstrap,
+                                                                               database_url, topic_prefix):
+    runtime = runtime_for(base_env, ("pings.a", "pings.b"), consumer_idle_after_ms=200, consumer_idle_poll_ms=100)
+    await runtime.start()
+    try:
+        [consumer] = runtime.consumers
+        await until(lambda: consumer.consumer.assignment())
+        await until(lambda: idle(consumer) and consumer.idle_looks >= 3)  # paused, looking
+        await produce(kafka_bootstrap, f"{topic_prefix}pings.b", [ping(n) for n in range(5)], key_field="customer_id")
+        assert await wait_for_rows(database_url, 5) == 5  # a look saw the records, a fetch read them
+        await until(lambda: idle(consumer))  # and idle again once nothing more comes
+    finally:
+        await runtime.stop()
+
+
+async def test_wake_takes_a_consumer_out_of_idle_mode_at_once(base_env):
+    # An idle poll of a minute: only wake() can resume the partitions within this test.
+    runtime = runtime_for(base_env, ("pings.a", "pings.b"), consumer_idle_after_ms=200, consumer_idle_poll_ms=60_000)
+    await runtime.start()
+    try:
+        [consumer] = runtime.consumers
+        await until(lambda: idle(consumer))
+        looks = consumer.idle_looks
+        runtime.wake_lane("main")
+        await until(lambda: not consumer.consumer.paused())  # fetching again
+        assert consumer.idle_looks == looks + 1  # the wait was cut short, not timed out
+        await until(lambda: idle(consumer))  # idle_after_ms later, idle again
+    finally:
+        await runtime.stop()
 
 
 def test_the_asyncapi_document_describes_each_subscription_with_its_schema(base_env):
