@@ -11,20 +11,17 @@ from typing import Any
 
 import asyncpg
 
-from services.ledger.domain import (
+from services.ledger.domain.accounts import (
     PROGRAM_ACCOUNTS,
     Account,
-    Adjustment,
-    CustomerBook,
-    Hold,
-    LineEarning,
-    Lot,
     Phase,
     Transfer,
     available_account,
     debt_account,
     pending_account,
 )
+from services.ledger.domain.adjustments import Adjustment
+from services.ledger.domain.books import CustomerBook, Hold, LineEarning, Lot
 
 # ---- customers and accounts -----------------------------------------------------------------
 

@@ -4,7 +4,7 @@ and what is due for a customer at a time. The use cases, one module each: earnin
 (purchases.recorded), redemptions.py (rewards.events), adjustments.py (admin API and
 ledger.adjustments), scheduler.py, queries.py (reads). Each takes its inputs and
 dependencies, owns one transaction (the shared pipeline's for an input): lock the
-customers, load what the rules need, apply the rules (domain.py), write transfers, lots,
+customers, load what the rules need, apply the rules (domain/), write transfers, lots,
 accounts and the outbox together, commit.
 
 Concurrency: every change to a customer's points happens with that customer's row locked
