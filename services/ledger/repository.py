@@ -394,8 +394,12 @@ async def save_holds(conn: asyncpg.Connection, *, holds: Sequence[Hold]) -> None
 # ---- adjustments ----------------------------------------------------------------------------
 
 
-async def find_adjustment(conn: asyncpg.Connection, *, adjustment_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM adjustments WHERE adjustment_id = $1", adjustment_id)
+async def find_adjustment(conn: asyncpg.Connection, *, adjustment_id: uuid.UUID) -> Adjustment | None:
+    r = await conn.fetchrow("SELECT * FROM adjustments WHERE adjustment_id = $1", adjustment_id)
+    if r is None:
+        return None
+    return Adjustment(r["adjustment_id"], r["customer_id"], r["amount_points"], r["reason_code"], r["actor"], r["note"],
+                      r["created_at"])
 
 
 _INSERT_ADJUSTMENTS = """

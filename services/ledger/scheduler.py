@@ -70,9 +70,9 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
     out = Emitter(ledger, now)
     await uow.lock(chunk)
     ids = sorted(uow.books)
-    qualifying = await repo.qualifying_points(conn, customer_ids=ids, window_start=uow.window_start)
-    uow.attach_lots(await repo.open_lots(conn, customer_ids=ids))
-    uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=ids, now=now))
+    qualifying = await uow.store.qualifying_points(customer_ids=ids, window_start=uow.window_start)
+    uow.attach_lots(await uow.store.open_lots(customer_ids=ids))
+    uow.attach_holds(await uow.store.timed_out_holds(customer_ids=ids, now=now))
     remind_until = now + timedelta(days=ledger.settings.expiry_reminder_days)
     today = now.date()
     for cid in ids:
