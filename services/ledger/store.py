@@ -67,6 +67,15 @@ class LedgerStore(Protocol):
 
     async def save(self, changes: Changes) -> None: ...
 
+    async def due_customers(self, *, now: datetime, remind_until: datetime, aged_out_from: datetime,
+                            aged_out_until: datetime, after: str, limit: int) -> list[str]:
+        """The scheduler's next customers after `after` with something due (repository.due_customers)."""
+
+    async def scheduler_mark(self, *, name: str) -> datetime | None: ...
+
+    async def set_scheduler_mark(self, *, name: str, value: datetime) -> None:
+        """Never moves a mark back."""
+
 
 class PostgresLedgerStore:
     """The repository's functions on one connection, inside its caller's transaction."""
@@ -125,3 +134,14 @@ class PostgresLedgerStore:
         await repo.update_customers(conn, books=changes.books)
         # Last: the shared program-account rows are locked only for the end of the transaction.
         await repo.add_to_accounts(conn, transfers=changes.transfers)
+
+    async def due_customers(self, *, now: datetime, remind_until: datetime, aged_out_from: datetime,
+                            aged_out_until: datetime, after: str, limit: int) -> list[str]:
+        return await repo.due_customers(self.conn, now=now, remind_until=remind_until, aged_out_from=aged_out_from,
+                                        aged_out_until=aged_out_until, after=after, limit=limit)
+
+    async def scheduler_mark(self, *, name: str) -> datetime | None:
+        return await repo.scheduler_mark(self.conn, name=name)
+
+    async def set_scheduler_mark(self, *, name: str, value: datetime) -> None:
+        await repo.set_scheduler_mark(self.conn, name=name, value=value)

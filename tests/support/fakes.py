@@ -31,6 +31,17 @@ class FakeConnection:
         """Run `effect` when this transaction commits (never if it rolls back)."""
         self._on_commit.append(effect)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self, **_options: Any):
+        """asyncpg's conn.transaction() (isolation and read-only options are not modelled)."""
+        await self.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            await self.execute("ROLLBACK")
+            raise
+        await self.execute("COMMIT")
+
     def _maybe_fail(self) -> None:
         if self.db.fail_next:
             raise self.db.fail_next.pop(0)

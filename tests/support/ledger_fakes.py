@@ -9,7 +9,7 @@ import itertools
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from services.ledger import domain as d
 from services.ledger.adjustments import AdjustmentOutcome, adjust_points
 from services.ledger.handlers import subscriptions
 from services.ledger.program import Program
+from services.ledger.scheduler import SchedulerRun, run_scheduler
 from services.ledger.repository import PurchaseKey, account_deltas
 from services.ledger.service import Ledger
 from services.ledger.settings import LedgerSettings
@@ -43,6 +44,7 @@ class MemoryLedgerTables:
         self.holds: dict[uuid.UUID, d.Hold] = {}
         self.adjustments: dict[uuid.UUID, d.Adjustment] = {}
         self.transfers: dict[uuid.UUID, d.Transfer] = {}
+        self.scheduler_marks: dict[str, datetime] = {}
 
     def store(self, conn: FakeConnection) -> "MemoryLedgerStore":
         """Ledger.store: the store of one connection's transactions."""
@@ -81,6 +83,13 @@ class MemoryLedgerStore:
         self.tables = tables
         self.conn = conn
 
+    def _write(self, effect: Callable[[], None]) -> None:
+        """At the commit inside a transaction; at once outside one (autocommit)."""
+        if self.conn.in_transaction:
+            self.conn.on_commit(effect)
+        else:
+            effect()
+
     # ---- customers ----------------------------------------------------------------------
 
     async def lock_customers(self, *, customer_ids: Iterable[str]) -> tuple[dict[str, d.CustomerBook], int | None]:
@@ -97,7 +106,7 @@ class MemoryLedgerStore:
                 for k in ("available", "pending", "debt"):
                     t.accounts.setdefault(f"customer:{c}:{k}", [0, 0, 0, 0])
 
-        self.conn.on_commit(insert)
+        self._write(insert)
         books = {c: d.CustomerBook.new(c, tier) for c in new}
         return {**books, **{c: t.book(c) for c in customer_ids if c in t.customers}}
 
@@ -191,7 +200,28 @@ class MemoryLedgerStore:
             t.customers.update(books)
             t.accounts.update(accounts)
 
-        self.conn.on_commit(apply)
+        self._write(apply)
+
+    # ---- the scheduler --------------------------------------------------------------------
+
+    async def due_customers(self, *, now: datetime, remind_until: datetime, aged_out_from: datetime,
+                            aged_out_until: datetime, after: str, limit: int) -> list[str]:
+        def due(x: d.Lot) -> bool:
+            spendable = x.remaining_points > 0 and not x.pending
+            return ((x.pending and x.matures_at <= now) or (spendable and x.expires_at <= now)
+                    or (spendable and x.expires_at <= remind_until and x.reminded_on is None and not x.history)
+                    or (x.qualifying and aged_out_from < x.occurred_at <= aged_out_until))
+
+        customers = {x.customer_id for x in self.tables.lots.values() if due(x)}
+        customers |= {h.customer_id for h in self.tables.holds.values() if h.state == "held" and h.expires_at <= now}
+        return sorted(c for c in customers if c > after)[:limit]
+
+    async def scheduler_mark(self, *, name: str) -> datetime | None:
+        return self.tables.scheduler_marks.get(name)
+
+    async def set_scheduler_mark(self, *, name: str, value: datetime) -> None:
+        marks = self.tables.scheduler_marks
+        self._write(lambda: marks.__setitem__(name, max(value, marks.get(name, value))))
 
 
 def _unique(key: str, new: list[Any], existing: Any) -> None:
@@ -244,6 +274,10 @@ class LedgerHarness:
                           key=(e.get("customer_id") or "").encode(), topic=sub.topic, partition=0,
                           offset=next(self._offsets)) for e in envelopes]
         return await self.pipeline.process(sub, records)
+
+    async def run_scheduler(self) -> SchedulerRun:
+        """One round of the scheduler at the harness's clock."""
+        return await run_scheduler(self.pool, self.ledger)
 
     async def adjust(self, customer_id: str, amount_points: int, *, adjustment_id: uuid.UUID,
                      reason_code: str = "goodwill", actor: str = "ops@test", note: str | None = None,

@@ -161,3 +161,35 @@ async def test_a_refused_debit_rolls_back_with_its_event_and_a_replayed_adjustme
     replay = await ledger.send("adjustments", recorded)  # the admin API put its id in the inbox
     assert (replay.duplicates, ledger.tables.balance(c).available_points) == (1, 50)
     assert ledger.tables.trial_balance() == (0, 0)
+
+
+async def test_a_fulfilment_after_the_scheduler_voided_its_hold_is_redeemed_from_the_points_still_there(ledger):
+    c, rid = customer(), uuid.uuid4()
+    await earned(ledger, c)
+    await ledger.send("rewards", redemption("RedemptionRequested", c, rid, 80, hold_timeout_s=60))
+    ledger.advance(minutes=2)
+    assert (await ledger.run_scheduler()).voided_holds == 1
+    assert ledger.tables.balance(c).available_points == 100
+    await ledger.send("rewards", redemption("RedemptionFulfilled", c, rid, 80))
+    [redeemed] = payloads(ledger, "PointsRedeemed")
+    assert (redeemed["after_hold_voided"], redeemed["debt_points_added"]) == (True, 0)
+    assert ledger.tables.balance(c).available_points == 20
+    assert ledger.tables.trial_balance() == (0, 0)
+
+
+async def test_the_scheduler_matures_reminds_and_expires_once_however_often_it_runs():
+    ledger = LedgerHarness(Program(pending_days=14, expiry_days=30))
+    c = customer()
+    await earned(ledger, c)
+    assert ledger.tables.balance(c).pending_points == 100
+    ledger.advance(days=15)
+    first, again = await ledger.run_scheduler(), await ledger.run_scheduler()
+    assert (first.matured_points, first.reminders) == (100, 1)
+    assert (again.customers, again.matured_points, again.reminders) == (0, 0, 0)
+    assert ledger.tables.balance(c).available_points == 100
+    ledger.advance(days=30)
+    expired = await ledger.run_scheduler()
+    assert (expired.expired_points, ledger.tables.balance(c).available_points) == (100, 0)
+    assert [p["amount_points"] for p in payloads(ledger, "PointsExpired")] == [100]
+    assert len(payloads(ledger, "PointsWillExpire")) == 1
+    assert ledger.tables.trial_balance() == (0, 0)
