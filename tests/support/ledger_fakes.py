@@ -1,9 +1,10 @@
 """The ledger's use cases in memory: `MemoryLedgerStore` is services/ledger/store.py's
 LedgerStore over Python objects (each read a copy, so what a use case does to it stays its
 own until saved; each save checked as the database's constraints would, and applied only when
-the fake connection commits), and `LedgerHarness` runs the real subscriptions through the
-real shared pipeline on a FakePool. No PostgreSQL, no broker: milliseconds a test."""
+the fake connection commits), and `MemoryLedgerHarness` runs the real subscriptions through
+the real shared pipeline on a FakePool with it. No PostgreSQL, no broker: milliseconds a test."""
 
+import abc
 import copy
 import itertools
 import json
@@ -237,23 +238,22 @@ def _check_account(account_id: str, totals: list[int]) -> None:
         raise CheckViolationError(f"account {account_id} would break its CHECK: {totals}")
 
 
-class LedgerHarness:
-    """The ledger's subscriptions, through the shared pipeline, on a FakePool and a
-    MemoryLedgerTables. The clock is the real one shifted by `advance`, as the events built
-    by tests/support/ledger.py carry real times."""
+class LedgerHarness(abc.ABC):
+    """The ledger's subscriptions, through the shared pipeline, on `pool` with the ledger's
+    `store`: what a use-case test drives. The subclass says where the state is read from
+    (MemoryLedgerHarness here; tests/integration/test_ledger_use_cases_postgres.py runs the
+    same tests on PostgreSQL). The clock is the real one shifted by `advance`, as the events
+    built by tests/support/ledger.py carry real times."""
 
-    def __init__(self, program: Program | None = None, *, hold_timeout_s: int = 300) -> None:
-        self.settings = LedgerSettings(topic_prefix="unit.", program_file=Path("services/ledger/program.yaml"),
-                                       hold_timeout_s=hold_timeout_s)
+    def __init__(self, pool: Any, store: Callable[[Any], Any], program: Program | None = None) -> None:
+        self.settings = LedgerSettings(topic_prefix="unit.", program_file=Path("services/ledger/program.yaml"))
         programs = ProgramStore(self.settings.program_file)
         # Loaded as if from the database: version 1 in force since long ago.
         programs._add([{"version": 1, "effective_from": _EPOCH,
                         "document": (program or Program()).model_dump(mode="json")}])
-        self.tables = MemoryLedgerTables(programs.latest_version)
-        self.database = FakeDatabase()
         self.offset = timedelta()
-        self.ledger = Ledger(self.settings, programs, clock=self.now, store=self.tables.store)
-        self.pool = FakePool(self.database)
+        self.ledger = Ledger(self.settings, programs, clock=self.now, store=store)
+        self.pool = pool
         self.pipeline = Pipeline(lambda: self.pool, producer="ledger", clock=self.now, max_attempts=1, backoff_s=0)
         self.subscriptions = {s.lane: s for s in subscriptions(self.settings, self.ledger)}
         self._offsets = itertools.count()
@@ -287,7 +287,54 @@ class LedgerHarness:
             return await adjust_points(conn, self.ledger, adjustment_id=adjustment_id, customer_id=customer_id,
                                        amount_points=amount_points, reason_code=reason_code, actor=actor, note=note)
 
-    def published(self, event_type: str | None = None) -> list[dict[str, Any]]:
+    # ---- what the tests read back (committed state) ----------------------------------------
+
+    @abc.abstractmethod
+    async def balance(self, customer_id: str) -> d.Balance: ...
+
+    @abc.abstractmethod
+    async def hold_state(self, redemption_id: uuid.UUID) -> str: ...
+
+    @abc.abstractmethod
+    async def lots_of(self, customer_id: str) -> list[tuple[int, int]]:
+        """(remaining_points, held_points) of each of the customer's lots."""
+
+    @abc.abstractmethod
+    async def count(self, table: str) -> int:
+        """Rows of `table` (transfers, adjustments)."""
+
+    @abc.abstractmethod
+    async def trial_balance(self) -> tuple[int, int]:
+        """(posted debits - posted credits, pending debits - pending credits) over every account: (0, 0)."""
+
+    @abc.abstractmethod
+    async def published(self, event_type: str | None = None) -> list[dict[str, Any]]:
         """Every event committed to the outbox (points.events, dead letters, ledger.adjustments), decoded."""
+
+
+class MemoryLedgerHarness(LedgerHarness):
+    """On a FakePool and MemoryLedgerTables: no server, milliseconds a test."""
+
+    def __init__(self, program: Program | None = None) -> None:
+        self.tables = MemoryLedgerTables(program_version=1)
+        self.database = FakeDatabase()
+        super().__init__(FakePool(self.database), self.tables.store, program)
+
+    async def balance(self, customer_id: str) -> d.Balance:
+        return self.tables.balance(customer_id)
+
+    async def hold_state(self, redemption_id: uuid.UUID) -> str:
+        return self.tables.holds[redemption_id].state
+
+    async def lots_of(self, customer_id: str) -> list[tuple[int, int]]:
+        return [(x.remaining_points, x.held_points) for x in self.tables.lots.values() if x.customer_id == customer_id]
+
+    async def count(self, table: str) -> int:
+        return len(getattr(self.tables, table))
+
+    async def trial_balance(self) -> tuple[int, int]:
+        return self.tables.trial_balance()
+
+    async def published(self, event_type: str | None = None) -> list[dict[str, Any]]:
         return [json.loads(row["value"]) for row in self.database.outbox
                 if event_type is None or json.loads(row["headers"]).get("type") == event_type]
