@@ -114,8 +114,9 @@ async def apply_purchases(ledger: Ledger, batch: Batch[Any]) -> None:
     # A purchase is (source, store_id, purchase_id): two stores of a chain, or a POS sale and
     # an e-shop order, may share an id.
     earned = await uow.store.purchases_with_lots(keys=[_key(e.payload) for e in sales])
-    lots_by_purchase = await uow.store.lots_of_purchases(keys=[(e.payload.source, e.payload.store_id, e.payload.original_purchase_id) for e in returns
-                    if e.payload.original_purchase_id])
+    lots_by_purchase = await uow.store.lots_of_purchases(
+        keys=[(e.payload.source, e.payload.store_id, e.payload.original_purchase_id) for e in returns
+              if e.payload.original_purchase_id])
     # A return is booked to the sale's customer; should the event name another, lock the
     # sale's customer too and re-read the lots under that lock.
     others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]

@@ -54,7 +54,8 @@ async def apply_rewards(ledger: Ledger, batch: Batch[Any]) -> None:
     await uow.lock([e.customer_id for e in events if e.customer_id])
     # With the holds named, those of the requesting customers that timed out: a spend
     # first voids them (due_at).
-    holds = await uow.store.holds_by_id(redemption_ids=[e.payload.redemption_id for e in events],
+    holds = await uow.store.holds_by_id(
+        redemption_ids=[e.payload.redemption_id for e in events],
         timed_out_of=sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id}),
         now=now)
     await uow.lock([h.customer_id for h in holds.values()])
