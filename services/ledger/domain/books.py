@@ -182,6 +182,8 @@ def spendable_lots(book: CustomerBook) -> list[Lot]:
 
 
 def take_from_lots(book: CustomerBook, amount: int) -> dict[str, int]:
+    """Spend `amount` from the lots that expire first (the caller checked the balance covers
+    it). Returns lot_id (str) -> points taken."""
     allocations: dict[str, int] = {}
     left = amount
     for lot in spendable_lots(book):
@@ -199,7 +201,7 @@ def take_from_lots(book: CustomerBook, amount: int) -> dict[str, int]:
 
 
 def pay_debt(book: CustomerBook, journal: Journal, *, source: Account, amount: int, cause: str,
-              lot: Lot | None, ref: str | None = None) -> int:
+             lot: Lot | None, ref: str | None = None) -> int:
     """Debt is paid first from new credits: up to `amount` leaves `source` for the debt account.
     `cause` derives the transfer id; `ref` (default: the cause) is what the history shows."""
     pay = min(amount, book.debt_points)

@@ -198,7 +198,7 @@ def earn(
         ))
         if book.debt.debits_posted > book.debt.credits_posted:
             paid = pay_debt(book, journal, source=target, amount=earning.points,
-                             cause=f"earn:{ref}", ref=f"earn:{purchase.purchase_id}", lot=lot)
+                            cause=f"earn:{ref}", ref=f"earn:{purchase.purchase_id}", lot=lot)
     if in_tier_window(program, purchase.occurred_at, now):
         book.qualifying_points += earning.points
     out: list[Earned | TierMoved] = [Earned(book.customer_id, lot, earning, paid, book.balance())]

@@ -163,6 +163,6 @@ def refund(book: CustomerBook, journal: Journal, h: Hold, program: Program, *, n
         if book.debt_points == 0 or left == 0:
             break
         left -= pay_debt(book, journal, source=book.available, amount=min(lot.remaining_points, left),
-                          cause=f"refund:{h.redemption_id}:{lot.lot_id}", lot=lot)
+                         cause=f"refund:{h.redemption_id}:{lot.lot_id}", lot=lot)
     h.state, h.changed = "refunded", True
     return True

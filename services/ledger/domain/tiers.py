@@ -23,6 +23,7 @@ def in_tier_window(program: Program, occurred_at: datetime, now: datetime) -> bo
 
 
 def retier(book: CustomerBook, program: Program) -> TierMoved | None:
+    """Move the customer to the tier their qualifying points reach, if it is another."""
     new_tier = program.tier_for(book.qualifying_points).name
     if new_tier == book.tier:
         return None
