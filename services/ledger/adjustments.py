@@ -109,20 +109,20 @@ async def adjust_points(
     async with transaction(conn, opening=repo.APPLYING_INPUTS):
         uow = UnitOfWork(conn, ledger, now)
         await uow.lock([customer_id], create=True)
-        existing = await repo.find_adjustment(conn, adjustment_id=adjustment_id)
+        existing = await uow.store.find_adjustment(adjustment_id=adjustment_id)
         if existing is not None:
             sent = {"customer_id": customer_id, "amount_points": amount_points, "reason_code": reason_code,
                     "actor": actor, "note": note}
-            differing = sorted(k for k, v in sent.items() if existing[k] != v)
+            differing = sorted(k for k, v in sent.items() if getattr(existing, k) != v)
             if differing:
                 raise d.AdjustmentIdReused(f"adjustment {adjustment_id} was applied with other {', '.join(differing)}")
-            book = uow.books[existing["customer_id"]] if existing["customer_id"] in uow.books else None
-            return AdjustmentOutcome(False, adjustment_id, existing["customer_id"], existing["amount_points"],
-                                     existing["reason_code"], existing["actor"], existing["note"],
+            book = uow.books.get(existing.customer_id)
+            return AdjustmentOutcome(False, adjustment_id, existing.customer_id, existing.amount_points,
+                                     existing.reason_code, existing.actor, existing.note,
                                      book.balance() if book else None)
         book = uow.books[customer_id]
-        uow.attach_lots(await repo.open_lots(conn, customer_ids=[customer_id]))
-        uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=[customer_id], now=now))
+        uow.attach_lots(await uow.store.open_lots(customer_ids=[customer_id]))
+        uow.attach_holds(await uow.store.timed_out_holds(customer_ids=[customer_id], now=now))
         out = Emitter(ledger, now)
         out.messages.append(OutboxMessage.event(ledger.adjustments_topic, event, key=customer_id))
         _apply_adjustment(uow, out, event)
@@ -146,11 +146,11 @@ async def apply_adjustments(ledger: Ledger, batch: Batch[Any]) -> None:
     events = batch.events
     await uow.lock([e.customer_id for e in events], create=True)
     # The audit row is the proof an adjustment was applied, whatever event id carried it.
-    applied = await repo.applied_adjustments(conn, adjustment_ids=[e.payload.adjustment_id for e in events])
+    applied = await uow.store.applied_adjustments(adjustment_ids=[e.payload.adjustment_id for e in events])
     to_apply = sorted({e.customer_id for e in events if e.payload.adjustment_id not in applied})
     if to_apply:
-        uow.attach_lots(await repo.open_lots(conn, customer_ids=to_apply))
-        uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=to_apply, now=now))
+        uow.attach_lots(await uow.store.open_lots(customer_ids=to_apply))
+        uow.attach_holds(await uow.store.timed_out_holds(customer_ids=to_apply, now=now))
     for item in batch.items:
         event = item.event
         if event.payload.adjustment_id in applied:

@@ -11,7 +11,6 @@ from typing import Any
 
 from services.ledger import domain as d
 from services.ledger import metrics
-from services.ledger import repository as repo
 from services.ledger.program import Program
 from services.ledger.service import (
     Emitter,
@@ -114,26 +113,26 @@ async def apply_purchases(ledger: Ledger, batch: Batch[Any]) -> None:
     await uow.lock([e.customer_id for e in returns if e.customer_id])
     # A purchase is (source, store_id, purchase_id): two stores of a chain, or a POS sale and
     # an e-shop order, may share an id.
-    earned = await repo.purchases_with_lots(conn, keys=[_key(e.payload) for e in sales])
-    lots_by_purchase = await repo.lots_of_purchases(
-        conn, keys=[(e.payload.source, e.payload.store_id, e.payload.original_purchase_id) for e in returns
-                    if e.payload.original_purchase_id])
+    earned = await uow.store.purchases_with_lots(keys=[_key(e.payload) for e in sales])
+    lots_by_purchase = await uow.store.lots_of_purchases(
+        keys=[(e.payload.source, e.payload.store_id, e.payload.original_purchase_id) for e in returns
+              if e.payload.original_purchase_id])
     # A return is booked to the sale's customer; should the event name another, lock the
     # sale's customer too and re-read the lots under that lock.
     others = [lot.customer_id for lot in lots_by_purchase.values() if lot.customer_id not in uow.books]
     if others:
         await uow.lock(others)
-        lots_by_purchase = await repo.lots_of_purchases(conn, keys=list(lots_by_purchase))
+        lots_by_purchase = await uow.store.lots_of_purchases(keys=list(lots_by_purchase))
     uow.attach_lots(list(lots_by_purchase.values()))
     if sales and len(uow.program.tiers) > 1:
         # The tier of each sale is the one its qualifying points reached at its own time.
         window_days = max(ledger.programs.at(e.recorded_at).program.tier_window_days for e in sales)
         since = min(e.payload.occurred_at for e in sales) - timedelta(days=window_days)
-        for cid, lots in (await repo.window_lots(conn, customer_ids=list(uow.books), since=since)).items():
+        for cid, lots in (await uow.store.window_lots(customer_ids=list(uow.books), since=since)).items():
             uow.books[cid].window_lots = lots
     if any(ledger.programs.at(e.recorded_at).program.daily_cap_points is not None for e in sales):
         since = min(e.payload.occurred_at for e in sales) - timedelta(days=1)
-        for (cid, day), points in (await repo.earned_by_day(conn, customer_ids=list(uow.books), since=since)).items():
+        for (cid, day), points in (await uow.store.earned_by_day(customer_ids=list(uow.books), since=since)).items():
             uow.books[cid].earned_by_day[day] = points
 
     earning = _Earning(uow, out, earned, lots_by_purchase)

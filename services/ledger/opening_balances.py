@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from services.ledger.domain import OPENING_BALANCE, opening_balance_id
+from services.ledger.domain.adjustments import OPENING_BALANCE, opening_balance_id
 
 CONCURRENCY = 8
 

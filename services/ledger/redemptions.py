@@ -9,7 +9,6 @@ from typing import Any
 
 from services.ledger import domain as d
 from services.ledger import metrics
-from services.ledger import repository as repo
 from services.ledger.service import (
     Emitter,
     Ledger,
@@ -55,8 +54,8 @@ async def apply_rewards(ledger: Ledger, batch: Batch[Any]) -> None:
     await uow.lock([e.customer_id for e in events if e.customer_id])
     # With the holds named, those of the requesting customers that timed out: a spend
     # first voids them (due_at).
-    holds = await repo.holds_by_id(
-        conn, redemption_ids=[e.payload.redemption_id for e in events],
+    holds = await uow.store.holds_by_id(
+        redemption_ids=[e.payload.redemption_id for e in events],
         timed_out_of=sorted({e.customer_id for e in events if e.type == "RedemptionRequested" and e.customer_id}),
         now=now)
     await uow.lock([h.customer_id for h in holds.values()])
@@ -64,7 +63,7 @@ async def apply_rewards(ledger: Ledger, batch: Batch[Any]) -> None:
     requesting = sorted(requesting | _may_redeem_late(events, holds))
     allocated = [uuid.UUID(lot_id) for h in holds.values() for lot_id in h.allocations]
     if requesting or allocated:
-        uow.attach_lots(await repo.open_lots(conn, customer_ids=requesting, lot_ids=allocated))
+        uow.attach_lots(await uow.store.open_lots(customer_ids=requesting, lot_ids=allocated))
     uow.attach_holds(list(holds.values()))
 
     for item in batch.items:

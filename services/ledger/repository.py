@@ -11,20 +11,17 @@ from typing import Any
 
 import asyncpg
 
-from services.ledger.domain import (
+from services.ledger.domain.accounts import (
     PROGRAM_ACCOUNTS,
     Account,
-    Adjustment,
-    CustomerBook,
-    Hold,
-    LineEarning,
-    Lot,
     Phase,
     Transfer,
     available_account,
     debt_account,
     pending_account,
 )
+from services.ledger.domain.adjustments import Adjustment
+from services.ledger.domain.books import CustomerBook, Hold, LineEarning, Lot
 
 # ---- customers and accounts -----------------------------------------------------------------
 
@@ -397,8 +394,12 @@ async def save_holds(conn: asyncpg.Connection, *, holds: Sequence[Hold]) -> None
 # ---- adjustments ----------------------------------------------------------------------------
 
 
-async def find_adjustment(conn: asyncpg.Connection, *, adjustment_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT * FROM adjustments WHERE adjustment_id = $1", adjustment_id)
+async def find_adjustment(conn: asyncpg.Connection, *, adjustment_id: uuid.UUID) -> Adjustment | None:
+    r = await conn.fetchrow("SELECT * FROM adjustments WHERE adjustment_id = $1", adjustment_id)
+    if r is None:
+        return None
+    return Adjustment(r["adjustment_id"], r["customer_id"], r["amount_points"], r["reason_code"], r["actor"], r["note"],
+                      r["created_at"])
 
 
 _INSERT_ADJUSTMENTS = """

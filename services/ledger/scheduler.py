@@ -8,7 +8,6 @@ import asyncpg
 
 from services.ledger import domain as d
 from services.ledger import metrics
-from services.ledger import repository as repo
 from services.ledger.service import Emitter, Ledger, UnitOfWork, balance_after, due_at
 from shared.events.points import (
     PointsWillExpire,
@@ -42,13 +41,13 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
     # (a persisted mark); re-tiering twice changes nothing, so a crash mid-run costs nothing.
     aged_out_until = now - window
     async with pool.acquire() as conn:
-        aged_out_from = await repo.scheduler_mark(conn, name="aged_out_until") or _EPOCH
+        aged_out_from = await ledger.store(conn).scheduler_mark(name="aged_out_until") or _EPOCH
     run = SchedulerRun()
     after = ""
     while True:
         async with pool.acquire() as conn:
-            chunk = await repo.due_customers(
-                conn, now=now, remind_until=now + timedelta(days=s.expiry_reminder_days),
+            chunk = await ledger.store(conn).due_customers(
+                now=now, remind_until=now + timedelta(days=s.expiry_reminder_days),
                 aged_out_from=min(aged_out_from, aged_out_until), aged_out_until=aged_out_until, after=after,
                 limit=s.scheduler_batch_customers)
             if not chunk:
@@ -59,7 +58,7 @@ async def run_scheduler(pool: asyncpg.Pool, ledger: Ledger, *, now: datetime | N
             uow.count_postings()  # once committed
     if run.customers:  # a ledger at rest writes nothing
         async with pool.acquire() as conn:
-            await repo.set_scheduler_mark(conn, name="aged_out_until", value=aged_out_until)
+            await ledger.store(conn).set_scheduler_mark(name="aged_out_until", value=aged_out_until)
     metrics.SCHEDULER_SECONDS.observe(time.perf_counter() - started)
     return run
 
@@ -70,9 +69,9 @@ async def _schedule_chunk(conn: asyncpg.Connection, ledger: Ledger, chunk: list[
     out = Emitter(ledger, now)
     await uow.lock(chunk)
     ids = sorted(uow.books)
-    qualifying = await repo.qualifying_points(conn, customer_ids=ids, window_start=uow.window_start)
-    uow.attach_lots(await repo.open_lots(conn, customer_ids=ids))
-    uow.attach_holds(await repo.timed_out_holds(conn, customer_ids=ids, now=now))
+    qualifying = await uow.store.qualifying_points(customer_ids=ids, window_start=uow.window_start)
+    uow.attach_lots(await uow.store.open_lots(customer_ids=ids))
+    uow.attach_holds(await uow.store.timed_out_holds(customer_ids=ids, now=now))
     remind_until = now + timedelta(days=ledger.settings.expiry_reminder_days)
     today = now.date()
     for cid in ids:

@@ -4,7 +4,7 @@ and what is due for a customer at a time. The use cases, one module each: earnin
 (purchases.recorded), redemptions.py (rewards.events), adjustments.py (admin API and
 ledger.adjustments), scheduler.py, queries.py (reads). Each takes its inputs and
 dependencies, owns one transaction (the shared pipeline's for an input): lock the
-customers, load what the rules need, apply the rules (domain.py), write transfers, lots,
+customers, load what the rules need, apply the rules (domain/), write transfers, lots,
 accounts and the outbox together, commit.
 
 Concurrency: every change to a customer's points happens with that customer's row locked
@@ -29,8 +29,8 @@ from pydantic import BaseModel
 
 from services.ledger import domain as d
 from services.ledger import metrics
-from services.ledger import repository as repo
 from services.ledger.settings import LedgerSettings
+from services.ledger.store import Changes, LedgerStore, PostgresLedgerStore
 from services.ledger.versions import ProgramStore
 from shared.events import (
     SCHEMA_VERSION,
@@ -78,11 +78,14 @@ def make_clock(settings: LedgerSettings) -> Clock:
 
 @dataclass
 class Ledger:
-    """What every use case needs: settings, the clock and the program."""
+    """What every use case needs: settings, the clock, the program, and the store a unit of
+    work reads and writes through on its transaction's connection (PostgreSQL; unit tests
+    give an in-memory one)."""
 
     settings: LedgerSettings
     programs: ProgramStore
     clock: Clock = utcnow
+    store: Callable[[asyncpg.Connection], LedgerStore] = PostgresLedgerStore
 
     @property
     def points_topic(self) -> str:
@@ -181,10 +184,13 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
 class UnitOfWork:
-    """The books of one transaction: customers loaded (locked), one journal, what changed."""
+    """The books of one transaction: customers loaded (locked), one journal, what changed.
+    It reads and writes through `store` (ledger.store on the connection); the transaction,
+    BEGIN to COMMIT, is its caller's."""
 
     def __init__(self, conn: asyncpg.Connection, ledger: Ledger, now: datetime) -> None:
         self.conn = conn
+        self.store = ledger.store(conn)
         self.ledger = ledger
         self.now = now
         # The version in force at this unit's time: for what no input dates (a new customer's
@@ -207,12 +213,12 @@ class UnitOfWork:
         wanted = [c for c in set(customer_ids) if c not in self.books]
         if not wanted:
             return
-        found, latest = await repo.lock_customers(self.conn, customer_ids=wanted)
+        found, latest = await self.store.lock_customers(customer_ids=wanted)
         if not self._program_checked:
             # Another instance may have saved a version since this one last looked: the
             # inputs of this transaction must earn under it if it is in force at their time.
             if latest is None:
-                latest = await repo.latest_program_version(self.conn)
+                latest = await self.store.latest_program_version()
             if latest > self.ledger.programs.latest_version:
                 await self.ledger.programs.refresh(self.conn)
                 self.program = self.ledger.programs.at(self.now).program
@@ -221,7 +227,7 @@ class UnitOfWork:
             self._program_checked = True
         missing = sorted(c for c in wanted if c not in found)  # created in one order everywhere: no deadlock
         if missing and create:
-            found.update(await repo.create_customers(self.conn, customer_ids=missing, tier=self.program.tiers[0].name))
+            found.update(await self.store.create_customers(customer_ids=missing, tier=self.program.tiers[0].name))
         for book in found.values():
             self.books[book.customer_id] = book
             self.journal.accounts.update(book.accounts())
@@ -240,17 +246,14 @@ class UnitOfWork:
                 book.holds.setdefault(h.redemption_id, h)
 
     async def save(self, messages: Sequence[OutboxMessage]) -> None:
-        conn, transfers = self.conn, self.journal.transfers
         lots = [lot for b in self.books.values() for lot in b.lots.values()]
-        await repo.insert_transfers(conn, transfers=transfers)
-        await repo.insert_lots(conn, lots=[x for x in lots if x.is_new])
-        await repo.update_lots(conn, lots=[x for x in lots if x.changed and not x.is_new])
-        await repo.save_holds(conn, holds=[h for h in self.holds.values() if h.is_new or h.changed])
-        await repo.insert_adjustments(conn, adjustments=self.adjustments)
-        await repo.update_customers(conn, books=self.books.values())
-        # Last: the shared program-account rows are locked only for the end of the transaction.
-        await repo.add_to_accounts(conn, transfers=transfers)
-        await enqueue(conn, messages)
+        await self.store.save(Changes(
+            transfers=self.journal.transfers, new_lots=[x for x in lots if x.is_new],
+            changed_lots=[x for x in lots if x.changed and not x.is_new],
+            holds=[h for h in self.holds.values() if h.is_new or h.changed], adjustments=self.adjustments,
+            books=self.books.values(),
+        ))
+        await enqueue(self.conn, messages)
 
     def count_postings(self) -> None:
         """After commit: the business counters, from what was actually written."""

@@ -11,7 +11,7 @@ import pytest
 
 import services.ledger
 from services.ledger import repository as repo
-from services.ledger.domain import Code, Phase
+from services.ledger.domain.accounts import Code, Phase
 from shared.db import migrate
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -7,17 +7,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.ledger.domain import (
-    ISSUANCE,
-    CustomerBook,
-    Journal,
-    UnknownCurrency,
-    calculate_earning,
-    earn,
-    new_program_accounts,
-    returned_points_after,
-    reverse_return,
-)
+from services.ledger.domain.accounts import ISSUANCE, Journal, new_program_accounts
+from services.ledger.domain.books import CustomerBook
+from services.ledger.domain.earning import calculate_earning, earn
+from services.ledger.domain.errors import UnknownCurrency
+from services.ledger.domain.returns import returned_points_after, reverse_return
 from services.ledger.program import Campaign, Program
 from shared.events.purchases import PurchaseLine, PurchasePayload
 
@@ -149,7 +143,8 @@ def test_the_same_return_applied_twice_reverses_once():
 
 
 def test_a_return_of_points_already_spent_becomes_debt_that_the_next_earning_pays_first():
-    from services.ledger.domain import hold, mature, post_hold
+    from services.ledger.domain.expiry import mature
+    from services.ledger.domain.redemptions import hold, post_hold
     import uuid
 
     book, journal, lot = _earned_book(DEFAULT, purchase(("1", "food-a", 1, "100.00", "0")))
