@@ -13,6 +13,7 @@ from services.churn.service import ChurnContext, Facts
 from shared.events.engagement import ENGAGEMENT_EVENT_TYPES
 from shared.events.points import POINTS_EVENT_TYPES
 from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
+from shared.events.wire import fast_or
 from shared.events.rewards import REWARDS_EVENT_TYPES, SHIPMENT_EVENT_TYPES
 from shared.pipeline import Batch, Subscription, pydantic_decoder
 from shared.topics import (
@@ -76,9 +77,9 @@ def subscriptions(ctx: ChurnContext) -> list[Subscription[Any]]:
     subs = []
     for topic, consumer, types, table, description in specs:
         known = frozenset(t.model_fields["type"].default for t in types)
+        decode = pydantic_decoder(TypeAdapter(_union(types)), known_types=known)
         subs.append(Subscription(
-            topic=s.topic(topic), consumer=consumer, decode=pydantic_decoder(TypeAdapter(_union(types)),
-                                                                             known_types=known),
+            topic=s.topic(topic), consumer=consumer, decode=fast_or(decode) if topic == PURCHASES_RECORDED else decode,
             apply=applier(ctx, table, tier_order), dead_letter_topic=dlq, door=f"{topic} consumer", lane="main",
             schema=_union(types), description=f"read by {consumer}: {description}"))
     return subs

@@ -13,6 +13,7 @@ from services.engagement.service import Engagement
 from shared.events.churn import CustomerAtRisk, CustomerLost, CustomerRecovered
 from shared.events.points import PointsEarned, PointsWillExpire, TierChanged
 from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
+from shared.events.wire import fast_or
 from shared.events.rewards import RedemptionCancelled, RedemptionFulfilled
 from shared.pipeline import Batch, Subscription, pydantic_decoder
 from shared.topics import (
@@ -137,8 +138,9 @@ def subscriptions(engine: Engagement, *, refresh: Callable) -> list[Subscription
         union = _union(models)
         known = frozenset(m.model_fields["type"].default for m in models)
         assert known <= DISPATCH.keys()
+        decode = pydantic_decoder(TypeAdapter(union), known_types=known)
         out.append(Subscription(topic=s.topic(topic), consumer=consumer,
-                                decode=pydantic_decoder(TypeAdapter(union), known_types=known), apply=apply,
+                                decode=fast_or(decode) if topic == PURCHASES_RECORDED else decode, apply=apply,
                                 dead_letter_topic=s.topic(ENGAGEMENT_DLQ), door=f"{topic} consumer", lane="main",
                                 prepare=refresh, schema=union, description=f"{topic}, read by engagement's journeys"))
     return out

@@ -29,6 +29,7 @@ from shared.events.adjustments import AdjustmentRecorded
 from shared.events.points import POINTS_EVENT_TYPES
 from shared.events.programs import ProgramVersionPublished
 from shared.events.purchases import PurchaseClaimed, PurchaseRecorded, ReturnRecorded
+from shared.events.wire import fast_or
 from shared.events.rewards import (
     RedemptionCancelled,
     RedemptionDelivered,
@@ -71,14 +72,15 @@ class HistoryForAnalytics(msgspec.Struct):
 
 
 _PEEK = msgspec.json.Decoder(HistoryForAnalytics)
-_decode_purchase_event = pydantic_decoder(PURCHASE_EVENT)
+_decode_purchase_event = fast_or(pydantic_decoder(PURCHASE_EVENT))
 
 
 def decode_purchase_event(record: Record) -> Any:
     """purchases.recorded. History imported for the analytics only is read with a minimal
     decoder (a few microseconds, against ~50 for the whole contract model): the ledger only
     claims it in the inbox. Everything else, and anything the minimal one cannot read, goes
-    through the full pydantic decoding (and its refusals)."""
+    through the full decoding: msgspec where it can, the pydantic contract for the rest and
+    its refusals (shared/events/wire.py)."""
     if b'"history":true' in record.value:
         try:
             peek = _PEEK.decode(record.value)

@@ -23,7 +23,10 @@ STORE = {"X-API-Key": "key-store-1"}
 
 
 def days_ago(days: float) -> datetime:
-    return datetime.now(UTC) - timedelta(days=days)
+    # Counted from an hour back just after midnight: purchases a few minutes apart must fall
+    # on one purchase day (the profile counts days in the event's own offset, here UTC).
+    now = datetime.now(UTC)
+    return (now if now.hour >= 1 else now - timedelta(hours=1)) - timedelta(days=days)
 
 
 async def buy(client, customer: str, days: float, amount: str = "50.00", category: str = "grocery") -> dict:
