@@ -162,7 +162,7 @@ class Emitter:
             f'"pending":{"true" if lot.pending else "false"},'
             f'"matures_at":{json_str(lot.matures_at.isoformat()) if lot.pending else "null"},'
             f'"expires_at":{json_str(lot.expires_at.isoformat())},"tier_multiplier":{json_str(str(e.tier_multiplier))},'
-            f'"breakdown":{_dumps(e.breakdown)},"history":{"true" if history else "false"}}}}}'
+            f'"breakdown":{_breakdown_json(e.breakdown)},"history":{"true" if history else "false"}}}}}'
         )
         self.messages.append(OutboxMessage(self._topic, o.customer_id, value.encode(),
                                            {"type": "PointsEarned", "correlation_id": correlation_id}))
@@ -178,6 +178,18 @@ class Emitter:
 
 # ASCII-only output: lone surrogates or control characters in an id cannot break the JSON.
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _breakdown_json(breakdown: list[dict]) -> str:
+    """The earning's breakdown as _dumps writes it, from a template (a quarter of the cost);
+    anything but {"rule": str, "points": str} items goes through _dumps."""
+    parts = []
+    for item in breakdown:
+        rule, points = item.get("rule"), item.get("points")
+        if len(item) != 2 or type(rule) is not str or type(points) is not str:
+            return _dumps(breakdown)
+        parts.append(f'{{"rule":{json_str(rule)},"points":{json_str(points)}}}')
+    return "[" + ",".join(parts) + "]"
 
 
 # ---- persistence shared by the use cases --------------------------------------------------

@@ -7,10 +7,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.ledger import domain as d
 from services.ledger.program import Program
-from services.ledger.service import Emitter, Ledger
+from services.ledger.service import Emitter, Ledger, _breakdown_json, _dumps
 from services.ledger.versions import ProgramStore
 from services.ledger.settings import LedgerSettings
 from shared.events.points import PointsEarned, PointsEarnedPayload
@@ -65,3 +67,10 @@ def test_the_fast_id_derivation_gives_the_uuid5_ids():
 
     for parts in (("ledger", "earn", "p-1"), ("ledger", "lot", "adjustment", "x"), ("a",), ("ż", "\x00", "")):
         assert derived_event_id(*parts) == uuid.uuid5(EVENT_NAMESPACE, "\x1f".join(parts))
+
+
+@given(st.lists(st.fixed_dictionaries({"rule": st.text(), "points": st.text()})
+                | st.fixed_dictionaries({"rule": st.text(), "points": st.integers()}), max_size=4))
+def test_the_breakdown_template_writes_what_the_json_encoder_writes(breakdown):
+    written = _breakdown_json(breakdown)
+    assert written.isascii() and json.loads(written) == json.loads(_dumps(breakdown))
