@@ -235,6 +235,19 @@ def pg_processes(pg: PgCluster) -> list[int]:
     return process_tree(pid) if pid is not None else []
 
 
+async def pg_backend_apps(dsn: str) -> dict[int, str]:
+    """Each client backend's pid and application_name (a service's pool names itself
+    loyalty-<schema>): PostgreSQL's CPU can then be told by the service it worked for."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT pid, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'")
+    finally:
+        await conn.close()
+    return {r["pid"]: r["application_name"] for r in rows}
+
+
 @contextlib.asynccontextmanager
 async def paused(pids: list[int]):
     """SIGSTOP `pids` for the duration of the block, SIGCONT on the way out (also on error).
