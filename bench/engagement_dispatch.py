@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from bench.harness import ROOT, Service, infra, produce_all
+from bench.harness import ROOT, Service, cpu_seconds, infra, process_tree, produce_all
 from deploy.local.infra import free_port, stop_process_group
 from services.engagement import dispatch
 from services.engagement.channels import EmailChannel, Templates, WebhookChannel
@@ -75,20 +75,30 @@ async def load(dsn: str, settings: EngagementSettings, scheduled: int, due: int)
         await conn.close()
 
 
-async def dispatch_rate(dsn: str, settings: EngagementSettings, due: int) -> float:
+async def dispatch_rate(dsn: str, settings: EngagementSettings, due: int,
+                        roots: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """messages/s, and CPU microseconds per message of each process (this one: the dispatcher)."""
     pool = await create_pool(dsn, schema="engagement", min_size=2, max_size=2 + settings.dispatch_workers)
     engine = Engagement(settings=settings, clock=lambda: datetime.now(UTC), journeys=JourneyBook(settings.journeys_file),
                         templates=Templates(), email=EmailChannel(settings), webhook=WebhookChannel(settings))
     try:
         async with pool.acquire() as conn:
             await engine.journeys.refresh(conn)
+        def each() -> dict[tuple[str, int], float]:  # a process started during the run counts from 0
+            return {(name, pid): cpu_seconds([pid]) for name, root in roots.items() for pid in process_tree(root)}
+
+        cpu_before = each()
+        own_before = time.process_time()
         started = time.perf_counter()
         sent = sum(await asyncio.gather(*(dispatch.dispatch_until_idle(pool, engine)
                                           for _ in range(settings.dispatch_workers))))
         elapsed = time.perf_counter() - started
+        used = {"dispatcher": time.process_time() - own_before, **{name: 0.0 for name in roots}}
+        for (name, pid), seconds in each().items():
+            used[name] += seconds - cpu_before.get((name, pid), 0.0)
         n = await pool.fetchval("SELECT count(*) FROM timers WHERE status = 'sent'")
         assert n == due, f"{n} sent of {due} due ({sent} claimed)"
-        return due / elapsed
+        return due / elapsed, {name: 1e6 * seconds / due for name, seconds in used.items()}
     finally:
         await engine.email.close()
         await pool.close()
@@ -127,7 +137,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scheduled", type=int, default=1_000_000)
     parser.add_argument("--due", type=int, default=20_000)
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=20_000, help="0: the dispatch figures only")
     parser.add_argument("--workers", type=int, default=2, help="dispatch rounds at once (ENGAGEMENT_DISPATCH_WORKERS)")
     args = parser.parse_args()
     with infra(durable=False) as env:
@@ -142,13 +152,19 @@ async def main() -> None:
                                           quiet_end_hour=0, dispatch_batch=500, dispatch_concurrency=8,
                                           dispatch_workers=args.workers)
             await load(env.dsn(), settings, args.scheduled, args.due)
-            rate = await dispatch_rate(env.dsn(), settings, args.due)
+            rate, cpu_us = await dispatch_rate(env.dsn(), settings, args.due,
+                                               {"postgres": env.pg.postmaster_pid(), "catcher": catcher.pid})
             print(f"dispatch: {args.due:,} messages to the local SMTP server at {rate:,.0f} messages/s "
                   f"({args.scheduled:,} scheduled, {args.workers} workers)")
-            events_rate = await consumer_rate(env, args.events, smtp_port)
-            print(f"consumer: {args.events:,} PointsEarned -> journey + timer at {events_rate:,.0f} events/s")
-            print(json.dumps({"scheduled": args.scheduled, "due": args.due, "dispatch_per_s": round(rate),
-                              "events": args.events, "consumer_events_per_s": round(events_rate)}))
+            print("  CPU per message: " + ", ".join(f"{k} {v:,.0f} us" for k, v in cpu_us.items())
+                  + f" (all {sum(cpu_us.values()):,.0f} us)")
+            figures = {"scheduled": args.scheduled, "due": args.due, "dispatch_per_s": round(rate),
+                       "cpu_us_per_message": {k: round(v) for k, v in cpu_us.items()}}
+            if args.events:
+                events_rate = await consumer_rate(env, args.events, smtp_port)
+                print(f"consumer: {args.events:,} PointsEarned -> journey + timer at {events_rate:,.0f} events/s")
+                figures.update(events=args.events, consumer_events_per_s=round(events_rate))
+            print(json.dumps(figures))
         finally:
             stop_process_group(catcher.pid, timeout_s=5)
 

@@ -35,6 +35,7 @@ def file_name(message_id: str | None, raw: bytes) -> str:
 class _Keeper:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._folder = str(folder)
         self.lock = threading.Lock()
         # Kept open: opening a file costs as much as the rest of a delivery here.
         self.log = open(folder / "deliveries.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the server; O_APPEND keeps lines whole across processes
@@ -44,9 +45,14 @@ class _Keeper:
         # Only the Message-ID is needed here: read from the header block, not a full parse.
         found = _MESSAGE_ID.search(raw.split(b"\r\n\r\n", 1)[0].replace(b"\r\n", b"\n"))
         name = file_name(found[1].decode(errors="replace") if found else None, raw)
-        tmp = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_bytes(raw)
-        os.replace(tmp, self.folder / name)  # atomic: a reader never sees half a message
+        tmp = f"{self._folder}/.{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        # os-level calls: pathlib's and io's objects cost as much as the write itself here.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, raw)
+        finally:
+            os.close(fd)
+        os.replace(tmp, f"{self._folder}/{name}")  # atomic: a reader never sees half a message
         with self.lock:
             self.log.write(f"{name}\n")
         return "250 Message accepted"
