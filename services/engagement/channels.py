@@ -163,7 +163,7 @@ class EmailChannel:
 
     async def _transaction(self, client: aiosmtplib.SMTP, to: str, message: bytes) -> None:
         """MAIL, RCPT, DATA: sendmail's steps without its second parse of each address and
-        its SIZE pass over the message (a third of the client's cost per message here)."""
+        its SIZE pass over the message."""
         try:
             await client.mail(self._sender)
             await client.rcpt(to)
