@@ -218,17 +218,30 @@ async def recent_messages(conn: asyncpg.Connection, customer_ids: Sequence[str],
            WHERE customer_id = ANY($1) AND sent_at > $2 AND (capped OR survey)""", list(set(customer_ids)), since)
 
 
+def _columns(rows: Sequence[tuple]) -> list[list]:
+    """Rows as one list per column: a batch is one statement over unnest($1, $2, ...), not a
+    statement per row."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 async def complete_timers(conn: asyncpg.Connection, rows: Sequence[tuple[uuid.UUID, str, str | None, datetime]]) -> None:
-    """(timer_id, status, reason, completed_at)"""
+    """(timer_id, status, reason, completed_at); one row per timer."""
     if rows:
-        await conn.executemany("UPDATE timers SET status = $2, reason = $3, completed_at = $4 WHERE timer_id = $1",
-                               rows)
+        await conn.execute(
+            """UPDATE timers t SET status = w.status, reason = w.reason, completed_at = w.completed_at
+               FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS w(timer_id, status, reason,
+                 completed_at)
+               WHERE t.timer_id = w.timer_id""", *_columns(rows))
 
 
 async def reschedule_timers(conn: asyncpg.Connection, rows: Sequence[tuple[uuid.UUID, datetime, int, str]]) -> None:
-    """(timer_id, due_at, attempts, reason): deferred or to be retried."""
+    """(timer_id, due_at, attempts, reason): deferred or to be retried; one row per timer."""
     if rows:
-        await conn.executemany("UPDATE timers SET due_at = $2, attempts = $3, reason = $4 WHERE timer_id = $1", rows)
+        await conn.execute(
+            """UPDATE timers t SET due_at = w.due_at, attempts = w.attempts, reason = w.reason
+               FROM unnest($1::uuid[], $2::timestamptz[], $3::integer[], $4::text[]) AS w(timer_id, due_at, attempts,
+                 reason)
+               WHERE t.timer_id = w.timer_id""", *_columns(rows))
 
 
 async def record_decisions(conn: asyncpg.Connection, rows: Sequence[tuple[uuid.UUID, datetime, str, str | None,
@@ -240,9 +253,12 @@ async def record_decisions(conn: asyncpg.Connection, rows: Sequence[tuple[uuid.U
 
 async def insert_messages(conn: asyncpg.Connection, rows: Sequence[tuple]) -> None:
     if rows:
-        await conn.executemany(
+        await conn.execute(
             """INSERT INTO messages (touchpoint_id, customer_id, channel, journey, step, capped, survey, sent_at,
-                 subject, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""", rows)
+                 subject, body)
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[],
+                 $7::boolean[], $8::timestamptz[], $9::text[], $10::text[])
+               ON CONFLICT DO NOTHING""", *_columns(rows))
 
 
 async def timeline(conn: asyncpg.Connection, customer_id: str) -> list[asyncpg.Record]:
