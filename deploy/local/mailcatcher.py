@@ -22,31 +22,6 @@ from aiosmtpd.smtp import SMTP
 
 _SAFE = re.compile(r"[^A-Za-z0-9@._-]")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.+?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
-# <dot-atom@dot-atom> and what follows (the ESMTP parameters): the address of nearly every
-# MAIL FROM and RCPT TO, and one RFC 5322's parser reads the same way.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ADDRESS = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>[ \t]*(.*)", re.DOTALL)
-
-
-class _Server(SMTP):
-    """aiosmtpd's SMTP server with a fast path for a plain <local@domain>: its RFC 5322
-    parser (email._header_value_parser) costs about 40 us an address, a quarter of the
-    catcher's work per message (MAIL and RCPT). Anything else goes to that parser.
-    _getaddr is aiosmtpd's own (1.4.6, pinned); tests/unit/test_engagement_messages.py checks
-    that both read the same addresses alike."""
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        plain = _PLAIN_ADDRESS.fullmatch(arg) if arg else None
-        if plain is None or (self.local_part_limit and len(plain[1].rpartition("@")[0]) > self.local_part_limit):
-            return super()._getaddr(arg)
-        return plain[1], plain[2]
-
-
-class _Controller(Controller):
-    def factory(self) -> SMTP:
-        return _Server(self.handler, **self.SMTP_kwargs)
-
-
 def file_name(message_id: str | None, raw: bytes) -> str:
     if message_id:
         name = _SAFE.sub("_", message_id.strip().strip("<>"))[:150]
@@ -88,7 +63,7 @@ class MailCatcher:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.host, self.port = host, port
-        self.controller = _Controller(_Keeper(self.folder), hostname=host, port=port, decode_data=False,
+        self.controller = Controller(_Keeper(self.folder), hostname=host, port=port, decode_data=False,
                                      data_size_limit=10_000_000)
 
     def start(self) -> "MailCatcher":
@@ -137,7 +112,7 @@ async def serve(folder: Path, host: str, port: int, *, reuse_port: bool = False)
     folder.mkdir(parents=True, exist_ok=True)
     keeper = _Keeper(folder)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Server(keeper, hostname="mailcatcher.local", decode_data=False,
+    server = await loop.create_server(lambda: SMTP(keeper, hostname="mailcatcher.local", decode_data=False,
                                                    data_size_limit=10_000_000), host, port,
                                     reuse_port=reuse_port)
     print(f"mail catcher on {host}:{port}, keeping messages in {folder}", flush=True)
