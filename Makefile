@@ -44,9 +44,12 @@ test: venv lint
 	$(PY) -m deploy.local.ensure_chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Two workers, each with its own broker and PostgreSQL (tests/conftest.py); a test file stays
-# on one worker, so module-scoped services start once. PYTEST_ARGS= runs in one process.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Four workers on two cores (most of a test is waiting: group joins, relays, process
+# start-ups), each with its own broker and PostgreSQL (tests/conftest.py); a test file stays
+# on one worker, so module-scoped services start once, except the process-level tests, one a
+# unit and handed out first (tests/conftest.py, pytest_xdist_make_scheduler). PYTEST_ARGS=
+# runs in one process.
+PYTEST_ARGS ?= -n 4 --dist loadfile
 
 # ruff check: lint rules in pyproject.toml ([tool.ruff]). The formatter is configured but not
 # enforced yet (it would rewrap most modules; see README "Tests").

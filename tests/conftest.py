@@ -93,3 +93,45 @@ def module_env(pg_cluster: PgCluster, kafka_bootstrap: str) -> dict[str, str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     pg_cluster.create_database(name)
     return service_env(kafka_bootstrap, pg_cluster.dsn(name), f"t{uuid.uuid4().hex[:8]}.")
+
+
+# ---- how xdist shares the suite out (make test: -n 4 --dist loadfile) ----------------------
+#
+# A test file goes to one worker (its module-scoped services start once), except the
+# process-level tests and the OpenAPI fuzzing, which share no module fixture: each of their
+# tests is a unit of its own. Those units, the longest of the suite (tests/e2e: 10-90 s
+# each, the chaos run the longest and first), are handed out first, the other files after
+# them in collection order; a worker is given its next unit only when it is down to its
+# last test. xdist's own loadfile hands out the files with the most tests first (the unit
+# tests) and keeps two or three units queued per worker, so the long single-test files came
+# last and piled up behind each other on one worker.
+ONE_TEST_A_UNIT = ("tests/e2e/", "tests/hostile/test_openapi_fuzz.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(ONE_TEST_A_UNIT) else nodeid.split("::", 1)[0]
+
+        def schedule(self) -> None:
+            if self.collection is None and self.collection_is_completed and self._check_nodes_have_same_collection():
+                # xdist fills self.workqueue (an OrderedDict) from the collection: a key set
+                # here first keeps its place, so this is the order the units go out in.
+                self.config.option.loadscopereorder = False
+                collection = next(iter(self.registered_collections.values()))
+                for nodeid in sorted(collection, key=lambda n: not n.startswith(ONE_TEST_A_UNIT)):
+                    self.workqueue.setdefault(self._split_scope(nodeid), {})
+            super().schedule()
+
+        def _reschedule(self, node) -> None:
+            # The worker runs a test once it knows the next one: one queued test is enough.
+            if not node.shutting_down and self.workqueue and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
+
+    return LongestFirst(config, log)

@@ -48,7 +48,9 @@ async def test_purchases_returns_and_a_customer_who_stops_buying(base_env, kafka
     async with running_purchases(purchases_settings(base_env)) as (_, shop), running_churn(settings) as (_, churn):
         for d in (50, 40, 30, 25):
             await buy(shop, steady, d + 0.01)
-        await buy(shop, steady, 25, "30.00", category="drinks")  # a second purchase on one purchase day
+        # A second purchase on one purchase day: at the first one's moment (25 days ago, as
+        # opposed to 25.01, was another day when the test ran in the 14 minutes after midnight).
+        await buy(shop, steady, 25.01, "30.00", category="drinks")
         for d in (10, 6, 1):
             await buy(shop, regular, d, "20.00")
         await buy(shop, newcomer, 2, "500.00")
