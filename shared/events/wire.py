@@ -120,7 +120,7 @@ def fast_or(fallback: Callable[[Any], Any], decoder: msgspec.json.Decoder = _PUR
         if value.isascii() and _LONG_FRACTION.search(value) is None:
             try:
                 return decoder.decode(value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.MsgspecError, RecursionError):  # deep nesting too: the contract says why
                 pass
         return fallback(record)
 

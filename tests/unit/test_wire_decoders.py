@@ -157,3 +157,6 @@ def test_what_the_fast_subset_leaves_out_goes_to_the_contract():
         decode(Record(naive, None, "t", 0, 0, ()))
     assert refused.value.reason == "schema"  # the contract's refusal, with its reason
     assert type(decode(Record(json.dumps(raw).encode(), None, "t", 0, 0, ()))).__module__ == "shared.events.wire"
+    deep = json.dumps({**raw, "extra": "[" * 100_000 + "]" * 100_000}).replace('"[', "[").replace(']"', "]").encode()
+    with pytest.raises(Refused):  # msgspec's RecursionError is not a crash: the contract refuses it
+        decode(Record(deep, None, "t", 0, 0, ()))
