@@ -106,6 +106,13 @@ def module_env(pg_cluster: PgCluster, kafka_bootstrap: str) -> dict[str, str]:
 # tests) and keeps two or three units queued per worker, so the long single-test files came
 # last and piled up behind each other on one worker.
 ONE_TEST_A_UNIT = ("tests/e2e/", "tests/hostile/test_openapi_fuzz.py")
+# Except `make run`/`make up` in a copy of the checkout: the local stack keeps stable ports
+# (8102-8105), so two at once on two workers would answer each other's requests.
+ONE_FILE_A_UNIT = ("tests/e2e/test_make_run.py",)
+
+
+def _one_test_a_unit(nodeid: str) -> bool:
+    return nodeid.startswith(ONE_TEST_A_UNIT) and not nodeid.startswith(ONE_FILE_A_UNIT)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -116,7 +123,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class LongestFirst(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return nodeid if nodeid.startswith(ONE_TEST_A_UNIT) else nodeid.split("::", 1)[0]
+            return nodeid if _one_test_a_unit(nodeid) else nodeid.split("::", 1)[0]
 
         def schedule(self) -> None:
             if self.collection is None and self.collection_is_completed and self._check_nodes_have_same_collection():
