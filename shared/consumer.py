@@ -195,7 +195,10 @@ class ConsumerLoop:
         try:
             ends = await asyncio.wait_for(self.consumer.end_offsets(list(partitions)), timeout=5)
             for tp, end in ends.items():
-                if end > await asyncio.wait_for(self.consumer.position(tp), timeout=1):
+                position = await asyncio.wait_for(self.consumer.position(tp), timeout=1)
+                # The high watermark of the last fetch too: the embedded broker's ListOffsets
+                # can name an end inside the last record batch, below records not yet read.
+                if end > position or (self.consumer.highwater(tp) or 0) > position:
                     return True
         except Exception:  # noqa: BLE001 - a rebalance, the broker away: let a fetch tell
             return True
@@ -220,6 +223,9 @@ class ConsumerLoop:
             try:
                 async with self._processing:
                     await self._apply(batches)
+                # Counted from the end of the batch: one applied for longer than idle_after_ms
+                # must not send the loop idle with the rest of a fetch unread.
+                self._last_records = time.monotonic()
             except Stopping:
                 return  # abandoned uncommitted: read again by whoever comes next
             except Exception:  # noqa: BLE001 - a bug below the pipeline's own handling

@@ -3,6 +3,7 @@ gives the values the pydantic models give; on hostile ones, whatever msgspec acc
 accepts with the same values, and everything else goes to the contract's decoder (its
 refusals, its reasons)."""
 
+import copy
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -119,11 +120,11 @@ def hostile(draw) -> bytes:
             parent = parent[step]
         action = draw(st.sampled_from(["replace", "delete", "extra"]))
         if action == "replace":
-            parent[where[-1]] = draw(st.sampled_from(HOSTILE_VALUES))
+            parent[where[-1]] = copy.deepcopy(draw(st.sampled_from(HOSTILE_VALUES)))  # never shared: no cycles
         elif action == "delete":
             del parent[where[-1]]
         elif isinstance(parent, dict):
-            parent[draw(texts)] = draw(st.sampled_from(HOSTILE_VALUES))
+            parent[draw(texts)] = copy.deepcopy(draw(st.sampled_from(HOSTILE_VALUES)))
     return json.dumps(doc, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
 
 
