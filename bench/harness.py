@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -235,16 +236,19 @@ def pg_processes(pg: PgCluster) -> list[int]:
     return process_tree(pid) if pid is not None else []
 
 
+async def fetch_rows(dsn: str, sql: str) -> list:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql)
+    finally:
+        await conn.close()
+
+
 async def pg_backend_apps(dsn: str) -> dict[int, str]:
     """Each client backend's pid and application_name (a service's pool names itself
     loyalty-<schema>): PostgreSQL's CPU can then be told by the service it worked for."""
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT pid, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'")
-    finally:
-        await conn.close()
+    rows = await fetch_rows(dsn, "SELECT pid, application_name FROM pg_stat_activity "
+                                 "WHERE backend_type = 'client backend'")
     return {r["pid"]: r["application_name"] for r in rows}
 
 

@@ -26,11 +26,10 @@ import uuid
 from collections import Counter
 from datetime import datetime
 
-import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.harness import Service, infra, percentile, progress, progress_done
+from bench.harness import Service, fetch_rows, infra, percentile, progress, progress_done
 from services.rewards.token import mint_token
 from shared.topics import POINTS_EVENTS, REWARDS_EVENTS
 
@@ -269,14 +268,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def fetch_rows(dsn: str, sql: str) -> list:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql)
-    finally:
-        await conn.close()
 
 
 def main() -> None:
